@@ -1,0 +1,33 @@
+# Everything from nothing: `make demo` and `make test` set up first.
+# System libraries FFCV compiles against (Debian): see SYSTEM_PACKAGES.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev libgl1 libglib2.0-0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@bash .ci/system-deps.sh $(SYSTEM_PACKAGES)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m fasttt.demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/loader_throughput.py
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

@@ -1,0 +1,191 @@
+"""Atomic output directories, FFCV writing with rich progress, and the manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import ffcv.writer
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import DatasetWriter
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from beton_builders import BUILDER_VERSION
+from fasttt.errors import UserError
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+PAGE_SIZE = 2**21  # FFCV's minimum; its 8 MiB default bloats small betons
+console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar with count, rate-independent ETA and description."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    """The manifest of a finished build in `out_dir`, or None if there is none."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}): rebuild with --force") from None
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write `obj` as JSON to `path` through a temporary name, so `path` is never partial."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path, force: bool):
+    """Yield a hidden sibling directory to build in; on success it becomes `out_dir` at once.
+
+    A build killed half way leaves only the hidden directory, which the next build
+    removes first, so no file ever carries a final name with partial content.
+    """
+    out_dir = Path(out_dir)
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    if out_dir.exists() and any(out_dir.iterdir()) and read_manifest(out_dir) is None:
+        raise UserError(
+            f"{out_dir} exists and is not a beton directory: choose a new or empty OUT_DIR"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = out_dir.parent / f".{out_dir.name}.previous"
+    if out_dir.exists():
+        if any(out_dir.iterdir()) and not force:
+            raise UserError(f"{out_dir} was built meanwhile by another process")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(out_dir, previous)
+    os.replace(staging, out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+class ImageRows:
+    """Indexable (image, label, index) rows over uint8 HWC images, as FFCV's writer wants."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, coarse: np.ndarray | None = None):
+        self.images, self.labels, self.coarse = images, labels, coarse
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple:
+        row = (self.images[i], int(self.labels[i]), i)
+        return row if self.coarse is None else (*row, int(self.coarse[i]))
+
+
+class _RichWriterProgress:
+    """Stands in for the tqdm bar FFCV's DatasetWriter draws, drawing a rich bar instead."""
+
+    def __init__(self, progress: Progress, description: str, total: int):
+        self.progress = progress
+        self.task = progress.add_task(description, total=total)
+
+    def update(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        self.progress.refresh()
+
+
+def write_beton(path: Path, dataset, fields: dict, num_workers: int, description: str) -> None:
+    """Write an indexable dataset of tuples (in `fields` order) to an FFCV beton at `path`.
+
+    With one worker the bytes are a pure function of the data; with more, page order varies.
+    """
+    writer = DatasetWriter(str(path), fields, page_size=PAGE_SIZE, num_workers=num_workers)
+    original_bar = ffcv.writer.tqdm
+    with progress_bar() as progress:
+        ffcv.writer.tqdm = lambda total: _RichWriterProgress(progress, description, total)
+        try:
+            writer.from_indexed_dataset(dataset, chunksize=64)
+        finally:
+            ffcv.writer.tqdm = original_bar
+
+
+def label_fields(coarse: bool = False, photo: bool = False) -> dict:
+    """The integer fields every sample carries after its image, in tuple order."""
+    fields = {"label": IntField(), "index": IntField()}
+    if coarse:
+        fields["coarse_label"] = IntField()
+    if photo:
+        fields["height"] = IntField()
+        fields["width"] = IntField()
+    return fields
+
+
+def raw_image_fields(**extra) -> dict:
+    """Fields for fixed-size images stored uncompressed, followed by the label fields."""
+    return {"image": RGBImageField(write_mode="raw"), **label_fields(**extra)}
+
+
+def finish_manifest(staging: Path, manifest: dict, counts: dict) -> dict:
+    """Add version, counts and checksums to `manifest` and write it last into `staging`."""
+    manifest = {
+        "format": "fasttt-betons",
+        "builder_version": BUILDER_VERSION,
+        **manifest,
+        "splits": {
+            split: {
+                "file": f"{split}.beton",
+                "count": counts[split],
+                "sha256": sha256_of(staging / f"{split}.beton"),
+            }
+            for split in SPLITS
+        },
+    }
+    write_json_atomic(staging / MANIFEST, manifest)
+    return manifest
+
+
+def print_summary(out_dir: Path, manifest: dict) -> None:
+    """Print a table of what a beton directory holds."""
+    table = Table(title=f"{manifest['source']['name']} betons in {out_dir}")
+    for column in ("split", "samples", "file", "sha256"):
+        table.add_column(column)
+    for split, info in manifest["splits"].items():
+        table.add_row(split, str(info["count"]), info["file"], info["sha256"][:16] + "…")
+    Console().print(table)
+    names = manifest["class_names"]
+    shown = ", ".join(names[:10]) + (", …" if len(names) > 10 else "")
+    Console().print(f"{len(names)} classes: {shown}; image policy: {manifest['image_policy']}")

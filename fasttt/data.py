@@ -1,0 +1,158 @@
+"""FFCV loaders over the betons: train (shuffled), and sequential passes for eval and caching.
+
+Every loader yields `Batch(image, label, index, size)` as CPU torch tensors (or on
+`device`, copied without blocking): `image` is the uint8 canvas as an NCHW view of
+NHWC memory (channels_last), `label` and `index` are int64 of shape (B,), `size` is
+the original (height, width) of photos and None for fixed-size sources. Random
+augmentation happens later on the device (fasttt/augment.py), keyed by `index`.
+FFCV reuses a few batch buffers in turn: use or copy a batch before asking for the
+next few.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from fasttt.errors import UserError
+
+BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
+
+
+class Batch(NamedTuple):
+    """One loader batch; `size` (B, 2) holds original (height, width) for photos, else None."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    index: torch.Tensor
+    size: torch.Tensor | None
+
+
+def _full_frame(height, width, scale, ratio):
+    return 0, 0, height, width
+
+
+class FullFrameRGBImageDecoder(ResizedCropRGBImageDecoder):
+    """Decode each photo whole and resize it to a fixed square canvas (aspect not kept).
+
+    Crops are chosen later in the original frame and mapped onto the canvas, so the
+    canvas only has to keep every pixel of the image, not its shape.
+    """
+
+    def __init__(self, canvas_size: int):
+        super().__init__((canvas_size, canvas_size))
+        self.scale, self.ratio = (1.0, 1.0), (1.0, 1.0)  # read by FFCV, unused by the full frame
+
+    @property
+    def get_crop_generator(self):
+        return _full_frame
+
+
+def read_manifest(beton_dir: Path) -> dict:
+    """The manifest.json of a beton directory, or a one-line error saying how to build it."""
+    path = Path(beton_dir) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"no manifest.json in {beton_dir}: {BUILD_HINT}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON: rebuild with --force ({BUILD_HINT})") from None
+
+
+def is_photo(manifest: dict) -> bool:
+    """True for variable-size photo betons (decoded to a canvas, sizes stored)."""
+    return manifest["image_policy"]["kind"] == "photo"
+
+
+def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
+    """The contiguous, disjoint slice of sample rows that `rank` owns; the slices cover all."""
+    return np.array_split(np.arange(num_samples), world_size)[rank]
+
+
+def _pipelines(manifest: dict, canvas_size: int | None, device: torch.device | None) -> dict:
+    to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
+    if is_photo(manifest):
+        if canvas_size is None:
+            raise UserError("photo betons need a canvas size (e.g. 256) to decode into")
+        decoder = FullFrameRGBImageDecoder(canvas_size)
+    else:
+        decoder = SimpleRGBImageDecoder()
+    integer = [IntDecoder(), ToTensor(), Squeeze(1), *to_device]
+    pipelines = {
+        "image": [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
+        "label": list(integer),
+        "index": list(integer),
+    }
+    if is_photo(manifest):
+        pipelines["height"] = list(integer)
+        pipelines["width"] = list(integer)
+    return pipelines
+
+
+class BetonLoader:
+    """An FFCV Loader over one split whose iteration yields `Batch`es."""
+
+    def __init__(self, loader: Loader, photo: bool):
+        self.loader, self.photo = loader, photo
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        epoch = iter(self.loader)
+        try:
+            for fields in epoch:
+                image, label, index = fields[:3]
+                size = torch.stack(fields[3:5], dim=1) if self.photo else None
+                yield Batch(image, label, index, size)
+        finally:
+            # An epoch left half way would leak FFCV's reader thread (ffcv #345, #393).
+            epoch.close()
+            epoch.join()
+
+
+def _open(beton_dir: Path, split: str, canvas_size, device, **loader_args) -> BetonLoader:
+    manifest = read_manifest(beton_dir)
+    if split not in manifest["splits"]:
+        raise UserError(f"{beton_dir} has no {split!r} split: it has {list(manifest['splits'])}")
+    path = Path(beton_dir) / manifest["splits"][split]["file"]
+    if not path.is_file():
+        raise UserError(f"{path} is missing: rebuild with --force ({BUILD_HINT})")
+    pipelines = _pipelines(manifest, canvas_size, device)
+    loader = Loader(str(path), pipelines=pipelines, **loader_args)
+    return BetonLoader(loader, is_photo(manifest))
+
+
+def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
+                 distributed: bool = False, os_cache: bool = True, split: str = "train",
+                 canvas_size: int | None = None, device=None) -> BetonLoader:
+    """Shuffled, drop_last loader; distributed=True shards it over the process group."""
+    # QUASI_RANDOM keeps memory low when the beton is not in the page cache, but FFCV
+    # does not implement it for distributed loaders.
+    order = OrderOption.RANDOM if os_cache or distributed else OrderOption.QUASI_RANDOM
+    return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
+                 num_workers=num_workers, order=order, os_cache=os_cache,
+                 distributed=distributed, seed=seed, drop_last=True)
+
+
+def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_workers: int = 2,
+                      rank: int = 0, world_size: int = 1, os_cache: bool = True,
+                      canvas_size: int | None = None, device=None) -> BetonLoader:
+    """In-order loader over `rank`'s disjoint slice: every sample exactly once across ranks.
+
+    Serves evaluation and the teacher-cache pass. Unlike FFCV's distributed sampler it
+    pads nothing, so no sample is seen twice and nothing needs de-duplication.
+    """
+    num_samples = read_manifest(beton_dir)["splits"][split]["count"]
+    indices = shard_indices(num_samples, rank, world_size)
+    return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
+                 num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
+                 indices=indices, drop_last=False)
