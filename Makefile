@@ -13,12 +13,12 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@bash .ci/system-deps.sh $(SYSTEM_PACKAGES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Until the training loop lands, the main job on the embedded default is its beton build.
 demo: setup
-	$(BIN)/python -m fasttt.demo
+	$(BIN)/python -m beton_builders digits data/digits
 
 test: setup
 	$(BIN)/python -m pytest
@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python benchmarks/loader_throughput.py
+	$(BIN)/python benchmarks/loader_throughput.py --out bench_out/loader_throughput.json
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

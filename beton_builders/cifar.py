@@ -115,20 +115,22 @@ def build_cifar(staging: Path, src: Path, source: str) -> tuple[dict, dict]:
     meta_path = src / layout["meta"]
     meta = load_pickle(meta_path)
     class_names = [n.decode() for n in _field(meta, layout["names_key"], meta_path)]
-    counts, manifest = {}, {
+    # Read and check every file before writing anything, so bad input fails fast.
+    splits = {split: _read_split(src, layout[split], layout, coarse) for split in ("train", "val")}
+    manifest = {
         "source": {"name": source, "path": str(src.resolve())},
         "class_names": class_names,
         "image_policy": {"kind": "fixed", "height": 32, "width": 32, "write_mode": "raw"},
     }
-    for split in ("train", "val"):
-        images, labels, coarse_labels = _read_split(src, layout[split], layout, coarse)
+    for split, (_, labels, _) in splits.items():
         if labels.min() < 0 or labels.max() >= len(class_names):
             raise UserError(f"{src}: {split} labels outside 0..{len(class_names) - 1}")
-        write_beton(staging / f"{split}.beton", ImageRows(images, labels, coarse_labels),
+    if coarse:
+        manifest["coarse_class_names"] = [
+            n.decode() for n in _field(meta, b"coarse_label_names", meta_path)]
+        fine, coarse_labels = (np.concatenate([s[i] for s in splits.values()]) for i in (1, 2))
+        manifest["fine_to_coarse"] = _fine_to_coarse(fine, coarse_labels, len(class_names))
+    for split, rows in splits.items():
+        write_beton(staging / f"{split}.beton", ImageRows(*rows),
                     raw_image_fields(coarse=coarse), 1, f"{source} {split}")
-        counts[split] = len(labels)
-        if coarse and split == "train":
-            manifest["coarse_class_names"] = [
-                n.decode() for n in _field(meta, b"coarse_label_names", meta_path)]
-            manifest["fine_to_coarse"] = _fine_to_coarse(labels, coarse_labels, len(class_names))
-    return manifest, counts
+    return manifest, {split: len(rows[1]) for split, rows in splits.items()}

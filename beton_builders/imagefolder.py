@@ -112,7 +112,7 @@ def _warn_unreadable(split: str, bad: list[tuple[str, str]]) -> None:
     shown = "; ".join(f"{p} ({why})" for p, why in bad[:SHOWN_BAD_PATHS])
     more = f" and {len(bad) - SHOWN_BAD_PATHS} more" if len(bad) > SHOWN_BAD_PATHS else ""
     console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable {split} image(s): "
-                  f"{shown}{more} (all listed in manifest.json)", highlight=False)
+                  f"{shown}{more} (all listed in manifest.json)", highlight=False, soft_wrap=True)
 
 
 def build_imagefolder(staging: Path, src: Path, options: PhotoOptions,

@@ -1,0 +1,97 @@
+"""Small real datasets written by the tests: CIFAR pickle releases and ImageFolder trees."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_cifar_release(root: Path, source: str, per_file: int = 6, seed: int = 0) -> Path:
+    """A tiny CIFAR python release in the official pickle format (protocol 2, bytes keys)."""
+    rng = np.random.default_rng(seed)
+    if source == "cifar10":
+        folder = root / "cifar-10-batches-py"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        meta = {b"label_names": [f"class{i}".encode() for i in range(10)],
+                b"num_cases_per_batch": per_file}
+        meta_name = "batches.meta"
+    else:
+        folder = root / "cifar-100-python"
+        files = ["train", "test"]
+        meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+        meta_name = "meta"
+    folder.mkdir(parents=True)
+    for name in files:
+        data = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
+        batch = {b"batch_label": name.encode(), b"data": data,
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(per_file)]}
+        if source == "cifar10":
+            batch[b"labels"] = rng.integers(0, 10, per_file).tolist()
+        else:
+            fine = rng.integers(0, 100, per_file)
+            batch[b"fine_labels"] = fine.tolist()
+            batch[b"coarse_labels"] = (fine % 20).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+def cifar_images(folder: Path, names: list[str]) -> np.ndarray:
+    """The HWC uint8 images stored in the given release files, in order."""
+    arrays = []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            arrays.append(pickle.load(f, encoding="bytes")[b"data"])
+    return np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _photo(rng, height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1)
+    return (base + rng.integers(0, 40, (height, width, 3))).clip(0, 255).astype(np.uint8)
+
+
+def write_image_folder(root: Path, corrupt: bool = True) -> dict:
+    """Two classes of mixed sizes and modes (RGB, gray, CMYK, PNG named .JPEG), one bad file.
+
+    Returns {relative path: (height, width)} of the readable images.
+    """
+    rng = np.random.default_rng(1)
+    sizes = {}
+    plan = [("train", "cat", "a.JPEG", (40, 60), "RGB"),
+            ("train", "cat", "b.JPEG", (64, 32), "L"),
+            ("train", "dog", "c.JPEG", (50, 50), "CMYK"),
+            ("train", "dog", "d.JPEG", (30, 70), "PNG"),
+            ("val", "cat", "e.JPEG", (45, 45), "RGB"),
+            ("val", "dog", "f.JPEG", (36, 48), "L")]
+    for split, cls, name, (h, w), mode in plan:
+        path = root / split / cls / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(_photo(rng, h, w))
+        if mode == "PNG":
+            img.save(path, format="PNG")
+        else:
+            img.convert(mode).save(path, format="JPEG", quality=90)
+        sizes[f"{split}/{cls}/{name}"] = (h, w)
+    if corrupt:
+        (root / "train" / "dog" / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return sizes
+
+
+@pytest.fixture
+def cifar10_release(tmp_path):
+    """A tiny cifar-10-batches-py directory."""
+    return write_cifar_release(tmp_path / "src", "cifar10")
+
+
+@pytest.fixture
+def cifar100_release(tmp_path):
+    """A tiny cifar-100-python directory."""
+    return write_cifar_release(tmp_path / "src", "cifar100", per_file=12)
