@@ -18,42 +18,29 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
 from fasttt.errors import UserError
 
 BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
 
 
 class Batch(NamedTuple):
-    """One loader batch; `size` (B, 2) holds original (height, width) for photos, else None."""
+    """One loader batch; photos add `size` and `extent`, (B, 2) int (height, width) rows.
+
+    `size` is the photo's original size; `extent` the top-left region of the canvas it
+    occupies (the same aspect ratio). Fixed-size sources fill the canvas: both are None.
+    """
 
     image: torch.Tensor
     label: torch.Tensor
     index: torch.Tensor
-    size: torch.Tensor | None
-
-
-def _full_frame(height, width, scale, ratio):
-    return 0, 0, height, width
-
-
-class FullFrameRGBImageDecoder(ResizedCropRGBImageDecoder):
-    """Decode each photo whole and resize it to a fixed square canvas (aspect not kept).
-
-    Crops are chosen later in the original frame and mapped onto the canvas, so the
-    canvas only has to keep every pixel of the image, not its shape.
-    """
-
-    def __init__(self, canvas_size: int):
-        super().__init__((canvas_size, canvas_size))
-        self.scale, self.ratio = (1.0, 1.0), (1.0, 1.0)  # read by FFCV, unused by the full frame
-
-    @property
-    def get_crop_generator(self):
-        return _full_frame
+    size: torch.Tensor | None = None
+    extent: torch.Tensor | None = None
 
 
 def read_manifest(beton_dir: Path) -> dict:
@@ -82,7 +69,7 @@ def _pipelines(manifest: dict, canvas_size: int | None, device: torch.device | N
     if is_photo(manifest):
         if canvas_size is None:
             raise UserError("photo betons need a canvas size (e.g. 256) to decode into")
-        decoder = FullFrameRGBImageDecoder(canvas_size)
+        decoder = CanvasRGBImageDecoder(canvas_size)
     else:
         decoder = SimpleRGBImageDecoder()
     integer = [IntDecoder(), ToTensor(), Squeeze(1), *to_device]
@@ -94,6 +81,8 @@ def _pipelines(manifest: dict, canvas_size: int | None, device: torch.device | N
     if is_photo(manifest):
         pipelines["height"] = list(integer)
         pipelines["width"] = list(integer)
+        pipelines["extent"] = PipelineSpec("image", CanvasExtentDecoder(canvas_size),
+                                           [ToTensor(), *to_device])
     return pipelines
 
 
@@ -110,9 +99,10 @@ class BetonLoader:
         epoch = iter(self.loader)
         try:
             for fields in epoch:
-                image, label, index = fields[:3]
-                size = torch.stack(fields[3:5], dim=1) if self.photo else None
-                yield Batch(image, label, index, size)
+                if self.photo:
+                    yield Batch(*fields[:3], torch.stack(fields[3:5], dim=1), fields[5])
+                else:
+                    yield Batch(*fields)
         finally:
             # An epoch left half way would leak FFCV's reader thread (ffcv #345, #393).
             epoch.close()

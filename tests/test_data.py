@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_image_folder
+from PIL import Image
 
 from beton_builders.__main__ import main
+from fasttt.canvas import dct_denominator, fit_extent
 from fasttt.data import sequential_loader, shard_indices, train_loader
 from fasttt.errors import UserError
 
@@ -59,18 +61,62 @@ def test_batches_are_channels_last_uint8_and_move_to_a_device(digits_dir):
     assert batch.size is None
 
 
-def test_photos_decode_whole_image_to_the_canvas(tmp_path):
-    write_image_folder(tmp_path / "tree", corrupt=False)
-    main(["imagefolder", str(tmp_path / "tree"), str(tmp_path / "p"), "--write-mode", "raw",
-          "--num-workers", "1"])
+@pytest.fixture(scope="module")
+def photo_betons(tmp_path_factory):
+    """The mixed-mode ImageFolder tree built twice: raw pixels and JPEG."""
+    root = tmp_path_factory.mktemp("photos")
+    write_image_folder(root / "tree", corrupt=False)
+    for mode in ("raw", "jpg"):
+        main(["imagefolder", str(root / "tree"), str(root / mode), "--write-mode", mode,
+              "--num-workers", "1"])
+    return root
+
+
+def source_pixels(tree, relative: str) -> np.ndarray:
+    """A source photo decoded by PIL as RGB."""
+    with Image.open(tree / relative) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def test_photos_sit_unresampled_on_the_canvas(photo_betons):
     with pytest.raises(UserError, match="canvas size"):
-        sequential_loader(tmp_path / "p", split="val", batch_size=4)
-    batch = next(iter(sequential_loader(tmp_path / "p", split="val", batch_size=4,
-                                        num_workers=1, canvas_size=16)))
-    assert batch.image.shape == (2, 3, 16, 16)
-    assert batch.size.tolist() == [[45, 45], [36, 48]]
-    # The whole frame is kept: the canvas's left column matches the photo's dark left edge.
-    assert batch.image[:, 0, :, 0].float().mean() < batch.image[:, 0, :, -1].float().mean()
+        sequential_loader(photo_betons / "raw", split="train", batch_size=4)
+    batch = next(iter(sequential_loader(photo_betons / "raw", split="train", batch_size=4,
+                                        num_workers=2, canvas_size=80)))
+    assert batch.image.shape == (4, 3, 80, 80)
+    assert batch.size.tolist() == [[40, 60], [64, 32], [50, 50], [30, 70]]
+    assert torch.equal(batch.extent, batch.size.to(batch.extent.dtype))
+    canvas = batch.image[0].permute(1, 2, 0).numpy()
+    original = source_pixels(photo_betons / "tree", "train/cat/a.JPEG")
+    assert np.array_equal(canvas[:40, :60], original)
+    assert np.array_equal(canvas[:40, 60], original[:, 59])  # replicated right edge
+    assert np.array_equal(canvas[40, :60], original[39])  # replicated bottom edge
+
+
+def test_jpeg_photos_decode_close_to_pil(photo_betons):
+    batch = next(iter(sequential_loader(photo_betons / "jpg", split="val", batch_size=4,
+                                        num_workers=1, canvas_size=64)))
+    canvas = batch.image[1].permute(1, 2, 0).numpy().astype(int)
+    original = source_pixels(photo_betons / "tree", "val/dog/f.JPEG").astype(int)
+    assert batch.extent[1].tolist() == [36, 48]
+    assert np.abs(canvas[:36, :48] - original).mean() < 4  # JPEG re-encoding error only
+
+
+def test_photos_larger_than_the_canvas_shrink_to_fit(photo_betons):
+    batch = next(iter(sequential_loader(photo_betons / "jpg", split="train", batch_size=4,
+                                        num_workers=2, canvas_size=16)))
+    assert batch.extent.tolist() == [[10, 16], [16, 8], [16, 16], [6, 16]]
+    assert batch.size.tolist() == [[40, 60], [64, 32], [50, 50], [30, 70]]
+    tall = batch.image[1].permute(1, 2, 0).numpy()[:16, :8].astype(int)  # 1/4 DCT decode
+    original = source_pixels(photo_betons / "tree", "train/cat/b.JPEG")
+    expected = np.asarray(Image.fromarray(original).resize((8, 16), Image.BOX)).astype(int)
+    assert np.abs(tall - expected).mean() < 8
+
+
+def test_canvas_geometry():
+    assert fit_extent(40, 60, 80) == (40, 60) and fit_extent(30, 70, 16) == (6, 16)
+    assert dct_denominator(64, 32, 16, 8) == 4 and dct_denominator(50, 50, 16, 16) == 2
+    assert dct_denominator(40, 60, 40, 60) == 1
 
 
 def test_missing_beton_dir_is_a_user_error(tmp_path):

@@ -1,0 +1,253 @@
+"""Loader throughput: fasttt's FFCV loader against the usual PyTorch loaders, side by side.
+
+    python benchmarks/loader_throughput.py [--images 2000] [--workers 2] [--out result.json]
+
+Generates an ImageFolder tree of ImageNet-like JPEGs (about 500x375, ~100 KB each),
+builds a beton from it with fasttt's builder, then times one epoch of each loader on
+the same images and the same number of workers (median of --repeats, after a warm-up):
+
+- fasttt:       the FFCV beton, each photo decoded onto the canvas (what training reads)
+- imagefolder:  torchvision ImageFolder + PIL decode, placed on the same canvas, DataLoader
+- decode_jpeg:  DataLoader reading bytes, torchvision.io.decode_jpeg, same canvas
+- ceiling:      libjpeg-turbo (decode_jpeg) decoding the same bytes from memory, nothing else
+- fasttt_shrink: fasttt with a canvas smaller than the photos (DCT + area downscale)
+- fasttt_raw32: the raw-mode beton of 50,000 CIFAR-size (32x32) images
+
+The canvas holds each photo unresampled at its top-left (fasttt/canvas.py), so the
+baselines do the same work: decode, then place on a zero canvas of the same size.
+Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.io import decode_jpeg
+
+from fasttt.data import sequential_loader
+
+CLASSES = 10
+
+
+def _synthetic_photo(seed: int) -> tuple[np.ndarray, int]:
+    rng = np.random.default_rng(seed)
+    height, width = (int(rng.integers(300, 501)), int(rng.integers(350, 501)))
+    y, x = np.mgrid[0:height, 0:width]
+    fx, fy = rng.uniform(8, 30, 2)
+    base = np.stack([128 + 100 * np.sin(x / fx + y / fy), 128 + 100 * np.cos(y / fy),
+                     (x * y * rng.uniform(0.5, 2)) % 256], axis=-1)
+    # Noise of this amplitude gives ImageNet-like file sizes (~100 KB at quality 90).
+    return (base + rng.normal(0, 12, (height, width, 3))).clip(0, 255).astype(np.uint8), seed
+
+
+def _save_photo(args: tuple[Path, int]) -> int:
+    root, i = args
+    image, _ = _synthetic_photo(i)
+    path = root / "train" / f"class{i % CLASSES:02d}" / f"img{i:05d}.JPEG"
+    Image.fromarray(image).save(path, quality=90)
+    return path.stat().st_size
+
+
+def make_image_folder(root: Path, count: int, workers: int) -> float:
+    """Write `count` synthetic JPEGs in ImageNet layout; return the mean file size in KB."""
+    for split in ("train", "val"):
+        for c in range(CLASSES):
+            (root / split / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
+    with multiprocessing.Pool(workers) as pool:
+        sizes = pool.map(_save_photo, [(root, i) for i in range(count)], chunksize=16)
+    for c in range(CLASSES):  # a one-image val split so the builder's layout check passes
+        first = root / "train" / f"class{c:02d}"
+        os.link(next(first.iterdir()), root / "val" / f"class{c:02d}" / "v.JPEG")
+    return sum(sizes) / len(sizes) / 1024
+
+
+def build_beton(src: Path, out: Path, workers: int, *extra: str) -> None:
+    """Build a beton with fasttt's builder CLI."""
+    subprocess.run([sys.executable, "-m", "beton_builders", *extra, str(src), str(out),
+                    "--num-workers", str(workers)], check=True, stdout=subprocess.DEVNULL)
+
+
+def timed_epochs(make_iter, repeats: int) -> list[float]:
+    """Seconds for each of `repeats` full passes, after one untimed warm-up pass."""
+    times = []
+    for r in range(repeats + 1):
+        start = time.perf_counter()
+        for _ in make_iter():
+            pass
+        if r:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def on_canvas(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A CHW uint8 image placed at the top-left of a zero size x size canvas."""
+    canvas = torch.zeros((3, size, size), dtype=torch.uint8)
+    canvas[:, : image.shape[1], : image.shape[2]] = image[:, :size, :size]
+    return canvas
+
+
+class JpegBytes(Dataset):
+    """Files read as bytes, decoded by torchvision.io.decode_jpeg, placed on the canvas."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        data = torch.frombuffer(bytearray(self.paths[i].read_bytes()), dtype=torch.uint8)
+        return on_canvas(decode_jpeg(data), self.size)
+
+
+def pil_on_canvas(size: int):
+    """ImageFolder transform: PIL image -> CHW uint8 tensor on the canvas."""
+    return lambda image: on_canvas(TF.pil_to_tensor(image.convert("RGB")), size)
+
+
+_CEILING_BYTES: list[torch.Tensor] = []
+
+
+def _decode_slice(bounds: tuple[int, int]) -> int:
+    for data in _CEILING_BYTES[bounds[0]:bounds[1]]:
+        decode_jpeg(data)
+    return bounds[1] - bounds[0]
+
+
+def ceiling_epochs(paths: list[Path], workers: int, repeats: int) -> list[float]:
+    """libjpeg-turbo alone: forked workers decode in-memory bytes, nothing else."""
+    _CEILING_BYTES[:] = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+                         for p in paths]
+    cuts = np.linspace(0, len(paths), workers * 8 + 1).astype(int)
+    slices = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+    torch.set_num_threads(1)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return timed_epochs(lambda: pool.imap_unordered(_decode_slice, slices), repeats)
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    """Run every loader once per repeat and return images/s per loader."""
+    console = Console(stderr=True)
+    tree, w, n, size = work / "tree", args.workers, args.images, args.canvas
+    console.print(f"writing {n} synthetic JPEGs ...")
+    mean_kb = make_image_folder(tree, n, w)
+    console.print(f"mean JPEG {mean_kb:.0f} KB; building betons ...")
+    build_beton(tree, work / "photos", w, "imagefolder", "--write-mode", "jpg",
+                "--jpeg-quality", "90", "--max-resolution", "512")
+    paths = sorted(tree.glob("train/*/*.JPEG"))
+    def fasttt(canvas_size):
+        return lambda: sequential_loader(work / "photos", split="train",
+                                         batch_size=args.batch_size, num_workers=w,
+                                         canvas_size=canvas_size)
+
+    loaders = {
+        "fasttt": fasttt(size),
+        "imagefolder": lambda: DataLoader(
+            ImageFolder(str(tree / "train"), transform=pil_on_canvas(size)),
+            batch_size=args.batch_size, num_workers=w, persistent_workers=True),
+        "decode_jpeg": lambda: DataLoader(JpegBytes(paths, size), batch_size=args.batch_size,
+                                          num_workers=w, persistent_workers=True),
+        "fasttt_shrink": fasttt(args.shrink_canvas),
+    }
+    seconds = {}
+    for name, make in loaders.items():
+        console.print(f"timing {name} ...")
+        loader = make()
+        seconds[name] = timed_epochs(lambda loader=loader: iter(loader), args.repeats)
+    console.print("timing ceiling ...")
+    seconds["ceiling"] = ceiling_epochs(paths, w, args.repeats)
+    torch.set_num_threads(w)
+    console.print("timing raw CIFAR-size beton ...")
+    seconds["fasttt_raw32"], raw_count = raw_small_images(work, w, args)
+    counts = {name: n for name in seconds} | {"fasttt_raw32": raw_count}
+    return {"mean_jpeg_kb": mean_kb, "seconds": seconds, "counts": counts}
+
+
+def raw_small_images(work: Path, workers: int, args: argparse.Namespace):
+    """Epoch times of fasttt's loader over a raw beton of 32x32 images (CIFAR's shape)."""
+    from beton_builders.writing import ImageRows, raw_image_fields, write_beton
+
+    count = 50_000
+    rng = np.random.default_rng(0)
+    out = work / "raw32"
+    out.mkdir()
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    rows = ImageRows(images, rng.integers(0, 10, count))
+    write_beton(out / "train.beton", rows, raw_image_fields(), 1, "raw 32x32 beton")
+    (out / "manifest.json").write_text(json.dumps({
+        "image_policy": {"kind": "fixed"}, "splits": {"train": {"file": "train.beton",
+                                                                "count": count}}}))
+    loader = sequential_loader(out, split="train", batch_size=512, num_workers=workers)
+    return timed_epochs(lambda: iter(loader), args.repeats), count
+
+
+def report(result: dict, args: argparse.Namespace) -> dict:
+    """Turn epoch times into images/s and ratios; print the table."""
+    rates = {name: result["counts"][name] / statistics.median(times)
+             for name, times in result["seconds"].items()}
+    rows = []
+    table = Table(title=f"loader throughput, {args.images} JPEGs on a {args.canvas}px canvas, "
+                        f"{args.workers} workers, median of {args.repeats}")
+    for column in ("loader", "images/s", "vs ceiling", "vs imagefolder+PIL"):
+        table.add_column(column, justify="right" if column != "loader" else "left")
+    for name, rate in rates.items():
+        row = {"loader": name, "images_per_s": rate}
+        if name != "fasttt_raw32":
+            row |= {"vs_ceiling": rate / rates["ceiling"],
+                    "vs_imagefolder": rate / rates["imagefolder"]}
+        rows.append(row)
+        table.add_row(name, f"{rate:,.0f}", f"{row.get('vs_ceiling', 0):.2f}"
+                      if "vs_ceiling" in row else "-",
+                      f"{row['vs_imagefolder']:.2f}" if "vs_imagefolder" in row else "-")
+    Console().print(table)
+    return {
+        "benchmark": "loader_throughput",
+        "hardware": {"cpu": platform.processor() or platform.machine(),
+                     "cores": os.cpu_count(), "python": platform.python_version(),
+                     "torch": torch.__version__},
+        "config": vars(args) | {"out": str(args.out)},
+        "mean_jpeg_kb": result["mean_jpeg_kb"],
+        "epoch_seconds": result["seconds"],
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    """Parse flags, measure in a scratch directory, print and save the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--canvas", type=int, default=512, help="canvas side, pixels")
+    parser.add_argument("--shrink-canvas", type=int, default=256,
+                        help="canvas side for the fasttt_shrink row, pixels")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench_out/loader_throughput.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fasttt-bench-") as work:
+        result = report(measure(args, Path(work)), args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
