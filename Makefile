@@ -1,9 +1,8 @@
 # Everything from nothing: `make demo` and `make test` set up first.
-# System libraries FFCV compiles against (Debian): see SYSTEM_PACKAGES.
+# The system libraries FFCV compiles against: see .ci/system-deps.sh.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev libgl1 libglib2.0-0
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
@@ -11,7 +10,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@bash .ci/system-deps.sh $(SYSTEM_PACKAGES)
+	@bash .ci/system-deps.sh $(PYTHON)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
@@ -30,4 +29,4 @@ bench: setup
 	$(BIN)/python benchmarks/loader_throughput.py --out bench_out/loader_throughput.json
 
 clean:
-	rm -rf $(VENV) data runs .pytest_cache
+	rm -rf $(VENV) data runs bench_out .pytest_cache .ruff_cache *.egg-info

@@ -12,10 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from beton_builders import BUILDER_VERSION
 from beton_builders.cifar import build_cifar
 from beton_builders.digits import build_digits
 from beton_builders.imagefolder import PhotoOptions, build_imagefolder, default_workers
-from beton_builders.writing import finish_manifest, print_summary, read_manifest, staged_output
+from beton_builders.writing import finish_manifest, print_summary, staged_output
+from fasttt.data import MANIFEST, read_manifest
 from fasttt.errors import UserError, exit_on_user_error
 
 SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -40,13 +42,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="imagefolder only; fixed-size sources use one writer so "
                         "their bytes are reproducible")
     defaults = PhotoOptions()
-    parser.add_argument("--max-resolution", type=int, default=defaults.max_resolution)
-    parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
-    parser.add_argument("--write-mode", choices=("raw", "jpg", "proportion"),
-                        default=defaults.write_mode)
-    parser.add_argument("--compress-probability", type=float,
-                        default=defaults.compress_probability)
+    photo = parser.add_argument_group("imagefolder only")
+    photo.add_argument("--max-resolution", type=int, help=f"default {defaults.max_resolution}")
+    photo.add_argument("--jpeg-quality", type=int, help=f"default {defaults.jpeg_quality}")
+    photo.add_argument("--write-mode", choices=("raw", "jpg", "proportion"),
+                       help=f"default {defaults.write_mode}")
+    photo.add_argument("--compress-probability", type=float,
+                       help=f"default {defaults.compress_probability}")
     args = parser.parse_args(argv)
+    photo_flags = ("max_resolution", "jpeg_quality", "write_mode", "compress_probability")
+    given = [f"--{f.replace('_', '-')}" for f in photo_flags if getattr(args, f) is not None]
+    if given and args.source != "imagefolder":
+        raise UserError(f"{', '.join(given)} only apply to imagefolder, not {args.source}")
+    for name in photo_flags:
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(defaults, name))
     if args.source not in SOURCES:
         raise UserError(f"unknown source {args.source!r}: choose one of {', '.join(SOURCES)}")
     wanted = 1 if args.source == "digits" else 2
@@ -72,12 +82,36 @@ def build(args: argparse.Namespace, staging: Path) -> tuple[dict, dict]:
     return build_cifar(staging, src, args.source)
 
 
+def existing_build(args: argparse.Namespace, out_dir: Path) -> dict | None:
+    """The manifest of a finished build of the same request in `out_dir`, else None.
+
+    A finished build of something else there is an error rather than a silent success.
+    """
+    if args.force or not (out_dir / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out_dir)
+    source = manifest["source"]
+    same = (source["name"] == args.source
+            and manifest.get("builder_version") == BUILDER_VERSION
+            and (args.source == "digits"
+                 or source.get("path") == str(Path(args.paths[0]).expanduser().resolve())))
+    if args.source == "imagefolder" and same:
+        wanted = PhotoOptions(args.max_resolution, args.jpeg_quality, args.write_mode,
+                              args.compress_probability)
+        same = all(manifest["image_policy"].get(k) == v for k, v in vars(wanted).items())
+    if not same:
+        raise UserError(f"{out_dir} holds another build ({source['name']} "
+                        f"{source.get('path', '')}, builder v{manifest.get('builder_version')}):"
+                        " choose another OUT_DIR or pass --force to replace it")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     """Build (or, when already built, just summarise) one beton directory."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out_dir = Path(args.paths[-1]).expanduser()
-    manifest = read_manifest(out_dir)
-    if manifest is None or args.force:
+    manifest = existing_build(args, out_dir)
+    if manifest is None:
         with staged_output(out_dir, args.force) as staging:
             manifest = finish_manifest(staging, *build(args, staging))
     else:

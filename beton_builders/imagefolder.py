@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from ffcv.fields import RGBImageField
 from PIL import Image
+from rich.markup import escape
 
 from beton_builders.writing import console, label_fields, progress_bar, write_beton
 from fasttt.errors import UserError
@@ -109,7 +110,7 @@ class PhotoRows:
 
 
 def _warn_unreadable(split: str, bad: list[tuple[str, str]]) -> None:
-    shown = "; ".join(f"{p} ({why})" for p, why in bad[:SHOWN_BAD_PATHS])
+    shown = escape("; ".join(f"{p} ({why})" for p, why in bad[:SHOWN_BAD_PATHS]))
     more = f" and {len(bad) - SHOWN_BAD_PATHS} more" if len(bad) > SHOWN_BAD_PATHS else ""
     console.print(f"[yellow]warning:[/] skipped {len(bad)} unreadable {split} image(s): "
                   f"{shown}{more} (all listed in manifest.json)", highlight=False, soft_wrap=True)
@@ -141,7 +142,8 @@ def build_imagefolder(staging: Path, src: Path, options: PhotoOptions,
                     num_workers, f"imagefolder {split}")
         if errors_path.exists():
             first = errors_path.read_text().splitlines()[0]
-            raise UserError(f"an image became unreadable while writing ({first}): rerun the build")
+            raise UserError(f"an image failed to decode while writing ({first}): "
+                            "remove or replace that file and rerun")
         counts[split], skipped[split] = len(good), [p for p, _ in bad]
     manifest = {
         "source": {"name": "imagefolder", "path": str(src.resolve())},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,9 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from beton_builders import BUILDER_VERSION
+from fasttt.data import MANIFEST
 from fasttt.errors import UserError
 
-MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 PAGE_SIZE = 2**21  # FFCV's minimum; its 8 MiB default bloats small betons
 console = Console(stderr=True)
@@ -38,17 +39,6 @@ def progress_bar() -> Progress:
     )
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    """The manifest of a finished build in `out_dir`, or None if there is none."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}): rebuild with --force") from None
-
-
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write `obj` as JSON to `path` through a temporary name, so `path` is never partial."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -58,6 +48,15 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or directory's contents to disk before a rename makes them final."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_of(path: Path) -> str:
@@ -70,6 +69,17 @@ def sha256_of(path: Path) -> str:
 
 
 @contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    """Hold an advisory lock for one build of `out_dir`; a killed build releases it."""
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another build of {out_dir} is running: wait for it") from None
+        yield
+
+
+@contextlib.contextmanager
 def staged_output(out_dir: Path, force: bool):
     """Yield a hidden sibling directory to build in; on success it becomes `out_dir` at once.
 
@@ -77,27 +87,29 @@ def staged_output(out_dir: Path, force: bool):
     removes first, so no file ever carries a final name with partial content.
     """
     out_dir = Path(out_dir)
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    if out_dir.exists() and any(out_dir.iterdir()) and read_manifest(out_dir) is None:
-        raise UserError(
-            f"{out_dir} exists and is not a beton directory: choose a new or empty OUT_DIR"
-        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file: choose a new or empty OUT_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise UserError(f"{out_dir} exists and is not a beton directory: "
+                        "choose a new or empty OUT_DIR")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    staging = out_dir.parent / f".{out_dir.name}.partial"
     previous = out_dir.parent / f".{out_dir.name}.previous"
-    if out_dir.exists():
-        if any(out_dir.iterdir()) and not force:
-            raise UserError(f"{out_dir} was built meanwhile by another process")
+    with _exclusive(out_dir):
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_path(staging)
+        if out_dir.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(out_dir, previous)
+        os.replace(staging, out_dir)
+        fsync_path(out_dir.parent)
         shutil.rmtree(previous, ignore_errors=True)
-        os.replace(out_dir, previous)
-    os.replace(staging, out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 class ImageRows:
@@ -161,6 +173,8 @@ def raw_image_fields(**extra) -> dict:
 
 def finish_manifest(staging: Path, manifest: dict, counts: dict) -> dict:
     """Add version, counts and checksums to `manifest` and write it last into `staging`."""
+    for split in SPLITS:
+        fsync_path(staging / f"{split}.beton")
     manifest = {
         "format": "fasttt-betons",
         "builder_version": BUILDER_VERSION,

@@ -21,12 +21,14 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.pipeline_spec import PipelineSpec
+from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
 from fasttt.errors import UserError
 
 BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
+MANIFEST = "manifest.json"
 
 
 class Batch(NamedTuple):
@@ -44,14 +46,22 @@ class Batch(NamedTuple):
 
 
 def read_manifest(beton_dir: Path) -> dict:
-    """The manifest.json of a beton directory, or a one-line error saying how to build it."""
-    path = Path(beton_dir) / "manifest.json"
+    """The checked manifest.json of a beton directory, or a one-line error saying what to do."""
+    path = Path(beton_dir) / MANIFEST
     if not path.is_file():
-        raise UserError(f"no manifest.json in {beton_dir}: {BUILD_HINT}")
+        raise UserError(f"no {MANIFEST} in {beton_dir}: {BUILD_HINT}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON: rebuild with --force ({BUILD_HINT})") from None
+        manifest = json.loads(path.read_bytes())
+        splits = manifest["splits"].values()
+        valid = (all(isinstance(s["file"], str) and s["count"] >= 0 for s in splits)
+                 and isinstance(manifest["class_names"], list)
+                 and isinstance(manifest["source"]["name"], str)
+                 and manifest["image_policy"]["kind"] in ("fixed", "photo"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        raise UserError(f"{path} is damaged: rebuild with --force ({BUILD_HINT})")
+    return manifest
 
 
 def is_photo(manifest: dict) -> bool:
@@ -64,26 +74,32 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
     return np.array_split(np.arange(num_samples), world_size)[rank]
 
 
-def _pipelines(manifest: dict, canvas_size: int | None, device: torch.device | None) -> dict:
+def _integer(to_device: list) -> list:
+    return [IntDecoder(), ToTensor(), Squeeze(1), *to_device]
+
+
+def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
+               device: torch.device | None) -> dict:
+    """One pipeline per Batch field, in Batch order; every other beton field is skipped."""
     to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
     if is_photo(manifest):
-        if canvas_size is None:
-            raise UserError("photo betons need a canvas size (e.g. 256) to decode into")
+        if not canvas_size:
+            raise UserError("photo betons need a canvas size (data.canvas_size, e.g. 512)")
         decoder = CanvasRGBImageDecoder(canvas_size)
     else:
         decoder = SimpleRGBImageDecoder()
-    integer = [IntDecoder(), ToTensor(), Squeeze(1), *to_device]
     pipelines = {
         "image": [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
-        "label": list(integer),
-        "index": list(integer),
+        "label": _integer(to_device),
+        "index": _integer(to_device),
     }
     if is_photo(manifest):
-        pipelines["height"] = list(integer)
-        pipelines["width"] = list(integer)
+        pipelines["height"] = _integer(to_device)
+        pipelines["width"] = _integer(to_device)
         pipelines["extent"] = PipelineSpec("image", CanvasExtentDecoder(canvas_size),
                                            [ToTensor(), *to_device])
-    return pipelines
+    # FFCV decodes every field it is not told to skip, in an order of its own.
+    return pipelines | {name: None for name in field_names if name not in pipelines}
 
 
 class BetonLoader:
@@ -100,7 +116,8 @@ class BetonLoader:
         try:
             for fields in epoch:
                 if self.photo:
-                    yield Batch(*fields[:3], torch.stack(fields[3:5], dim=1), fields[5])
+                    image, label, index, height, width, extent = fields
+                    yield Batch(image, label, index, torch.stack([height, width], 1), extent)
                 else:
                     yield Batch(*fields)
         finally:
@@ -109,15 +126,19 @@ class BetonLoader:
             epoch.join()
 
 
-def _open(beton_dir: Path, split: str, canvas_size, device, **loader_args) -> BetonLoader:
+def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
+          **loader_args) -> BetonLoader:
     manifest = read_manifest(beton_dir)
     if split not in manifest["splits"]:
         raise UserError(f"{beton_dir} has no {split!r} split: it has {list(manifest['splits'])}")
     path = Path(beton_dir) / manifest["splits"][split]["file"]
     if not path.is_file():
         raise UserError(f"{path} is missing: rebuild with --force ({BUILD_HINT})")
-    pipelines = _pipelines(manifest, canvas_size, device)
-    loader = Loader(str(path), pipelines=pipelines, **loader_args)
+    if callable(indices):
+        indices = indices(manifest["splits"][split]["count"])
+    field_names = Reader(str(path)).field_names
+    pipelines = _pipelines(manifest, field_names, canvas_size, device)
+    loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
     return BetonLoader(loader, is_photo(manifest))
 
 
@@ -128,9 +149,13 @@ def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: in
     # QUASI_RANDOM keeps memory low when the beton is not in the page cache, but FFCV
     # does not implement it for distributed loaders.
     order = OrderOption.RANDOM if os_cache or distributed else OrderOption.QUASI_RANDOM
-    return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
-                 num_workers=num_workers, order=order, os_cache=os_cache,
-                 distributed=distributed, seed=seed, drop_last=True)
+    loader = _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
+                   num_workers=num_workers, order=order, os_cache=os_cache,
+                   distributed=distributed, seed=seed, drop_last=True)
+    if len(loader) == 0:
+        raise UserError(f"{beton_dir} {split} has fewer samples than one batch of {batch_size} "
+                        "per process: lower the batch size")
+    return loader
 
 
 def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_workers: int = 2,
@@ -141,8 +166,6 @@ def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_worke
     Serves evaluation and the teacher-cache pass. Unlike FFCV's distributed sampler it
     pads nothing, so no sample is seen twice and nothing needs de-duplication.
     """
-    num_samples = read_manifest(beton_dir)["splits"][split]["count"]
-    indices = shard_indices(num_samples, rank, world_size)
     return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
                  num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
-                 indices=indices, drop_last=False)
+                 indices=lambda count: shard_indices(count, rank, world_size), drop_last=False)

@@ -74,8 +74,9 @@ def test_cifar100_keeps_coarse_labels_and_map(cifar100_release, tmp_path):
     build("cifar100", cifar100_release, out)
     manifest = read_manifest(out)
     assert manifest["coarse_class_names"] == [f"coarse{i}" for i in range(20)]
-    images, fine, _, _ = read_all(out, "val")
+    images, fine, _, sizes = read_all(out, "val")
     assert np.array_equal(images, cifar_images(cifar100_release, ["test"]))
+    assert sizes is None  # the beton's coarse_label field must not leak into the batch
     loader = Loader(str(out / "val.beton"), batch_size=64, num_workers=1, drop_last=False,
                     order=OrderOption.SEQUENTIAL,
                     pipelines={"coarse_label": [IntDecoder(), ToTensor()], "image": None,
@@ -215,3 +216,34 @@ def test_existing_foreign_directory_is_not_overwritten(tmp_path, capsys):
     (out / "notes.txt").write_text("keep me")
     err = expect_one_line_error(capsys, "digits", out)
     assert "not a beton directory" in err and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_rerun_keeps_a_build_and_refuses_a_different_one(cifar10_release, tmp_path, capsys):
+    out = tmp_path / "betons"
+    build("digits", out)
+    sha = read_manifest(out)["splits"]["train"]["sha256"]
+    capsys.readouterr()
+    build("digits", out)
+    assert "already built" in capsys.readouterr().err
+    err = expect_one_line_error(capsys, "cifar10", cifar10_release, out)
+    assert "holds another build (digits" in err and "--force" in err
+    assert read_manifest(out)["splits"]["train"]["sha256"] == sha
+
+
+def test_force_rebuilds_over_a_damaged_manifest(tmp_path, capsys):
+    out = tmp_path / "digits"
+    build("digits", out)
+    (out / "manifest.json").write_text("{")
+    capsys.readouterr()
+    err = expect_one_line_error(capsys, "digits", out)
+    assert "damaged" in err and "--force" in err
+    build("digits", out, "--force")
+    assert read_manifest(out)["splits"]["val"]["count"] == 360
+    assert not list(tmp_path.glob(".digits.p*"))  # no staging or previous copy left
+
+
+def test_out_dir_that_is_a_file_and_misplaced_flags_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in expect_one_line_error(capsys, "digits", tmp_path / "file")
+    err = expect_one_line_error(capsys, "digits", tmp_path / "d", "--jpeg-quality", "80")
+    assert "--jpeg-quality only apply to imagefolder" in err

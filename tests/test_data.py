@@ -122,3 +122,10 @@ def test_canvas_geometry():
 def test_missing_beton_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="beton_builders"):
         train_loader(tmp_path / "nothing", batch_size=8, seed=0)
+
+
+def test_bad_split_and_oversized_batch_are_user_errors(digits_dir):
+    with pytest.raises(UserError, match="no 'test' split"):
+        sequential_loader(digits_dir, split="test", batch_size=8)
+    with pytest.raises(UserError, match="lower the batch size"):
+        train_loader(digits_dir, split="val", batch_size=512, seed=0)
