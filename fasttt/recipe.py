@@ -1,0 +1,347 @@
+"""Recipes: TOML files read into typed, frozen dataclasses; every key is documented here.
+
+A recipe may start with `base = "other.toml"` (relative to itself) and hold only what
+differs. `--set section.key=value` overrides one key from the command line. An unknown
+key, a wrong type or a value out of range is one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fasttt.errors import UserError
+
+
+class RecipeError(ValueError):
+    """A bad value, raised by a section's checks with the key it concerns."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise RecipeError(key, message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """[run]: naming, seeding and numerics of the whole run."""
+
+    name: str = "run"  # runs/<name>/ holds everything the run writes
+    seed: int = 0  # keys the augmentation views and every loader order
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # "no" on the CPU
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = True
+
+    def check(self) -> None:
+        _require(self.name.strip() != "" and "/" not in self.name, "name",
+                 "must be a non-empty name without '/'")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: which betons to read and how."""
+
+    beton_dir: str = "data/digits"  # a directory made by `python -m beton_builders`
+    canvas_size: int = 0  # photos only: canvas side in pixels (>= the beton's max resolution)
+    num_workers: int = 2  # FFCV decoding threads per process
+    os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
+
+    def check(self) -> None:
+        _require(self.canvas_size >= 0, "canvas_size", "must be >= 0")
+        _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the architecture every generation shares."""
+
+    name: str = "cifar_resnet20"  # any timm name, or a CIFAR network of fasttt.models
+
+    def check(self) -> None:
+        _require(self.name.strip() != "", "name", "must be a model name")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """[optim]: SGD with (Nesterov) momentum."""
+
+    batch_size: int = 128  # global, over all processes
+    lr: float = 0.1  # at reference_batch_size; scaled by `lr_scaling` to batch_size
+    reference_batch_size: int = 128
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr * batch_size / reference
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True  # False: no weight decay on norm weights and biases
+
+    def check(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.reference_batch_size >= 1, "reference_batch_size", "must be >= 1")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """[schedule]: epochs and the learning-rate shape, applied per iteration."""
+
+    epochs: int = 164  # per generation
+    kind: Literal["step", "linear"] = "step"  # step: milestones; linear: FFCV-style ramps
+    milestones: tuple[int, ...] = (82, 123)  # epochs, for "step"
+    factor: float = 0.1  # lr multiplier at each milestone
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
+    peak_epoch: float = 2.0  # "linear": lr rises to its peak here ...
+    end_lr_ratio: float = 0.0  # ... then falls linearly to lr * end_lr_ratio at the end
+
+    def check(self) -> None:
+        _require(self.epochs >= 0, "epochs", "must be >= 0")
+        _require(all(0 < m <= self.epochs for m in self.milestones), "milestones",
+                 "must lie in 1..epochs")
+        _require(list(self.milestones) == sorted(set(self.milestones)), "milestones",
+                 "must be strictly increasing")
+        _require(0 < self.factor <= 1, "factor", "must be in (0, 1]")
+        _require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in 0..epochs")
+        _require(0 <= self.peak_epoch <= self.epochs, "peak_epoch", "must be in 0..epochs")
+        _require(self.end_lr_ratio >= 0, "end_lr_ratio", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """[augment]: keyed, on-device views (fasttt/augment.py)."""
+
+    kind: Literal["pad_crop", "resized_crop", "none"] = "pad_crop"
+    pad: int = 4  # pad_crop: zero padding in pixels before the random crop
+    flip: bool = True  # random horizontal flip, p = 0.5
+    scale: tuple[float, ...] = (0.08, 1.0)  # resized_crop: area
+    ratio: tuple[float, ...] = (0.75, 4 / 3)  # resized_crop: w/h
+    min_size: int = 32  # train output side at the first epoch, pixels
+    max_size: int = 32  # ... and from `end_ramp` on (progressive resizing, FFCV-style)
+    start_ramp: int = 0  # epoch at which the size starts growing
+    end_ramp: int = 0  # epoch at which it reaches max_size
+    eval_size: int = 32  # evaluation output side
+    eval_crop_ratio: float = 1.0  # centre crop of this fraction of the shorter side
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per channel, 0..1
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+    def check(self) -> None:
+        _require(self.pad >= 0, "pad", "must be >= 0")
+        _require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "scale",
+                 "must be [low, high] with 0 < low <= high <= 1")
+        _require(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "ratio",
+                 "must be [low, high] with 0 < low <= high")
+        _require(1 <= self.min_size <= self.max_size, "min_size", "must be in 1..max_size")
+        _require(0 <= self.start_ramp <= self.end_ramp, "end_ramp", "must be >= start_ramp")
+        _require(self.eval_size >= 1, "eval_size", "must be >= 1")
+        _require(0 < self.eval_crop_ratio <= 1, "eval_crop_ratio", "must be in (0, 1]")
+        _require(len(self.mean) == 3, "mean", "must have 3 values")
+        _require(len(self.std) == 3 and min(self.std) > 0, "std", "must be 3 positive values")
+
+
+@dataclass(frozen=True)
+class GenerationsConfig:
+    """[generations]: the method, D(u, lambda): a patriarch and `students` generations."""
+
+    students: int = 5  # M: generations after the patriarch
+    patriarch_loss: Literal["ce", "tsd", "lsr", "cp"] = "tsd"
+    u: float = 0.6  # target primary confidence of the patriarch; 1.0 means plain CE
+    k: int = 5  # K: top scores in the TSD term
+    lam: float = 0.6  # lambda: weight of CE in the student loss (1 - lambda on the KL)
+    temperature: float = 1.0  # T of the student KL (the paper uses 1)
+
+    def check(self) -> None:
+        _require(self.students >= 0, "students", "must be >= 0")
+        _require(0 < self.u <= 1, "u", "must be in (0, 1]")
+        _require(self.k >= 2, "k", "must be >= 2")
+        _require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """[cache]: how each teacher's outputs are precomputed for its student."""
+
+    mode: Literal["precomputed", "online"] = "precomputed"  # online: teacher forward per step
+    views: int = 0  # R: keyed views per sample; 0 = one un-augmented view
+    top_k: int = 0  # logits kept per sample and view; 0 keeps all classes
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = 512  # teacher inference batch, per process
+
+    def check(self) -> None:
+        _require(self.views >= 0, "views", "must be >= 0")
+        _require(self.top_k >= 0, "top_k", "must be >= 0 (0 keeps all)")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe: one dataclass per TOML section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    generations: GenerationsConfig = field(default_factory=GenerationsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
+
+
+def _describe(kind) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " or ".join(json.dumps(v) for v in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {_describe(typing.get_args(kind)[0])}s"
+    return {bool: "true or false", int: "integer", float: "number", str: "string"}[kind]
+
+
+def _convert(value, kind):
+    """`value` as `kind`, or None when it does not have that type (ints pass as floats)."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return value if value in typing.get_args(kind) and isinstance(value, str) else None
+    if origin is tuple:
+        if not isinstance(value, list):
+            return None
+        items = tuple(_convert(v, typing.get_args(kind)[0]) for v in value)
+        return None if any(i is None for i in items) else items
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (kind is bool):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def _section(name: str, table, where: str):
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: [{name}] must be a table of keys")
+    cls = type(SECTIONS[name]())
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise UserError(f"{where}: unknown key {name}.{key} (known: {', '.join(hints)})")
+        converted = _convert(value, hints[key])
+        if converted is None:
+            raise UserError(f"{where}: {name}.{key} must be {_describe(hints[key])}, "
+                            f"got {value!r}")
+        values[key] = converted
+    section = cls(**values)
+    try:
+        section.check()
+    except RecipeError as err:
+        raise UserError(f"{where}: {name}.{err.key} {err}, got "
+                        f"{getattr(section, err.key)!r}") from None
+    return section
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: invalid TOML ({err})") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise UserError(f"{path}: cannot read the recipe ({err.strerror})") from None
+
+
+def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe's tables with its `base` chain applied underneath."""
+    if path.resolve() in seen:
+        raise UserError(f"{path}: base recipes form a cycle")
+    tables = _read_toml(path)
+    base = tables.pop("base", None)
+    if base is None:
+        return tables
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base must be a string path to another recipe")
+    merged = _merged(path.parent / base, (*seen, path.resolve()))
+    for name, table in tables.items():
+        if isinstance(table, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **table}
+        else:
+            merged[name] = table
+    return merged
+
+
+def _apply_override(tables: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"--set {override}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as a run name
+    table = tables.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise UserError(f"--set {override}: [{section}] is not a table")
+    table[name] = value
+
+
+def build_recipe(tables: dict, where: str) -> Recipe:
+    """Check parsed TOML tables against the dataclasses; `where` names the source in errors."""
+    unknown = sorted(set(tables) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"{where}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+    return Recipe(**{name: _section(name, tables.get(name, {}), where) for name in SECTIONS})
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `--set section.key=value` overrides, and check it all."""
+    path = Path(path)
+    tables = _merged(path)
+    for override in overrides:
+        _apply_override(tables, override)
+    where = f"{path} (with --set)" if overrides else str(path)
+    return build_recipe(tables, where)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if value != value else
+                                                         ("inf" if value > 0 else "-inf"))
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):  # JSON string escapes are TOML's, but for a raw DEL
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    return str(value)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML text that `load_recipe` reads back unchanged."""
+    lines = []
+    for section in dataclasses.fields(recipe):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(recipe, section.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe to `path` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(recipe_to_toml(recipe))
+    tmp.replace(path)
+

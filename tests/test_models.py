@@ -1,0 +1,136 @@
+"""The model factory and the paper's CIFAR networks: shapes, sizes, timm interface, layouts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from fasttt.errors import UserError
+from fasttt.models import CIFAR_MODELS, create_model, penultimate_features
+
+FAST_MODELS = [name for name in CIFAR_MODELS if name != "cifar_densenet_bc190"]
+# Published sizes (He et al. 2016 Table 6; Huang et al. 2017 Table 2), in parameters.
+PUBLISHED = {
+    "cifar_resnet20": 0.27e6, "cifar_resnet32": 0.46e6, "cifar_resnet56": 0.85e6,
+    "cifar_resnet110": 1.7e6, "cifar_densenet_bc100": 0.8e6, "cifar_densenet_bc190": 25.6e6,
+}
+WIDTHS = {"cifar_resnet20": 64, "cifar_resnet32": 64, "cifar_resnet56": 64,
+          "cifar_resnet110": 64, "cifar_densenet_bc100": 342}
+
+
+@pytest.fixture
+def images():
+    """Two random CIFAR-sized images."""
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """All learnable parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", FAST_MODELS)
+def test_cifar_model_shapes(name, images):
+    model = create_model(name, num_classes=100).eval()
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model(images)
+    assert features.shape == (2, WIDTHS[name], 8, 8)
+    assert logits.shape == (2, 100)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", CIFAR_MODELS)
+def test_parameter_counts_match_papers(name):
+    # The papers' rounded DenseNet sizes are those of the CIFAR-100 head.
+    count = parameter_count(create_model(name, num_classes=100))
+    assert abs(count / PUBLISHED[name] - 1) < 0.03, count
+
+
+def test_densenet_bc190_width():
+    model = create_model("cifar_densenet_bc190", num_classes=100)
+    assert model.num_features == 2190
+    assert model.get_classifier().in_features == 2190
+
+
+@pytest.mark.parametrize("name", FAST_MODELS)
+def test_penultimate_features_width(name, images):
+    model = create_model(name, num_classes=10).eval()
+    with torch.no_grad():
+        features = penultimate_features(model, images)
+        logits = model.get_classifier()(features)
+        expected = model(images)
+    assert features.shape == (2, WIDTHS[name]) == (2, model.num_features)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_penultimate_features_of_timm_model():
+    model = create_model("resnet18", num_classes=10, pretrained=False).eval()
+    with torch.no_grad():
+        features = penultimate_features(model, torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, 512)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_densenet_bc100"])
+def test_channels_last_matches_contiguous(name, images):
+    # Training mode: batch statistics keep activations at unit scale at initialization.
+    model = create_model(name, num_classes=10).train()
+    with torch.no_grad():
+        expected = model(images)
+        model.to(memory_format=torch.channels_last)
+        got = model(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_float_dtypes(dtype, images):
+    model = create_model("cifar_resnet20", num_classes=10).train()
+    with torch.no_grad():
+        expected = model(images)
+        got = model.to(dtype)(images.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_unknown_name_is_a_one_line_user_error():
+    with pytest.raises(UserError) as err:
+        create_model("cifar_resnet57", num_classes=10)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "'cifar_resnet57'" in message
+    assert all(name in message for name in CIFAR_MODELS)
+
+
+def test_pretrained_cifar_model_is_a_user_error():
+    with pytest.raises(UserError, match="pretrained"):
+        create_model("cifar_resnet20", num_classes=10, pretrained=True)
+
+
+def test_registered_in_timm_and_reset_classifier(images):
+    model = timm.create_model("cifar_resnet20", num_classes=7).eval()
+    assert isinstance(model, nn.Module) and model.num_classes == 7
+    assert model(images).shape == (2, 7)
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model.get_classifier().out_features == 3
+    assert model(images).shape == (2, 3)
+    model.reset_classifier(0)
+    assert model(images).shape == (2, model.num_features)
+
+
+def test_create_model_passes_timm_names_through():
+    model = create_model("resnet18", num_classes=10)
+    assert model.get_classifier().out_features == 10
+
+
+def test_weight_init():
+    model = create_model("cifar_resnet56", num_classes=10)
+    conv = model.stages[2][1].conv2
+    fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+    assert (model.get_classifier().bias == 0).all()
