@@ -111,6 +111,10 @@ class BetonLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch `epoch`: FFCV seeds each epoch's order with seed + epoch."""
+        self.loader.next_epoch = epoch
+
     def __iter__(self):
         epoch = iter(self.loader)
         try:
@@ -144,14 +148,18 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
                  distributed: bool = False, os_cache: bool = True, split: str = "train",
-                 canvas_size: int | None = None, device=None) -> BetonLoader:
-    """Shuffled, drop_last loader; distributed=True shards it over the process group."""
+                 canvas_size: int | None = None, device=None, limit: int = 0) -> BetonLoader:
+    """Shuffled, drop_last loader; distributed=True shards it over the process group.
+
+    `limit` > 0 keeps only the first `limit` samples (quick runs and tests).
+    """
     # QUASI_RANDOM keeps memory low when the beton is not in the page cache, but FFCV
     # does not implement it for distributed loaders.
     order = OrderOption.RANDOM if os_cache or distributed else OrderOption.QUASI_RANDOM
     loader = _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
                    num_workers=num_workers, order=order, os_cache=os_cache,
-                   distributed=distributed, seed=seed, drop_last=True)
+                   distributed=distributed, seed=seed, drop_last=True,
+                   indices=(lambda count: np.arange(min(limit, count))) if limit else None)
     if len(loader) == 0:
         raise UserError(f"{beton_dir} {split} has fewer samples than one batch of {batch_size} "
                         "per process: lower the batch size")

@@ -197,3 +197,25 @@ def _topk_kl(logits: Tensor, teacher: TopKTeacher, temperature: float) -> Tensor
 def _kl_terms(q: Tensor, log_s: Tensor) -> Tensor:
     # q log q - q log s with 0 log 0 = 0, so zero teacher mass never gives NaN.
     return torch.xlogy(q, q) - q * log_s
+
+
+# ---------------------------------------------------------------- objectives of a run
+
+def patriarch_objective(kind: str, u: float, k: int):
+    """The patriarch's (logits, labels, teacher=None) -> (loss, parts), from the recipe."""
+    eta = eta_from_u(u, k)
+    if kind == "ce" or eta == 1:
+        return lambda logits, labels, _: cross_entropy(logits, labels)
+    if kind == "tsd":
+        return lambda logits, labels, _: tsd_loss(logits, labels, eta, k)
+    if kind == "lsr":
+        return lambda logits, labels, _: lsr_loss(logits, labels, eta)
+    if kind == "cp":
+        return lambda logits, labels, _: cp_loss(logits, labels, eta)
+    raise ValueError(f"unknown patriarch loss {kind!r}")
+
+
+def student_objective(lam: float, temperature: float):
+    """A student's (logits, labels, teacher output) -> (loss, parts): Eqn 2 at temperature T."""
+    return lambda logits, labels, teacher: student_loss(logits, labels, teacher, lam,
+                                                        temperature)

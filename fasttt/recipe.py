@@ -55,10 +55,13 @@ class DataConfig:
     canvas_size: int = 0  # photos only: canvas side in pixels (>= the beton's max resolution)
     num_workers: int = 2  # FFCV decoding threads per process
     os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
+    train_limit: int = 0  # train on the first N samples only (quick checks); 0 = all
+    builtin: Literal["", "digits"] = ""  # "digits": build the embedded betons if missing
 
     def check(self) -> None:
         _require(self.canvas_size >= 0, "canvas_size", "must be >= 0")
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _require(self.train_limit >= 0, "train_limit", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,8 @@ class ScheduleConfig:
 
     def check(self) -> None:
         _require(self.epochs >= 0, "epochs", "must be >= 0")
-        _require(all(0 < m <= self.epochs for m in self.milestones), "milestones",
-                 "must lie in 1..epochs")
+        _require(self.kind != "step" or all(0 < m <= self.epochs for m in self.milestones),
+                 "milestones", "must lie in 1..epochs")
         _require(list(self.milestones) == sorted(set(self.milestones)), "milestones",
                  "must be strictly increasing")
         _require(0 < self.factor <= 1, "factor", "must be in (0, 1]")

@@ -1,0 +1,85 @@
+"""Atomic checkpoints of one generation: weights as safetensors, the rest as plain tensors.
+
+Layout inside `gen<m>/`: `ckpt-<epoch>/` directories, each complete before it gets its
+name, and `latest.json` pointing at the newest, replaced atomically. Nothing is ever
+loaded with a pickle that can run code: weights are safetensors, optimizer and RNG state
+load with `weights_only=True`, the train state is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fasttt.errors import UserError
+
+LATEST = "latest.json"
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON through a temporary name, so `path` is never seen half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's state (parameters and buffers) as safetensors, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load safetensors weights saved by `save_weights` (strict: every key must match)."""
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors reports damage with several exception types
+        raise UserError(f"{path} is not a readable safetensors file ({err}): "
+                        "delete it and rerun to retrain that generation") from None
+    model.load_state_dict(state)
+
+
+def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_state: dict):
+    """Write ckpt-<epoch>/ completely, point latest.json at it, then drop older ones."""
+    final = gen_dir / f"ckpt-{epoch:04d}"
+    tmp = gen_dir / f".ckpt-{epoch:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(model, tmp / "model.safetensors")
+    extra = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+    if scaler is not None:
+        extra["scaler"] = scaler.state_dict()
+    if torch.cuda.is_available():
+        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(extra, tmp / "state.pt")
+    write_json(tmp / "train_state.json", train_state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_json(gen_dir / LATEST, {"epoch": epoch, "dir": final.name})
+    for old in gen_dir.glob("ckpt-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
+    """Restore the newest complete checkpoint of a generation; its train state, or None."""
+    pointer = gen_dir / LATEST
+    if not pointer.is_file():
+        return None
+    ckpt = gen_dir / json.loads(pointer.read_text())["dir"]
+    load_weights(model, ckpt / "model.safetensors")
+    extra = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    if scaler is not None and "scaler" in extra:
+        scaler.load_state_dict(extra["scaler"])
+    torch.set_rng_state(extra["cpu_rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    return json.loads((ckpt / "train_state.json").read_text())

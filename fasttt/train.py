@@ -1,0 +1,150 @@
+"""Train image classifiers in generations with a tolerant teacher (Yang et al., AAAI 2019).
+
+    accelerate launch fasttt/train.py recipes/digits_d06.toml              # 1 CPU or 1 GPU
+    accelerate launch --num_processes 8 fasttt/train.py R.toml             # 8 GPUs
+    accelerate launch --num_machines 2 --machine_rank R --main_process_ip H \\
+        --num_processes 16 fasttt/train.py R.toml                          # 2 nodes x 8 GPUs
+    python fasttt/train.py R.toml --set schedule.epochs=2 --runs-dir /tmp/runs
+
+The outline of the method: a patriarch learns from labels with a softened objective
+(TSD, LSR or CP; CE for the baseline), then each generation m = 1..M trains a student
+of the same architecture from scratch on labels plus its teacher, the LAST-epoch
+weights of generation m-1. Rerunning the same command resumes where a run stopped; a
+finished generation is never retrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.table import Table
+
+from fasttt.checkpoint import load_weights, write_json
+from fasttt.data import MANIFEST, read_manifest
+from fasttt.engine import GenerationSpec, OnlineTeacher, build_model, is_finished, train_generation
+from fasttt.errors import UserError, exit_on_user_error
+from fasttt.losses import patriarch_objective, student_objective
+from fasttt.recipe import Recipe, load_recipe, recipe_to_toml
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """RECIPE.toml [--set section.key=value ...] [--runs-dir DIR]."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    return parser.parse_args(argv)
+
+
+def open_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Create the run directory with its resolved recipe, or check it is this recipe's."""
+    resolved = recipe_to_toml(recipe)
+    saved = run_dir / "recipe.toml"
+    if saved.is_file():
+        if saved.read_text() != resolved:
+            old, new = saved.read_text().splitlines(), resolved.splitlines()
+            first = next((n for o, n in zip(old, new, strict=False) if o != n), "its length")
+            raise UserError(f"{run_dir} was made by a different recipe (first difference: "
+                            f"{first}): pick another run.name or delete {run_dir}")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".recipe.toml.tmp"
+    tmp.write_text(resolved)
+    tmp.replace(saved)
+
+
+def ensure_betons(recipe: Recipe, accelerator: Accelerator) -> dict:
+    """The beton manifest; the embedded digits betons are built on first use."""
+    beton_dir = Path(recipe.data.beton_dir)
+    if recipe.data.builtin == "digits" and not (beton_dir / MANIFEST).is_file():
+        if accelerator.is_main_process:
+            from beton_builders.__main__ import main as build
+
+            build(["digits", str(beton_dir)])
+        accelerator.wait_for_everyone()
+    return read_manifest(beton_dir)
+
+
+def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
+    """Accelerate with the recipe's precision; on a CPU, full precision (bf16 there is slow)."""
+    precision, gpu = recipe.run.mixed_precision, torch.cuda.is_available()
+    if not gpu and precision != "no":
+        console.print(f"no GPU: training in float32 instead of {precision}")
+        precision = "no"
+    # cpu=True is what lets Accelerate join several CPU processes with gloo (MULTI_CPU);
+    # without it, processes started by torchrun each train alone.
+    return Accelerator(mixed_precision=precision, cpu=not gpu)
+
+
+def teacher_from(previous: Path, recipe: Recipe, num_classes: int,
+                 accelerator: Accelerator) -> OnlineTeacher:
+    """Generation m-1's LAST-epoch weights as a frozen teacher (never its best epoch)."""
+    model = build_model(recipe, num_classes, seed=0)
+    load_weights(model, previous / "last.safetensors")
+    return OnlineTeacher(model.to(accelerator.device))
+
+
+def print_generations(results: list[dict], console: Console) -> None:
+    """One row per finished generation: best and last epoch accuracies."""
+    table = Table(title="generations")
+    for column in ("gen", "best epoch", "best top-1", "last top-1", "last top-5"):
+        table.add_column(column, justify="right")
+    for m, r in enumerate(results):
+        table.add_row(str(m), str(r["best"]["epoch"]), f"{r['best']['val_top1']:.2f}",
+                      f"{r['last']['val_top1']:.2f}", f"{r['last']['val_top5']:.2f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the patriarch and its students; write summary.json."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    recipe = load_recipe(args.recipe, args.set)
+    console = Console()
+    accelerator = make_accelerator(recipe, console)
+    if not accelerator.is_main_process:
+        console = Console(quiet=True)
+    run_dir = args.runs_dir / recipe.run.name
+    if accelerator.is_main_process:
+        open_run_dir(run_dir, recipe)
+    accelerator.wait_for_everyone()
+    num_classes = len(ensure_betons(recipe, accelerator)["class_names"])
+    method = recipe.generations
+    results = []
+    for m in range(method.students + 1):
+        directory = run_dir / f"gen{m}"
+        if m == 0:
+            spec = GenerationSpec(0, directory, patriarch_objective(
+                method.patriarch_loss, method.u, method.k))
+        else:
+            spec = GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
+                                  None if is_finished(directory) else teacher_from(
+                                      run_dir / f"gen{m - 1}", recipe, num_classes, accelerator))
+        if is_finished(directory):
+            console.print(f"gen{m}: finished earlier, kept")
+            results.append(read_json(directory / "eval.json"))
+        else:
+            results.append(train_generation(spec, recipe, num_classes, accelerator, console))
+        print_generations(results, console)
+    if accelerator.is_main_process:
+        write_json(run_dir / "summary.json", {
+            "recipe": recipe.run.name,
+            "generations": [{"generation": m, **r} for m, r in enumerate(results)]})
+    console.print(f"wrote {run_dir / 'summary.json'}")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file written by this run."""
+    return json.loads(path.read_text())
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

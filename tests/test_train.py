@@ -1,0 +1,140 @@
+"""The generation loop end to end on tiny digits runs: files, teacher choice, resume, 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fasttt.train as train_module
+from beton_builders.__main__ import main as build_betons
+from fasttt.errors import UserError
+from fasttt.train import main as train
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "digits_d06.toml"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """The embedded betons, built once for this module."""
+    out = tmp_path_factory.mktemp("betons") / "digits"
+    build_betons(["digits", str(out)])
+    return out
+
+
+def tiny(digits: Path, **overrides) -> list[str]:
+    """--set flags for a run of seconds: few samples, few epochs."""
+    values = {"data.beton_dir": f'"{digits}"', "data.train_limit": 256, "data.num_workers": 1,
+              "optim.batch_size": 64, "schedule.epochs": 2, "generations.students": 1,
+              "schedule.peak_epoch": 1} | overrides
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    """Start `python fasttt/train.py ...` as a user would."""
+    return subprocess.Popen([sys.executable, str(ROOT / "fasttt" / "train.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
+        digits, tmp_path, monkeypatch):
+    epoch_weights, loaded = {}, []
+    save = train_module.train_generation.__globals__["save_checkpoint"]
+
+    def keep_every_epoch(gen_dir, epoch, model, *rest):
+        save(gen_dir, epoch, model, *rest)
+        epoch_weights[(gen_dir.name, epoch)] = {k: v.clone() for k, v in
+                                                model.state_dict().items()}
+
+    original_teacher = train_module.teacher_from
+
+    def spy_teacher(*args):
+        teacher = original_teacher(*args)
+        loaded.append({k: v.clone() for k, v in teacher.model.state_dict().items()})
+        return teacher
+
+    monkeypatch.setitem(train_module.train_generation.__globals__, "save_checkpoint",
+                        keep_every_epoch)
+    monkeypatch.setattr(train_module, "teacher_from", spy_teacher)
+    train([str(RECIPE), *tiny(digits), "--runs-dir", str(tmp_path)])
+
+    run = tmp_path / "digits_d06"
+    assert (run / "recipe.toml").is_file()
+    for gen in ("gen0", "gen1"):
+        rows = [json.loads(line) for line in (run / gen / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        assert {"lr", "train_loss", "train_top1", "val_top1", "val_top5", "images_per_s",
+                "seconds"} <= set(rows[0])
+        assert set(json.loads((run / gen / "eval.json").read_text())) == {"best", "last"}
+        assert (run / gen / "last.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert [g["generation"] for g in summary["generations"]] == [0, 1]
+    # The student's teacher is generation 0 as it ended, not any earlier epoch.
+    (teacher,) = loaded
+    last, first = epoch_weights[("gen0", 2)], epoch_weights[("gen0", 1)]
+    assert all(torch.equal(teacher[k], last[k]) for k in last)
+    assert not all(torch.equal(teacher[k], first[k]) for k in first)
+    saved = load_file(str(run / "gen0" / "last.safetensors"))
+    assert all(torch.equal(saved[k], last[k]) for k in last)
+
+
+def test_a_finished_run_is_kept_and_a_different_recipe_is_refused(digits, tmp_path):
+    args = [str(RECIPE), *tiny(digits, **{"generations.students": 0}), "--runs-dir",
+            str(tmp_path)]
+    train(args)
+    weights = (tmp_path / "digits_d06" / "gen0" / "last.safetensors").read_bytes()
+    train(args)  # nothing left to do: the finished generation is not retrained
+    assert (tmp_path / "digits_d06" / "gen0" / "last.safetensors").read_bytes() == weights
+    with pytest.raises(UserError, match="made by a different recipe.*lam = 0.5"):
+        train([*args, "--set", "generations.lam=0.5"])
+
+
+def test_kill_and_resume_gives_bit_identical_weights(digits, tmp_path):
+    args = [str(RECIPE), *tiny(digits, **{"generations.students": 0, "schedule.epochs": 4})]
+    whole = run_cli([*args, "--runs-dir", str(tmp_path / "whole")])
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    killed = run_cli([*args, "--runs-dir", str(tmp_path / "killed")],
+                     start_new_session=True)
+    latest = tmp_path / "killed" / "digits_d06" / "gen0" / "latest.json"
+    deadline = time.time() + 240
+    while not (latest.is_file() and json.loads(latest.read_text())["epoch"] >= 2):
+        assert killed.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = run_cli([*args, "--runs-dir", str(tmp_path / "killed")])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming after epoch" in out
+    gen = Path("digits_d06") / "gen0"
+    assert ((tmp_path / "whole" / gen / "last.safetensors").read_bytes()
+            == (tmp_path / "killed" / gen / "last.safetensors").read_bytes())
+    drop = ("images_per_s", "seconds")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in drop}
+             for line in (tmp_path / d / gen / "metrics.jsonl").read_text().splitlines()]
+            for d in ("whole", "killed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+
+
+def test_two_gloo_processes_train_and_write_once(digits, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", str(ROOT / "fasttt" / "train.py"), str(RECIPE),
+              *tiny(digits, **{"generations.students": 0}), "--runs-dir", str(tmp_path)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    gen = tmp_path / "digits_d06" / "gen0"
+    rows = (gen / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    assert result.stdout.count("gen0 epoch 1:") == 1  # rank 1 prints nothing
+    assert (gen / "last.safetensors").is_file()
