@@ -193,8 +193,9 @@ def train_view(images: torch.Tensor, index: torch.Tensor, *, seed: int, view: in
             raise ValueError("pad_crop is for fixed-size images; use resized_crop for photos")
         out = pad_crop_flip(images, seed, index, view, spec.pad, spec.flip)
         if out.shape[-1] != size or out.shape[-2] != size:
-            full = torch.tensor([[0, 0, out.shape[-2], out.shape[-1]]], device=out.device)
-            out = resample_boxes(out, full.expand(len(out), 4), size)
+            full = torch.zeros(len(out), 4, dtype=torch.int64, device=out.device)
+            full[:, 2], full[:, 3] = out.shape[-2], out.shape[-1]
+            out = resample_boxes(out, full, size)
         return normalize(out, spec.mean, spec.std, dtype)
     heights, widths = _frame(images, extent)
     if spec.kind == "resized_crop":

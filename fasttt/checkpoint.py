@@ -21,11 +21,16 @@ from fasttt.errors import UserError
 LATEST = "latest.json"
 
 
-def write_json(path: Path, obj) -> None:
-    """Write JSON through a temporary name, so `path` is never seen half-written."""
+def write_text(path: Path, text: str) -> None:
+    """Write text through a temporary name, so `path` is never seen half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (see `write_text`)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -57,7 +62,7 @@ def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_s
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     if torch.cuda.is_available():
-        extra["cuda_rng"] = torch.cuda.get_rng_state_all()
+        extra["cuda_rng"] = torch.cuda.get_rng_state()
     torch.save(extra, tmp / "state.pt")
     write_json(tmp / "train_state.json", train_state)
     shutil.rmtree(final, ignore_errors=True)
@@ -66,6 +71,13 @@ def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_s
     for old in gen_dir.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def drop_checkpoints(gen_dir: Path) -> None:
+    """Remove a finished generation's checkpoints: last.safetensors holds its weights."""
+    (gen_dir / LATEST).unlink(missing_ok=True)
+    for ckpt in gen_dir.glob("ckpt-*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
@@ -81,5 +93,5 @@ def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
         scaler.load_state_dict(extra["scaler"])
     torch.set_rng_state(extra["cpu_rng"])
     if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        torch.cuda.set_rng_state(extra["cuda_rng"])
     return json.loads((ckpt / "train_state.json").read_text())

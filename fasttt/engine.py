@@ -22,7 +22,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fasttt.augment import eval_view, train_size, train_view
-from fasttt.checkpoint import load_checkpoint, save_checkpoint, save_weights, write_json
+from fasttt.checkpoint import (
+    drop_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+    write_json,
+    write_text,
+)
 from fasttt.data import sequential_loader, train_loader
 from fasttt.errors import UserError
 from fasttt.models import create_model
@@ -94,7 +101,8 @@ def _loaders(recipe: Recipe, accelerator: Accelerator):
 def evaluate(model, loader, recipe: Recipe, accelerator: Accelerator) -> dict:
     """Top-1 and top-5 accuracy (%) over the whole split, summed over every process."""
     model.eval()
-    totals = torch.zeros(3, device=accelerator.device)
+    top1 = top5 = torch.zeros((), device=accelerator.device)
+    count = 0
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             images = eval_view(batch.image.to(accelerator.device, non_blocking=True),
@@ -102,10 +110,10 @@ def evaluate(model, loader, recipe: Recipe, accelerator: Accelerator) -> dict:
                                extent=batch.extent)
             logits = model(images).float()
             labels = batch.label.to(accelerator.device, non_blocking=True)
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == labels[:, None]
-            totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                   torch.tensor(len(labels), device=totals.device)]).float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            top1, top5 = top1 + hits[:, 0].sum(), top5 + hits.any(dim=1).sum()
+            count += len(labels)
+    totals = torch.stack([top1, top5, torch.tensor(count, device=top1.device)]).double()
     top1, top5, count = accelerator.reduce(totals, reduction="sum").tolist()
     return {"val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
 
@@ -114,7 +122,8 @@ def _train_epoch(model, optimizer, loader, spec: GenerationSpec, recipe: Recipe,
                  accelerator: Accelerator, progress: Progress) -> dict:
     model.train()
     steps = len(loader)
-    totals = torch.zeros(3, device=accelerator.device)
+    loss_sum = correct = torch.zeros((), device=accelerator.device)
+    count = 0
     size = train_size(epoch, recipe.augment)
     task = progress.add_task(f"gen{spec.index} epoch {epoch + 1}", total=steps, info="")
     start = time.perf_counter()
@@ -133,13 +142,16 @@ def _train_epoch(model, optimizer, loader, spec: GenerationSpec, recipe: Recipe,
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        correct = (logits.detach().argmax(dim=1) == labels).sum()
-        totals += torch.stack([loss.detach() * len(labels), correct.float(),
-                               torch.tensor(float(len(labels)), device=totals.device)])
+        # Sums stay on the device: no host synchronisation inside the step loop.
+        loss_sum = loss_sum + loss.detach().float() * len(labels)
+        correct = correct + (logits.detach().argmax(dim=1) == labels).sum()
+        count += len(labels)
         progress.update(task, advance=1, info=f"lr {lr:.4g}")
     progress.remove_task(task)
-    seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum.double(), correct.double(),
+                          torch.tensor(count, dtype=torch.float64, device=correct.device)])
     loss_sum, correct, count = accelerator.reduce(totals, reduction="sum").tolist()
+    seconds = time.perf_counter() - start  # after the reduce, which waits for the device
     if not math.isfinite(loss_sum):
         raise UserError(f"gen{spec.index}: the loss became non-finite in epoch {epoch + 1}: "
                         "lower optim.lr or use mixed_precision = \"no\"")
@@ -158,7 +170,9 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                      accelerator: Accelerator, console: Console) -> dict:
     """Train (or resume) one generation to its last epoch; return its eval summary."""
     model = build_model(recipe, num_classes, recipe.run.seed + 1000 * spec.index)
-    optimizer = make_optimizer(model, recipe.optim)
+    optimizer = make_optimizer(model.to(accelerator.device), recipe.optim)
+    if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     train, val = _loaders(recipe, accelerator)
     spec.directory.mkdir(parents=True, exist_ok=True)
@@ -172,7 +186,8 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
             train.set_epoch(epoch)
             row = _train_epoch(model, optimizer, train, spec, recipe, epoch, accelerator,
                                progress)
-            row |= evaluate(model, val, recipe, accelerator)
+            # Unwrapped: DDP's forward would broadcast buffers, a collective per eval batch.
+            row |= evaluate(accelerator.unwrap_model(model), val, recipe, accelerator)
             state = {"epoch": epoch + 1, "history": [*state["history"], row]}
             accelerator.wait_for_everyone()
             if main:
@@ -183,17 +198,17 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                               f" train {row['train_top1']:.2f}% val {row['val_top1']:.2f}%"
                               f" ({row['images_per_s']:.0f} img/s)")
             accelerator.wait_for_everyone()
-    summary = _summary(state["history"]) if state["history"] else {}
+    summary = _summary(state["history"])
     if main:
         save_weights(accelerator.unwrap_model(model), spec.directory / "last.safetensors")
         write_json(spec.directory / "eval.json", summary)
+        drop_checkpoints(spec.directory)
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # let this generation's model and optimizer go
     return summary
 
 
 def _write_metrics(directory: Path, history: list[dict]) -> None:
     # Rewritten whole from the checkpointed history, so a resumed run never duplicates
     # or loses a line.
-    tmp = directory / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    tmp.replace(directory / "metrics.jsonl")
+    write_text(directory / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))

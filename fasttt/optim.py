@@ -27,7 +27,7 @@ def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig, schedule: Schedul
     passed = sum(epoch >= m for m in schedule.milestones)
     lr = top * schedule.factor**passed
     if schedule.warmup_epochs > 0 and epoch < schedule.warmup_epochs:
-        lr *= (step + 1) / (schedule.warmup_epochs * steps_per_epoch)
+        lr *= min(1.0, (step + 1) / (schedule.warmup_epochs * steps_per_epoch))
     return lr
 
 
@@ -41,7 +41,7 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.SG
         groups = [{"params": [p for p in params if p.ndim >= 2],
                    "weight_decay": optim.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
+    fused = all(p.is_cuda for p in params)  # the model must be on its device already
     return torch.optim.SGD(groups, lr=peak_lr(optim), momentum=optim.momentum,
                            nesterov=optim.nesterov and optim.momentum > 0,
                            fused=fused or None, foreach=None if fused else True)

@@ -39,12 +39,13 @@ class RunConfig:
     name: str = "run"  # runs/<name>/ holds everything the run writes
     seed: int = 0  # keys the augmentation views and every loader order
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # "no" on the CPU
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (not available yet: must stay false)
     channels_last: bool = True
 
     def check(self) -> None:
         _require(self.name.strip() != "" and "/" not in self.name, "name",
                  "must be a non-empty name without '/'")
+        _require(not self.compile, "compile", "is not supported yet: set it to false")
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ScheduleConfig:
     end_lr_ratio: float = 0.0  # ... then falls linearly to lr * end_lr_ratio at the end
 
     def check(self) -> None:
-        _require(self.epochs >= 0, "epochs", "must be >= 0")
+        _require(self.epochs >= 1, "epochs", "must be >= 1")
         _require(self.kind != "step" or all(0 < m <= self.epochs for m in self.milestones),
                  "milestones", "must lie in 1..epochs")
         _require(list(self.milestones) == sorted(set(self.milestones)), "milestones",
@@ -174,13 +175,16 @@ class GenerationsConfig:
 class CacheConfig:
     """[cache]: how each teacher's outputs are precomputed for its student."""
 
-    mode: Literal["precomputed", "online"] = "precomputed"  # online: teacher forward per step
+    # online: a teacher forward pass per student step; "precomputed" (the on-disk cache)
+    # is not available yet and is refused.
+    mode: Literal["precomputed", "online"] = "online"
     views: int = 0  # R: keyed views per sample; 0 = one un-augmented view
     top_k: int = 0  # logits kept per sample and view; 0 keeps all classes
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 512  # teacher inference batch, per process
 
     def check(self) -> None:
+        _require(self.mode == "online", "mode", "precomputed is not available yet: use online")
         _require(self.views >= 0, "views", "must be >= 0")
         _require(self.top_k >= 0, "top_k", "must be >= 0 (0 keeps all)")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -33,7 +33,7 @@ from fasttt.data import MANIFEST, read_manifest
 from fasttt.engine import GenerationSpec, OnlineTeacher, build_model, is_finished, train_generation
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.losses import patriarch_objective, student_objective
-from fasttt.recipe import Recipe, load_recipe, recipe_to_toml
+from fasttt.recipe import Recipe, load_recipe, recipe_to_toml, write_recipe
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,21 +45,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def open_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory with its resolved recipe, or check it is this recipe's."""
-    resolved = recipe_to_toml(recipe)
+def check_run_dir(run_dir: Path, recipe: Recipe) -> bool:
+    """True if `run_dir` already holds this recipe; a different recipe there is an error."""
     saved = run_dir / "recipe.toml"
-    if saved.is_file():
-        if saved.read_text() != resolved:
-            old, new = saved.read_text().splitlines(), resolved.splitlines()
-            first = next((n for o, n in zip(old, new, strict=False) if o != n), "its length")
-            raise UserError(f"{run_dir} was made by a different recipe (first difference: "
-                            f"{first}): pick another run.name or delete {run_dir}")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".recipe.toml.tmp"
-    tmp.write_text(resolved)
-    tmp.replace(saved)
+    if not saved.is_file():
+        return False
+    old, new = saved.read_text().splitlines(), recipe_to_toml(recipe).splitlines()
+    if old != new:
+        first = next((n for o, n in zip(old, new, strict=False) if o != n), "its length")
+        raise UserError(f"{run_dir} was made by a different recipe (first difference: "
+                        f"{first}): pick another run.name or delete {run_dir}")
+    return True
 
 
 def ensure_betons(recipe: Recipe, accelerator: Accelerator) -> dict:
@@ -77,12 +73,12 @@ def ensure_betons(recipe: Recipe, accelerator: Accelerator) -> dict:
 def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
     """Accelerate with the recipe's precision; on a CPU, full precision (bf16 there is slow)."""
     precision, gpu = recipe.run.mixed_precision, torch.cuda.is_available()
-    if not gpu and precision != "no":
-        console.print(f"no GPU: training in float32 instead of {precision}")
-        precision = "no"
     # cpu=True is what lets Accelerate join several CPU processes with gloo (MULTI_CPU);
     # without it, processes started by torchrun each train alone.
-    return Accelerator(mixed_precision=precision, cpu=not gpu)
+    accelerator = Accelerator(mixed_precision=precision if gpu else "no", cpu=not gpu)
+    if not gpu and precision != "no" and accelerator.is_main_process:
+        console.print(f"no GPU: training in float32 instead of {precision}")
+    return accelerator
 
 
 def teacher_from(previous: Path, recipe: Recipe, num_classes: int,
@@ -113,8 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_main_process:
         console = Console(quiet=True)
     run_dir = args.runs_dir / recipe.run.name
-    if accelerator.is_main_process:
-        open_run_dir(run_dir, recipe)
+    # Every rank checks (read only), so a refusal is one line from each, not a hang.
+    if not check_run_dir(run_dir, recipe) and accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_recipe(recipe, run_dir / "recipe.toml")
     accelerator.wait_for_everyone()
     num_classes = len(ensure_betons(recipe, accelerator)["class_names"])
     method = recipe.generations

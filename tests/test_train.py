@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fasttt.engine as engine
 import fasttt.train as train_module
 from beton_builders.__main__ import main as build_betons
 from fasttt.errors import UserError
@@ -48,7 +49,7 @@ def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
 def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
         digits, tmp_path, monkeypatch):
     epoch_weights, loaded = {}, []
-    save = train_module.train_generation.__globals__["save_checkpoint"]
+    save = engine.save_checkpoint
 
     def keep_every_epoch(gen_dir, epoch, model, *rest):
         save(gen_dir, epoch, model, *rest)
@@ -62,8 +63,7 @@ def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
         loaded.append({k: v.clone() for k, v in teacher.model.state_dict().items()})
         return teacher
 
-    monkeypatch.setitem(train_module.train_generation.__globals__, "save_checkpoint",
-                        keep_every_epoch)
+    monkeypatch.setattr(engine, "save_checkpoint", keep_every_epoch)
     monkeypatch.setattr(train_module, "teacher_from", spy_teacher)
     train([str(RECIPE), *tiny(digits), "--runs-dir", str(tmp_path)])
 
@@ -76,6 +76,7 @@ def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
                 "seconds"} <= set(rows[0])
         assert set(json.loads((run / gen / "eval.json").read_text())) == {"best", "last"}
         assert (run / gen / "last.safetensors").is_file()
+        assert not list((run / gen).glob("ckpt-*"))  # finished: its weights are enough
     summary = json.loads((run / "summary.json").read_text())
     assert [g["generation"] for g in summary["generations"]] == [0, 1]
     # The student's teacher is generation 0 as it ended, not any earlier epoch.

@@ -1,0 +1,38 @@
+"""The learning rate as a function of the step, and SGD's weight-decay groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttt.optim import lr_at, make_optimizer, peak_lr
+from fasttt.recipe import OptimConfig, ScheduleConfig
+
+
+def test_step_schedule_with_warmup_never_overshoots():
+    optim, schedule = OptimConfig(lr=0.1), ScheduleConfig(epochs=10, milestones=(4, 8),
+                                                          factor=0.1, warmup_epochs=0.5)
+    lrs = [lr_at(step, 3, optim, schedule) for step in range(30)]
+    assert lrs[0] == pytest.approx(0.1 / 1.5) and max(lrs) == pytest.approx(0.1)
+    assert lrs[2] == pytest.approx(0.1)  # warm-up over, not above the peak
+    assert lrs[11] == pytest.approx(0.1) and lrs[12] == pytest.approx(0.01)  # epoch 4
+    assert lrs[24] == pytest.approx(0.001)  # epoch 8
+
+
+def test_linear_ramp_peaks_then_falls_to_the_end_ratio():
+    optim = OptimConfig(lr=0.5, batch_size=1024, reference_batch_size=256, lr_scaling="linear")
+    schedule = ScheduleConfig(epochs=10, kind="linear", peak_epoch=2, end_lr_ratio=0.1)
+    assert peak_lr(optim) == pytest.approx(2.0)
+    assert lr_at(0, 100, optim, schedule) == 0.0
+    assert lr_at(200, 100, optim, schedule) == pytest.approx(2.0)
+    assert lr_at(600, 100, optim, schedule) == pytest.approx(2.0 * (1 - 0.9 * 0.5))
+    assert lr_at(1000, 100, optim, schedule) == pytest.approx(0.2)
+
+
+def test_norm_and_bias_can_be_spared_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    spared = make_optimizer(model, OptimConfig(decay_norm_and_bias=False, weight_decay=0.1))
+    decays = sorted((g["weight_decay"], len(g["params"])) for g in spared.param_groups)
+    assert decays == [(0.0, 3), (0.1, 1)]  # conv bias, BN weight and bias vs conv kernel
+    group = make_optimizer(model, OptimConfig()).param_groups[0]
+    assert group["nesterov"] and group["momentum"] == 0.9 and len(group["params"]) == 4
