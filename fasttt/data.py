@@ -168,12 +168,17 @@ def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: in
 
 def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_workers: int = 2,
                       rank: int = 0, world_size: int = 1, os_cache: bool = True,
-                      canvas_size: int | None = None, device=None) -> BetonLoader:
+                      canvas_size: int | None = None, device=None,
+                      limit: int = 0) -> BetonLoader:
     """In-order loader over `rank`'s disjoint slice: every sample exactly once across ranks.
 
     Serves evaluation and the teacher-cache pass. Unlike FFCV's distributed sampler it
-    pads nothing, so no sample is seen twice and nothing needs de-duplication.
+    pads nothing, so no sample is seen twice and nothing needs de-duplication. `limit`
+    > 0 covers only the first `limit` samples, as `train_loader`'s does.
     """
+    def indices(count: int) -> np.ndarray:
+        return shard_indices(min(limit, count) if limit else count, rank, world_size)
+
     return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
                  num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
-                 indices=lambda count: shard_indices(count, rank, world_size), drop_last=False)
+                 indices=indices, drop_last=False)

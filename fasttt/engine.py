@@ -47,7 +47,8 @@ class GenerationSpec:
     index: int
     directory: Path
     objective: Objective
-    teacher: Callable | None = None  # (views, index, epoch) -> teacher output, no grad
+    teacher: Callable | None = None  # (views, CPU sample index, epoch) -> teacher output
+    view_cycle: int = 0  # R: epoch e shows view e mod R (a cache's views); 0: view e
 
 
 class OnlineTeacher:
@@ -82,7 +83,8 @@ def is_finished(directory: Path) -> bool:
     return (directory / "eval.json").is_file()
 
 
-def _loaders(recipe: Recipe, accelerator: Accelerator):
+def loaders(recipe: Recipe, accelerator: Accelerator):
+    """This process's train loader (its shard) and val loader (its slice)."""
     data, processes = recipe.data, accelerator.num_processes
     if recipe.optim.batch_size % processes:
         raise UserError(f"optim.batch_size {recipe.optim.batch_size} must divide evenly over "
@@ -118,13 +120,15 @@ def evaluate(model, loader, recipe: Recipe, accelerator: Accelerator) -> dict:
     return {"val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
 
 
-def _train_epoch(model, optimizer, loader, spec: GenerationSpec, recipe: Recipe, epoch: int,
-                 accelerator: Accelerator, progress: Progress) -> dict:
+def train_epoch(model, optimizer, loader, spec: GenerationSpec, recipe: Recipe, epoch: int,
+                accelerator: Accelerator, progress: Progress) -> dict:
+    """One pass over the training loader; returns the epoch's metrics (all ranks summed)."""
     model.train()
     steps = len(loader)
     loss_sum = correct = torch.zeros((), device=accelerator.device)
     count = 0
     size = train_size(epoch, recipe.augment)
+    view = epoch % spec.view_cycle if spec.view_cycle else epoch
     task = progress.add_task(f"gen{spec.index} epoch {epoch + 1}", total=steps, info="")
     start = time.perf_counter()
     for i, batch in enumerate(loader):
@@ -133,11 +137,11 @@ def _train_epoch(model, optimizer, loader, spec: GenerationSpec, recipe: Recipe,
         index = batch.index.to(accelerator.device, non_blocking=True)
         labels = batch.label.to(accelerator.device, non_blocking=True)
         views = train_view(batch.image.to(accelerator.device, non_blocking=True), index,
-                           seed=recipe.run.seed, view=epoch, size=size, spec=recipe.augment,
+                           seed=recipe.run.seed, view=view, size=size, spec=recipe.augment,
                            extent=batch.extent)
         with accelerator.autocast():
             logits = model(views)
-            target = spec.teacher(views, index, epoch) if spec.teacher else None
+            target = spec.teacher(views, batch.index, epoch) if spec.teacher else None
             loss, _ = spec.objective(logits, labels, target)
         accelerator.backward(loss)
         optimizer.step()
@@ -174,7 +178,7 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
     if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train, val = _loaders(recipe, accelerator)
+    train, val = loaders(recipe, accelerator)
     spec.directory.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(spec.directory, accelerator.unwrap_model(model), optimizer,
                             accelerator.scaler) or {"epoch": 0, "history": []}
@@ -184,7 +188,7 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
     with progress_bar(main) as progress:
         for epoch in range(state["epoch"], recipe.schedule.epochs):
             train.set_epoch(epoch)
-            row = _train_epoch(model, optimizer, train, spec, recipe, epoch, accelerator,
+            row = train_epoch(model, optimizer, train, spec, recipe, epoch, accelerator,
                                progress)
             # Unwrapped: DDP's forward would broadcast buffers, a collective per eval batch.
             row |= evaluate(accelerator.unwrap_model(model), val, recipe, accelerator)

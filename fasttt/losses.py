@@ -148,7 +148,12 @@ def student_loss(logits: Tensor, labels: Tensor, teacher: Tensor | TopKTeacher, 
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = logits.float()
     ce = F.cross_entropy(logits, labels)
-    if isinstance(teacher, TopKTeacher):
+    if isinstance(teacher, TopKTeacher) and teacher.ids.shape[1] == logits.shape[1]:
+        # k = C holds the full logits: the same arithmetic as an online teacher, so a
+        # cached student follows the online one's trajectory exactly.
+        full = torch.empty_like(logits).scatter_(1, teacher.ids.long(), teacher.values.float())
+        kl = _full_kl(logits, full, temperature)
+    elif isinstance(teacher, TopKTeacher):
         kl = _topk_kl(logits, teacher, temperature)
     else:
         kl = _full_kl(logits, teacher, temperature)

@@ -175,16 +175,16 @@ class GenerationsConfig:
 class CacheConfig:
     """[cache]: how each teacher's outputs are precomputed for its student."""
 
-    # online: a teacher forward pass per student step; "precomputed" (the on-disk cache)
-    # is not available yet and is refused.
-    mode: Literal["precomputed", "online"] = "online"
-    views: int = 0  # R: keyed views per sample; 0 = one un-augmented view
+    # precomputed: gen<m>/cache/ labels every view once (fasttt/cache.py); online: a
+    # teacher forward pass per student step, for comparison.
+    mode: Literal["precomputed", "online"] = "precomputed"
+    views: int = 0  # R: keyed views per sample, student epoch e sees view e mod R;
+    # 0 = one un-augmented view (the fixed teacher) while the student sees fresh views
     top_k: int = 0  # logits kept per sample and view; 0 keeps all classes
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 512  # teacher inference batch, per process
 
     def check(self) -> None:
-        _require(self.mode == "online", "mode", "precomputed is not available yet: use online")
         _require(self.views >= 0, "views", "must be >= 0")
         _require(self.top_k >= 0, "top_k", "must be >= 0 (0 keeps all)")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 
+from fasttt.cache import CachedTeacher, build_cache, expected_manifest
 from fasttt.checkpoint import load_weights, write_json
 from fasttt.data import MANIFEST, read_manifest
 from fasttt.engine import GenerationSpec, OnlineTeacher, build_model, is_finished, train_generation
@@ -81,12 +82,35 @@ def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
     return accelerator
 
 
-def teacher_from(previous: Path, recipe: Recipe, num_classes: int,
-                 accelerator: Accelerator) -> OnlineTeacher:
-    """Generation m-1's LAST-epoch weights as a frozen teacher (never its best epoch)."""
+def last_epoch_model(gen_dir: Path, recipe: Recipe, num_classes: int,
+                     accelerator: Accelerator) -> torch.nn.Module:
+    """A generation's LAST-epoch weights (never its best epoch), on the device."""
     model = build_model(recipe, num_classes, seed=0)
-    load_weights(model, previous / "last.safetensors")
-    return OnlineTeacher(model.to(accelerator.device))
+    load_weights(model, gen_dir / "last.safetensors")
+    return model.to(accelerator.device)
+
+
+def precompute_cache(gen_dir: Path, recipe: Recipe, accelerator: Accelerator) -> dict:
+    """Build (or verify) gen_dir/cache from its last epoch; return the cache's manifest."""
+    num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
+    wanted = expected_manifest(recipe, gen_dir / "last.safetensors", num_classes)
+    if not (gen_dir / "cache" / "manifest.json").is_file():
+        model = last_epoch_model(gen_dir, recipe, num_classes, accelerator)
+        build_cache(gen_dir / "cache", model, wanted, recipe, accelerator)
+    return wanted
+
+
+def teacher_from(previous: Path, recipe: Recipe, num_classes: int,
+                 accelerator: Accelerator) -> tuple[object, int]:
+    """Generation m-1 as the student's teacher, and the student's view cycle R.
+
+    precomputed: a lookup into previous/cache (built first if needed); online: the
+    frozen model labelling each batch.
+    """
+    if recipe.cache.mode == "online":
+        return OnlineTeacher(last_epoch_model(previous, recipe, num_classes, accelerator)), 0
+    wanted = precompute_cache(previous, recipe, accelerator)
+    return CachedTeacher(previous / "cache", wanted, accelerator.device), recipe.cache.views
 
 
 def print_generations(results: list[dict], console: Console) -> None:
@@ -119,18 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for m in range(method.students + 1):
         directory = run_dir / f"gen{m}"
-        if m == 0:
-            spec = GenerationSpec(0, directory, patriarch_objective(
-                method.patriarch_loss, method.u, method.k))
-        else:
-            spec = GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
-                                  None if is_finished(directory) else teacher_from(
-                                      run_dir / f"gen{m - 1}", recipe, num_classes, accelerator))
         if is_finished(directory):
             console.print(f"gen{m}: finished earlier, kept")
             results.append(read_json(directory / "eval.json"))
-        else:
-            results.append(train_generation(spec, recipe, num_classes, accelerator, console))
+            continue
+        if m == 0:  # the patriarch learns from labels with the softened objective
+            spec = GenerationSpec(0, directory, patriarch_objective(
+                method.patriarch_loss, method.u, method.k))
+        else:  # a student learns from labels and generation m-1's last epoch
+            teacher, cycle = teacher_from(run_dir / f"gen{m - 1}", recipe, num_classes,
+                                          accelerator)
+            spec = GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
+                                  teacher, cycle)
+        results.append(train_generation(spec, recipe, num_classes, accelerator, console))
         print_generations(results, console)
     if accelerator.is_main_process:
         write_json(run_dir / "summary.json", {

@@ -54,7 +54,7 @@ def test_a_recipe_reads_into_typed_frozen_sections(tmp_path):
     ("[generations]\nlam = -0.1", "generations.lam must be in [0, 1]"),
     ("[generations]\nk = 1", "generations.k must be >= 2"),
     ("[schedule]\nepochs = 0", "schedule.epochs must be >= 1"),
-    ("[cache]\nmode = 'precomputed'", "cache.mode precomputed is not available yet"),
+    ("[cache]\nviews = -1", "cache.views must be >= 0"),
     ("[schedule]\nepochs = 10\nmilestones = [20]", "schedule.milestones must lie in 1..epochs"),
     ("[run]\nname = 'x'\n[run]\nseed = 1", "invalid TOML"),
     ("run = 3", "[run] must be a table"),

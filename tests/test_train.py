@@ -56,15 +56,15 @@ def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
         epoch_weights[(gen_dir.name, epoch)] = {k: v.clone() for k, v in
                                                 model.state_dict().items()}
 
-    original_teacher = train_module.teacher_from
+    original_teacher = train_module.last_epoch_model
 
     def spy_teacher(*args):
-        teacher = original_teacher(*args)
-        loaded.append({k: v.clone() for k, v in teacher.model.state_dict().items()})
-        return teacher
+        model = original_teacher(*args)
+        loaded.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
 
     monkeypatch.setattr(engine, "save_checkpoint", keep_every_epoch)
-    monkeypatch.setattr(train_module, "teacher_from", spy_teacher)
+    monkeypatch.setattr(train_module, "last_epoch_model", spy_teacher)
     train([str(RECIPE), *tiny(digits), "--runs-dir", str(tmp_path)])
 
     run = tmp_path / "digits_d06"
@@ -127,15 +127,17 @@ def test_kill_and_resume_gives_bit_identical_weights(digits, tmp_path):
 
 
 def test_two_gloo_processes_train_and_write_once(digits, tmp_path):
+    # A patriarch and a student: the cache is built by both ranks and read by both.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", str(ROOT / "fasttt" / "train.py"), str(RECIPE),
-              *tiny(digits, **{"generations.students": 0}), "--runs-dir", str(tmp_path)]
+              *tiny(digits, **{"cache.views": 2}), "--runs-dir", str(tmp_path)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    gen = tmp_path / "digits_d06" / "gen0"
-    rows = (gen / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
-    assert result.stdout.count("gen0 epoch 1:") == 1  # rank 1 prints nothing
-    assert (gen / "last.safetensors").is_file()
+    for gen in ("gen0", "gen1"):
+        rows = (tmp_path / "digits_d06" / gen / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+        assert result.stdout.count(f"{gen} epoch 1:") == 1  # rank 1 prints nothing
+    assert json.loads((tmp_path / "digits_d06" / "gen0" / "cache" / "manifest.json")
+                      .read_text())["complete"] is True
