@@ -63,6 +63,10 @@ def expected_manifest(recipe: Recipe, teacher_weights: Path, num_classes: int) -
     count = beton["splits"]["train"]["count"]
     samples = min(data.train_limit, count) if data.train_limit else count
     views = max(cache.views, 1)
+    sizes = [train_size(e, recipe.augment) for e in range(recipe.schedule.epochs)]
+    if cache.views and any(sizes[e] != sizes[e % cache.views] for e in range(len(sizes))):
+        raise UserError("progressive resizing gives view v other sizes in later epochs: set "
+                        "cache.views = schedule.epochs, or cache.mode = \"online\"")
     augment = {"spec": dataclasses.asdict(recipe.augment), "seed": recipe.run.seed,
                "views": cache.views,
                "sizes": [train_size(v, recipe.augment) for v in range(cache.views)]}

@@ -164,3 +164,13 @@ def test_two_ranks_build_the_same_bytes_and_a_killed_build_is_redone(patriarch, 
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     assert not partial.exists()
     assert (killed_run / gen / "values.npy").read_bytes() == (one / gen / "values.npy").read_bytes()
+
+
+def test_views_that_would_change_size_between_epochs_are_refused(patriarch):
+    ramp = {"augment.min_size": 24, "augment.end_ramp": 2, "schedule.epochs": 3,
+            "cache.views": 1}
+    recipe, _, gen0 = setup(patriarch, **ramp)
+    with pytest.raises(UserError, match="progressive resizing"):
+        expected_manifest(recipe, gen0 / "last.safetensors", 10)
+    recipe, _, _ = setup(patriarch, **{**ramp, "cache.views": 3})
+    assert expected_manifest(recipe, gen0 / "last.safetensors", 10)["views"] == 3
