@@ -195,8 +195,9 @@ def raw_small_images(work: Path, workers: int, args: argparse.Namespace):
     rows = ImageRows(images, rng.integers(0, 10, count))
     write_beton(out / "train.beton", rows, raw_image_fields(), 1, "raw 32x32 beton")
     (out / "manifest.json").write_text(json.dumps({
-        "image_policy": {"kind": "fixed"}, "splits": {"train": {"file": "train.beton",
-                                                                "count": count}}}))
+        "source": {"name": "synthetic"}, "class_names": [str(c) for c in range(10)],
+        "image_policy": {"kind": "fixed"},
+        "splits": {"train": {"file": "train.beton", "count": count}}}))
     loader = sequential_loader(out, split="train", batch_size=512, num_workers=workers)
     return timed_epochs(lambda: iter(loader), args.repeats), count
 
