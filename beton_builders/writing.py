@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from beton_builders import BUILDER_VERSION
+from fasttt.checkpoint import sha256_file
 from fasttt.data import MANIFEST
 from fasttt.errors import UserError
 
@@ -57,15 +57,6 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -183,7 +174,7 @@ def finish_manifest(staging: Path, manifest: dict, counts: dict) -> dict:
             split: {
                 "file": f"{split}.beton",
                 "count": counts[split],
-                "sha256": sha256_of(staging / f"{split}.beton"),
+                "sha256": sha256_file(staging / f"{split}.beton"),
             }
             for split in SPLITS
         },

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fasttt.augment import eval_view, train_size, train_view
-from fasttt.checkpoint import write_json
+from fasttt.checkpoint import sha256_file, write_json
 from fasttt.data import read_manifest, sequential_loader
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.losses import TopKTeacher
@@ -45,15 +45,6 @@ def id_dtype(num_classes: int) -> np.dtype:
     """The narrowest unsigned integer type that holds every class id."""
     return np.dtype(np.uint8 if num_classes <= 256 else
                     np.uint16 if num_classes <= 65536 else np.uint32)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def expected_manifest(recipe: Recipe, teacher_weights: Path, num_classes: int) -> dict:

@@ -8,6 +8,7 @@ load with `weights_only=True`, the train state is JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,15 @@ from safetensors.torch import load_file, save_file
 from fasttt.errors import UserError
 
 LATEST = "latest.json"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:
