@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.paths[-1]).expanduser()
     manifest = existing_build(args, out_dir)
     if manifest is None:
-        with staged_output(out_dir, args.force) as staging:
+        with staged_output(out_dir) as staging:
             manifest = finish_manifest(staging, *build(args, staging))
     else:
         print(f"{out_dir} is already built (use --force to rebuild)", file=sys.stderr)

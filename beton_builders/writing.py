@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from beton_builders import BUILDER_VERSION
-from fasttt.checkpoint import sha256_file
+from fasttt.checkpoint import sha256_file, write_json
 from fasttt.data import MANIFEST
 from fasttt.errors import UserError
 
@@ -37,17 +36,6 @@ def progress_bar() -> Progress:
         console=console,
         transient=False,
     )
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON to `path` through a temporary name, so `path` is never partial."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fsync_path(path: Path) -> None:
@@ -71,7 +59,7 @@ def _exclusive(out_dir: Path):
 
 
 @contextlib.contextmanager
-def staged_output(out_dir: Path, force: bool):
+def staged_output(out_dir: Path):
     """Yield a hidden sibling directory to build in; on success it becomes `out_dir` at once.
 
     A build killed half way leaves only the hidden directory, which the next build
@@ -179,7 +167,7 @@ def finish_manifest(staging: Path, manifest: dict, counts: dict) -> dict:
             for split in SPLITS
         },
     }
-    write_json_atomic(staging / MANIFEST, manifest)
+    write_json(staging / MANIFEST, manifest)
     return manifest
 
 

@@ -211,10 +211,9 @@ def eval_view(images: torch.Tensor, *, size: int, spec: AugmentConfig,
               extent: torch.Tensor | None = None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The deterministic evaluation view: a centre crop resized to size x size, normalised."""
-    heights, widths = _frame(images, extent)
     if extent is None and spec.eval_crop_ratio == 1 and images.shape[-2:] == (size, size):
         return normalize(images, spec.mean, spec.std, dtype)  # nothing to resample
-    boxes = center_crop_boxes(heights, widths, spec.eval_crop_ratio)
+    boxes = center_crop_boxes(*_frame(images, extent), spec.eval_crop_ratio)
     return normalize(resample_boxes(images, boxes, size), spec.mean, spec.std, dtype)
 
 

@@ -34,7 +34,10 @@ def sha256_file(path: Path) -> str:
 def write_text(path: Path, text: str) -> None:
     """Write text through a temporary name, so `path` is never seen half-written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
