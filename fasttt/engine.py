@@ -68,6 +68,8 @@ def build_model(recipe: Recipe, num_classes: int, seed: int) -> torch.nn.Module:
     model = create_model(recipe.model.name, num_classes)
     if recipe.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if recipe.run.compile:
+        model.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
     return model
 
 

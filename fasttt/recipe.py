@@ -39,13 +39,12 @@ class RunConfig:
     name: str = "run"  # runs/<name>/ holds everything the run writes
     seed: int = 0  # keys the augmentation views and every loader order
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # "no" on the CPU
-    compile: bool = False  # torch.compile the model (not available yet: must stay false)
+    compile: bool = False  # torch.compile the model's forward (GPU: faster after warm-up)
     channels_last: bool = True
 
     def check(self) -> None:
         _require(self.name.strip() != "" and "/" not in self.name, "name",
                  "must be a non-empty name without '/'")
-        _require(not self.compile, "compile", "is not supported yet: set it to false")
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,13 @@ class DataConfig:
     os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
     train_limit: int = 0  # train on the first N samples only (quick checks); 0 = all
     builtin: Literal["", "digits"] = ""  # "digits": build the embedded betons if missing
+    # class -> superclass, one entry per class, for DistC/DistS; empty: the beton
+    # manifest's fine_to_coarse (CIFAR-100), else those statistics are skipped
+    superclasses: tuple[int, ...] = ()
 
     def check(self) -> None:
         _require(self.canvas_size >= 0, "canvas_size", "must be >= 0")
+        _require(all(c >= 0 for c in self.superclasses), "superclasses", "must be >= 0")
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
         _require(self.train_limit >= 0, "train_limit", "must be >= 0")
 

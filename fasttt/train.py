@@ -77,6 +77,9 @@ def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
     # cpu=True is what lets Accelerate join several CPU processes with gloo (MULTI_CPU);
     # without it, processes started by torchrun each train alone.
     accelerator = Accelerator(mixed_precision=precision if gpu else "no", cpu=not gpu)
+    if gpu:  # fixed shapes: let cuDNN pick its fastest kernels; TF32 for float32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if not gpu and precision != "no" and accelerator.is_main_process:
         console.print(f"no GPU: training in float32 instead of {precision}")
     return accelerator
