@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     student = student_objective(method.lam, method.temperature)
     specs = {
         "patriarch epoch": GenerationSpec(0, work, patriarch_objective(
-            method.patriarch_loss, method.u, method.k)),
+            method.patriarch_loss, method.u, method.k, method.eta)),
         "student epoch, cache": GenerationSpec(1, work, student, cached, args.views),
         "student epoch, online teacher": GenerationSpec(1, work, student,
                                                         OnlineTeacher(teacher_model)),

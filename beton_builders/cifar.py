@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from beton_builders.writing import ImageRows, raw_image_fields, write_beton
-from fasttt.errors import UserError
+from fasttt.errors import UserError, one_line
 
 DOWNLOAD_HINT = "download and extract the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -55,8 +55,9 @@ def load_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = RestrictedUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise UserError(f"refusing {path}: not a plain CIFAR pickle ({err})") from None
+    except Exception as err:  # damaged pickles fail with many types, MemoryError included
+        raise UserError(f"refusing {path}: not a plain CIFAR pickle ({type(err).__name__}: "
+                        f"{one_line(err)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"refusing {path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -68,22 +69,46 @@ def _field(batch: dict, key: bytes, path: Path):
     return batch[key]
 
 
-def _read_split(src: Path, files: list[str], layout: dict, coarse: bool):
+def _names(meta: dict, key: bytes, path: Path) -> list[str]:
+    names = _field(meta, key, path)
+    try:
+        if isinstance(names, list) and names and all(isinstance(n, bytes) for n in names):
+            return [n.decode() for n in names]
+    except UnicodeDecodeError:
+        pass
+    raise UserError(f"{path}: {key.decode()} is not a list of UTF-8 names: "
+                    "is it from the official release?")
+
+
+def _labels(batch: dict, key: bytes, path: Path, count: int, classes: int) -> np.ndarray:
+    try:
+        labels = np.asarray(_field(batch, key, path), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        labels = None
+    if labels is None or labels.shape != (count,):
+        raise UserError(f"{path}: {key.decode()} is not a list of {count} integers, one per image")
+    if count and (labels.min() < 0 or labels.max() >= classes):
+        raise UserError(f"{path}: {key.decode()} values lie outside 0..{classes - 1}")
+    return labels
+
+
+def _read_split(src: Path, files: list[str], layout: dict, classes: tuple[int, int]):
     images, labels, coarse_labels = [], [], []
     for name in files:
         path = src / name
         batch = load_pickle(path)
-        data = np.asarray(_field(batch, b"data", path))
+        try:
+            data = np.asarray(_field(batch, b"data", path))
+        except ValueError:  # ragged nested lists
+            data = np.zeros(0, np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise UserError(f"{path}: data is {data.dtype}{data.shape}, expected uint8 (N, 3072)")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(_field(batch, layout["label_key"], path), dtype=np.int64))
-        if coarse:
-            coarse_labels.append(np.asarray(_field(batch, b"coarse_labels", path), np.int64))
-        if len(labels[-1]) != len(images[-1]):
-            raise UserError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
+        labels.append(_labels(batch, layout["label_key"], path, len(data), classes[0]))
+        if classes[1]:
+            coarse_labels.append(_labels(batch, b"coarse_labels", path, len(data), classes[1]))
     join = np.concatenate
-    return join(images), join(labels), (join(coarse_labels) if coarse else None)
+    return join(images), join(labels), (join(coarse_labels) if coarse_labels else None)
 
 
 def _fine_to_coarse(fine: np.ndarray, coarse: np.ndarray, num_fine: int) -> list[int]:
@@ -114,20 +139,18 @@ def build_cifar(staging: Path, src: Path, source: str) -> tuple[dict, dict]:
     coarse = source == "cifar100"
     meta_path = src / layout["meta"]
     meta = load_pickle(meta_path)
-    class_names = [n.decode() for n in _field(meta, layout["names_key"], meta_path)]
+    class_names = _names(meta, layout["names_key"], meta_path)
+    coarse_names = _names(meta, b"coarse_label_names", meta_path) if coarse else []
+    classes = (len(class_names), len(coarse_names))
     # Read and check every file before writing anything, so bad input fails fast.
-    splits = {split: _read_split(src, layout[split], layout, coarse) for split in ("train", "val")}
+    splits = {split: _read_split(src, layout[split], layout, classes) for split in ("train", "val")}
     manifest = {
         "source": {"name": source, "path": str(src.resolve())},
         "class_names": class_names,
         "image_policy": {"kind": "fixed", "height": 32, "width": 32, "write_mode": "raw"},
     }
-    for split, (_, labels, _) in splits.items():
-        if labels.min() < 0 or labels.max() >= len(class_names):
-            raise UserError(f"{src}: {split} labels outside 0..{len(class_names) - 1}")
     if coarse:
-        manifest["coarse_class_names"] = [
-            n.decode() for n in _field(meta, b"coarse_label_names", meta_path)]
+        manifest["coarse_class_names"] = coarse_names
         fine, coarse_labels = (np.concatenate([s[i] for s in splits.values()]) for i in (1, 2))
         manifest["fine_to_coarse"] = _fine_to_coarse(fine, coarse_labels, len(class_names))
     for split, rows in splits.items():

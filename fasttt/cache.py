@@ -33,7 +33,7 @@ import torch
 from fasttt.augment import eval_view, train_size, train_view
 from fasttt.checkpoint import sha256_file, write_json
 from fasttt.data import read_manifest, sequential_loader
-from fasttt.errors import UserError, exit_on_user_error
+from fasttt.errors import UserError, exit_on_user_error, one_line
 from fasttt.losses import TopKTeacher
 from fasttt.recipe import Recipe
 
@@ -87,14 +87,20 @@ def _differences(found: dict, wanted: dict) -> list[str]:
     return [names.get(key, key) for key in wanted if found.get(key) != wanted[key]]
 
 
+def read_cache_manifest(cache_dir: Path) -> dict:
+    """A cache's manifest.json, or a one-line refusal saying what to do."""
+    try:
+        found = json.loads((cache_dir / "manifest.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        found = None
+    if not isinstance(found, dict):
+        raise UserError(f"{cache_dir} has no readable manifest.json: delete it to rebuild")
+    return found
+
+
 def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     """The cache's arrays, memory-mapped read-only, after checking it matches `wanted`."""
-    path = cache_dir / "manifest.json"
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{cache_dir} has no readable manifest.json: delete it to rebuild") \
-            from None
+    found = read_cache_manifest(cache_dir)
     if found.get("complete") is not True:
         raise UserError(f"{cache_dir} is an incomplete cache: delete it to rebuild")
     differ = _differences(found, wanted)
@@ -102,13 +108,13 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
         raise UserError(f"{cache_dir} was built for another {', '.join(differ)}: delete it "
                         "to rebuild it for this run")
     arrays = {}
-    for name, (shape, dtype) in array_specs(found).items():
+    for name, (shape, dtype) in array_specs(wanted).items():
         try:
             array = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
-        except (OSError, ValueError) as err:
-            raise UserError(f"{cache_dir / name}.npy is damaged or truncated ({err}): "
+        except Exception as err:  # a damaged header fails with several exception types
+            raise UserError(f"{cache_dir / name}.npy is damaged or truncated ({one_line(err)}): "
                             "delete the cache to rebuild it") from None
-        if array.shape != shape or array.dtype != dtype:
+        if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous:
             raise UserError(f"{cache_dir / name}.npy holds {array.dtype}{array.shape}, "
                             f"expected {dtype}{shape}: delete the cache to rebuild it")
         arrays[name] = array
@@ -168,7 +174,13 @@ def _label(model, recipe: Recipe, manifest: dict, arrays: dict, accelerator) -> 
                     logits = model(teacher_views(images, index, v, recipe, batch.extent))
                 top = TopKTeacher.from_logits(logits.float(), manifest["top_k"],
                                               manifest["temperature"])
-                arrays["values"][v, rows] = top.values.cpu().numpy()
+                with np.errstate(over="ignore"):  # an overflow is refused just below
+                    values = top.values.cpu().numpy().astype(arrays["values"].dtype)
+                if not np.isfinite(values).all():
+                    raise UserError(f"the teacher's logits do not fit cache.dtype = "
+                                    f"\"{values.dtype}\" (or are not finite): set cache.dtype "
+                                    "= \"float32\", or check the teacher's training")
+                arrays["values"][v, rows] = values
                 arrays["ids"][v, rows] = top.ids.cpu().numpy()
                 arrays["log_partition"][v, rows] = top.log_partition.cpu().numpy()
             progress.advance(task)
@@ -202,8 +214,12 @@ def build_cache(cache_dir: Path, model: torch.nn.Module, wanted: dict, recipe: R
 
 def describe(cache_dir: Path) -> str:
     """Manifest, size on disk and bytes per sample per view of a cache directory."""
-    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
-    specs = array_specs(manifest)
+    manifest = read_cache_manifest(Path(cache_dir))
+    try:
+        specs = array_specs(manifest)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{cache_dir}/manifest.json is damaged: delete the cache to rebuild "
+                        "it") from None
     per_row = sum(np.prod(shape[2:], dtype=np.int64) * dtype.itemsize
                   for shape, dtype in specs.values())
     size = sum((Path(cache_dir) / f"{name}.npy").stat().st_size for name in specs)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fasttt.errors import UserError
+from fasttt.errors import UserError, one_line
 
 LATEST = "latest.json"
 
@@ -59,9 +59,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path))
     except Exception as err:  # safetensors reports damage with several exception types
-        raise UserError(f"{path} is not a readable safetensors file ({err}): "
+        raise UserError(f"{path} is not a readable safetensors file ({one_line(err)}): "
                         "delete it and rerun to retrain that generation") from None
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{path} holds weights of another model ({one_line(err)}): "
+                        "delete it and rerun to retrain that generation") from None
 
 
 def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_state: dict):
@@ -78,19 +82,33 @@ def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_s
         extra["cuda_rng"] = torch.cuda.get_rng_state()
     torch.save(extra, tmp / "state.pt")
     write_json(tmp / "train_state.json", train_state)
-    shutil.rmtree(final, ignore_errors=True)
+    remove_dir(final)
     os.replace(tmp, final)
     write_json(gen_dir / LATEST, {"epoch": epoch, "dir": final.name})
     for old in gen_dir.glob("ckpt-*"):
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory by first renaming it to a hidden name, in one atomic step.
+
+    A kill during a plain rmtree would leave a final name holding part of its files.
+    """
+    if path.exists():
+        trash = path.with_name(f".{path.name}.trash")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash)
 
 
 def drop_checkpoints(gen_dir: Path) -> None:
     """Remove a finished generation's checkpoints: last.safetensors holds its weights."""
     (gen_dir / LATEST).unlink(missing_ok=True)
     for ckpt in gen_dir.glob("ckpt-*"):
-        shutil.rmtree(ckpt, ignore_errors=True)
+        remove_dir(ckpt)
+    for trash in gen_dir.glob(".ckpt-*"):  # left by a kill during a removal or a save
+        shutil.rmtree(trash)
 
 
 def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
@@ -98,13 +116,30 @@ def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
     pointer = gen_dir / LATEST
     if not pointer.is_file():
         return None
-    ckpt = gen_dir / json.loads(pointer.read_text())["dir"]
+    redo = f"delete {gen_dir} and rerun to retrain that generation"
+    try:
+        name = json.loads(pointer.read_bytes())["dir"]
+        ckpt = gen_dir / name
+        if not (isinstance(name, str) and name.startswith("ckpt-") and ckpt.name == name):
+            raise ValueError(name)
+        train_state = json.loads((ckpt / "train_state.json").read_bytes())
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise UserError(f"{pointer} or the checkpoint it names is damaged: {redo}") from None
     load_weights(model, ckpt / "model.safetensors")
-    extra = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    if scaler is not None and "scaler" in extra:
-        scaler.load_state_dict(extra["scaler"])
-    torch.set_rng_state(extra["cpu_rng"])
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state(extra["cuda_rng"])
-    return json.loads((ckpt / "train_state.json").read_text())
+    state = ckpt / "state.pt"
+    try:  # weights_only: a pickle that would build anything but plain tensors is refused
+        extra = torch.load(state, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch reports damage and refusals with several types
+        raise UserError(f"refusing {state}: not plain tensor data ({one_line(err)}): {redo}") \
+            from None
+    try:
+        optimizer.load_state_dict(extra["optimizer"])
+        if scaler is not None and "scaler" in extra:
+            scaler.load_state_dict(extra["scaler"])
+        torch.set_rng_state(extra["cpu_rng"])
+        if "cuda_rng" in extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(extra["cuda_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{state} does not match this run's optimizer ({one_line(err)}): "
+                        f"{redo}") from None
+    return train_state

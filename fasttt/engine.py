@@ -25,6 +25,7 @@ from fasttt.augment import eval_view, train_size, train_view
 from fasttt.checkpoint import (
     drop_checkpoints,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     save_weights,
     write_json,
@@ -71,6 +72,14 @@ def build_model(recipe: Recipe, num_classes: int, seed: int) -> torch.nn.Module:
     if recipe.run.compile:
         model.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
     return model
+
+
+def last_epoch_model(gen_dir: Path, recipe: Recipe, num_classes: int,
+                     device: torch.device) -> torch.nn.Module:
+    """A generation's LAST-epoch weights (never its best epoch), on `device`."""
+    model = build_model(recipe, num_classes, seed=0)
+    load_weights(model, gen_dir / "last.safetensors")
+    return model.to(device)
 
 
 def progress_bar(enabled: bool) -> Progress:

@@ -1,10 +1,24 @@
 """The one exception type that reaches the user as a single line."""
 
+import re
 import sys
 
 
 class UserError(Exception):
     """Bad input or state the user can fix; the CLI prints it as one line and exits 2."""
+
+
+def one_line(err: Exception) -> str:
+    """An error's message as one printable line; of torch.load's weights-only refusal, the cause.
+
+    Messages about damaged files can quote their bytes, newlines and terminal escapes
+    included. torch's refusal also advises weights_only=False, wrong for an untrusted file.
+    """
+    text = str(err)
+    if text.startswith("Weights only load failed"):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return f"unsupported global {found.group(1)}" if found else "objects other than tensors"
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def exit_on_user_error(main):

@@ -206,9 +206,12 @@ def _kl_terms(q: Tensor, log_s: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- objectives of a run
 
-def patriarch_objective(kind: str, u: float, k: int):
-    """The patriarch's (logits, labels, teacher=None) -> (loss, parts), from the recipe."""
-    eta = eta_from_u(u, k)
+def patriarch_objective(kind: str, u: float, k: int, eta: float = 0.0):
+    """The patriarch's (logits, labels, teacher=None) -> (loss, parts), from the recipe.
+
+    The CE weight is `eta` when given (> 0), else derived from u by TSD's optimum.
+    """
+    eta = eta or eta_from_u(u, k)
     if kind == "ce" or eta == 1:
         return lambda logits, labels, _: cross_entropy(logits, labels)
     if kind == "tsd":

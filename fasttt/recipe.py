@@ -32,6 +32,17 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise RecipeError(key, message)
 
 
+# Upper bounds far beyond any real run: a larger value is a typo that would otherwise
+# pass here and fail much later (an allocation, a loop that never ends, an int64 overflow).
+MAX_SEED = 2**31 - 1  # numpy, torch and FFCV all take it
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**16
+MAX_SIDE = 16_384  # pixels, of canvases and views
+MAX_WORKERS = 1024
+MAX_STUDENTS = 100
+MAX_BASE_DEPTH = 32  # `base =` links followed from one recipe
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """[run]: naming, seeding and numerics of the whole run."""
@@ -43,8 +54,9 @@ class RunConfig:
     channels_last: bool = True
 
     def check(self) -> None:
-        _require(self.name.strip() != "" and "/" not in self.name, "name",
-                 "must be a non-empty name without '/'")
+        _require(self.name.strip() not in ("", ".", "..") and "/" not in self.name, "name",
+                 "must be a non-empty directory name without '/'")
+        _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}")
 
 
 @dataclass(frozen=True)
@@ -63,8 +75,10 @@ class DataConfig:
 
     def check(self) -> None:
         _require(self.canvas_size >= 0, "canvas_size", "must be >= 0")
+        _require(self.canvas_size <= MAX_SIDE, "canvas_size", f"must be <= {MAX_SIDE}")
         _require(all(c >= 0 for c in self.superclasses), "superclasses", "must be >= 0")
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _require(self.num_workers <= MAX_WORKERS, "num_workers", f"must be <= {MAX_WORKERS}")
         _require(self.train_limit >= 0, "train_limit", "must be >= 0")
 
 
@@ -93,10 +107,15 @@ class OptimConfig:
 
     def check(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.batch_size <= MAX_BATCH, "batch_size", f"must be <= {MAX_BATCH}")
         _require(self.reference_batch_size >= 1, "reference_batch_size", "must be >= 1")
+        _require(self.reference_batch_size <= MAX_BATCH, "reference_batch_size",
+                 f"must be <= {MAX_BATCH}")
         _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.lr <= 1000, "lr", "must be <= 1000")
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.weight_decay <= 1, "weight_decay", "must be <= 1")
 
 
 @dataclass(frozen=True)
@@ -113,14 +132,17 @@ class ScheduleConfig:
 
     def check(self) -> None:
         _require(self.epochs >= 1, "epochs", "must be >= 1")
+        _require(self.epochs <= MAX_EPOCHS, "epochs", f"must be <= {MAX_EPOCHS}")
         _require(self.kind != "step" or all(0 < m <= self.epochs for m in self.milestones),
                  "milestones", "must lie in 1..epochs")
         _require(list(self.milestones) == sorted(set(self.milestones)), "milestones",
                  "must be strictly increasing")
         _require(0 < self.factor <= 1, "factor", "must be in (0, 1]")
         _require(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be in 0..epochs")
-        _require(0 <= self.peak_epoch <= self.epochs, "peak_epoch", "must be in 0..epochs")
+        _require(self.kind != "linear" or 0 <= self.peak_epoch <= self.epochs, "peak_epoch",
+                 "must be in 0..epochs")
         _require(self.end_lr_ratio >= 0, "end_lr_ratio", "must be >= 0")
+        _require(self.end_lr_ratio <= 1, "end_lr_ratio", "must be <= 1")
 
 
 @dataclass(frozen=True)
@@ -143,16 +165,21 @@ class AugmentConfig:
 
     def check(self) -> None:
         _require(self.pad >= 0, "pad", "must be >= 0")
+        _require(self.pad <= MAX_SIDE, "pad", f"must be <= {MAX_SIDE}")
         _require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, "scale",
                  "must be [low, high] with 0 < low <= high <= 1")
         _require(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "ratio",
                  "must be [low, high] with 0 < low <= high")
         _require(1 <= self.min_size <= self.max_size, "min_size", "must be in 1..max_size")
+        _require(self.max_size <= MAX_SIDE, "max_size", f"must be <= {MAX_SIDE}")
         _require(0 <= self.start_ramp <= self.end_ramp, "end_ramp", "must be >= start_ramp")
         _require(self.eval_size >= 1, "eval_size", "must be >= 1")
+        _require(self.eval_size <= MAX_SIDE, "eval_size", f"must be <= {MAX_SIDE}")
         _require(0 < self.eval_crop_ratio <= 1, "eval_crop_ratio", "must be in (0, 1]")
-        _require(len(self.mean) == 3, "mean", "must have 3 values")
-        _require(len(self.std) == 3 and min(self.std) > 0, "std", "must be 3 positive values")
+        _require(len(self.mean) == 3 and all(0 <= m <= 1 for m in self.mean), "mean",
+                 "must be 3 values in [0, 1]")
+        _require(len(self.std) == 3 and all(0 < s <= 1 for s in self.std), "std",
+                 "must be 3 values in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -162,16 +189,21 @@ class GenerationsConfig:
     students: int = 5  # M: generations after the patriarch
     patriarch_loss: Literal["ce", "tsd", "lsr", "cp"] = "tsd"
     u: float = 0.6  # target primary confidence of the patriarch; 1.0 means plain CE
+    # The patriarch's CE weight eta itself, overriding the one derived from u (TSD's
+    # optimum): for LSR and CP, whose eta the paper does not tie to u. 0 = derive from u.
+    eta: float = 0.0
     k: int = 5  # K: top scores in the TSD term
     lam: float = 0.6  # lambda: weight of CE in the student loss (1 - lambda on the KL)
     temperature: float = 1.0  # T of the student KL (the paper uses 1)
 
     def check(self) -> None:
         _require(self.students >= 0, "students", "must be >= 0")
+        _require(self.students <= MAX_STUDENTS, "students", f"must be <= {MAX_STUDENTS}")
         _require(0 < self.u <= 1, "u", "must be in (0, 1]")
+        _require(0 <= self.eta <= 1, "eta", "must be in [0, 1] (0: derived from u)")
         _require(self.k >= 2, "k", "must be >= 2")
         _require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(0.01 <= self.temperature <= 100, "temperature", "must be in [0.01, 100]")
 
 
 @dataclass(frozen=True)
@@ -189,8 +221,10 @@ class CacheConfig:
 
     def check(self) -> None:
         _require(self.views >= 0, "views", "must be >= 0")
+        _require(self.views <= MAX_EPOCHS, "views", f"must be <= {MAX_EPOCHS}")
         _require(self.top_k >= 0, "top_k", "must be >= 0 (0 keeps all)")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.batch_size <= MAX_BATCH, "batch_size", f"must be <= {MAX_BATCH}")
 
 
 @dataclass(frozen=True)
@@ -235,6 +269,25 @@ def _convert(value, kind):
     return value if isinstance(value, kind) else None
 
 
+def _shown(text: str) -> str:
+    """`text` as is, or quoted with escapes where it would break the one-line message."""
+    return text if text.isprintable() else repr(text)
+
+
+def _unrepresentable(value) -> str | None:
+    """Why a converted value cannot travel on (to int64 tensors, UTF-8 files, paths), or None."""
+    if isinstance(value, tuple):
+        return next(filter(None, map(_unrepresentable, value)), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if isinstance(value, int) and not -2**63 <= value < 2**63:
+        return "must fit in 64 bits"
+    if isinstance(value, str) and ("\0" in value
+                                   or value.encode("utf-8", "replace").decode() != value):
+        return "must be UTF-8 text without NUL characters"  # a lone surrogate from argv
+    return None
+
+
 def _section(name: str, table, where: str):
     if not isinstance(table, dict):
         raise UserError(f"{where}: [{name}] must be a table of keys")
@@ -243,11 +296,15 @@ def _section(name: str, table, where: str):
     values = {}
     for key, value in table.items():
         if key not in hints:
-            raise UserError(f"{where}: unknown key {name}.{key} (known: {', '.join(hints)})")
+            raise UserError(f"{where}: unknown key {name}.{_shown(key)} "
+                            f"(known: {', '.join(hints)})")
         converted = _convert(value, hints[key])
         if converted is None:
             raise UserError(f"{where}: {name}.{key} must be {_describe(hints[key])}, "
                             f"got {value!r}")
+        problem = _unrepresentable(converted)
+        if problem:
+            raise UserError(f"{where}: {name}.{key} {problem}, got {value!r}")
         values[key] = converted
     section = cls(**values)
     try:
@@ -268,21 +325,29 @@ def _read_toml(path: Path) -> dict:
         raise UserError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: invalid TOML ({err})") from None
-    except (IsADirectoryError, PermissionError) as err:
+    except RecursionError:
+        raise UserError(f"{path}: invalid TOML (arrays or tables nested too deeply)") from None
+    except OSError as err:
         raise UserError(f"{path}: cannot read the recipe ({err.strerror})") from None
 
 
 def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """The recipe's tables with its `base` chain applied underneath."""
-    if path.resolve() in seen:
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise UserError(f"{path}: cannot resolve the recipe's path (a symlink loop?)") from None
+    if resolved in seen:
         raise UserError(f"{path}: base recipes form a cycle")
+    if len(seen) > MAX_BASE_DEPTH:
+        raise UserError(f"{path}: more than {MAX_BASE_DEPTH} base recipes in a chain")
     tables = _read_toml(path)
     base = tables.pop("base", None)
     if base is None:
         return tables
-    if not isinstance(base, str):
+    if not isinstance(base, str) or "\0" in base or base.strip() == "":
         raise UserError(f"{path}: base must be a string path to another recipe")
-    merged = _merged(path.parent / base, (*seen, path.resolve()))
+    merged = _merged(path.parent / base, (*seen, resolved))
     for name, table in tables.items():
         if isinstance(table, dict) and isinstance(merged.get(name), dict):
             merged[name] = {**merged[name], **table}
@@ -295,14 +360,14 @@ def _apply_override(tables: dict, override: str) -> None:
     key, sep, text = override.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        raise UserError(f"--set {override}: expected section.key=value")
+        raise UserError(f"--set {_shown(override)}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = text  # a bare word such as a run name
     table = tables.setdefault(section, {})
     if not isinstance(table, dict):
-        raise UserError(f"--set {override}: [{section}] is not a table")
+        raise UserError(f"--set {_shown(override)}: [{_shown(section)}] is not a table")
     table[name] = value
 
 
@@ -310,7 +375,8 @@ def build_recipe(tables: dict, where: str) -> Recipe:
     """Check parsed TOML tables against the dataclasses; `where` names the source in errors."""
     unknown = sorted(set(tables) - set(SECTIONS))
     if unknown:
-        raise UserError(f"{where}: unknown section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+        raise UserError(f"{where}: unknown section [{_shown(unknown[0])}] "
+                        f"(known: {', '.join(SECTIONS)})")
     return Recipe(**{name: _section(name, tables.get(name, {}), where) for name in SECTIONS})
 
 

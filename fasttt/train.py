@@ -25,16 +25,25 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/tr
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from rich.console import Console
 from rich.table import Table
 
+from fasttt.analysis import analyze_run
 from fasttt.cache import CachedTeacher, build_cache, expected_manifest
-from fasttt.checkpoint import load_weights, write_json
 from fasttt.data import MANIFEST, read_manifest
-from fasttt.engine import GenerationSpec, OnlineTeacher, build_model, is_finished, train_generation
+from fasttt.engine import (
+    GenerationSpec,
+    OnlineTeacher,
+    is_finished,
+    last_epoch_model,
+    train_generation,
+)
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.losses import patriarch_objective, student_objective
-from fasttt.recipe import Recipe, load_recipe, recipe_to_toml, write_recipe
+from fasttt.recipe import Recipe, load_recipe
+from fasttt.report import write_report
+from fasttt.rundir import check_inputs, lock_run_dir, prepare_run_dir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,29 +55,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_run_dir(run_dir: Path, recipe: Recipe) -> bool:
-    """True if `run_dir` already holds this recipe; a different recipe there is an error."""
-    saved = run_dir / "recipe.toml"
-    if not saved.is_file():
-        return False
-    old, new = saved.read_text().splitlines(), recipe_to_toml(recipe).splitlines()
-    if old != new:
-        first = next((n for o, n in zip(old, new, strict=False) if o != n), "its length")
-        raise UserError(f"{run_dir} was made by a different recipe (first difference: "
-                        f"{first}): pick another run.name or delete {run_dir}")
-    return True
-
-
 def ensure_betons(recipe: Recipe, accelerator: Accelerator) -> dict:
     """The beton manifest; the embedded digits betons are built on first use."""
     beton_dir = Path(recipe.data.beton_dir)
     if recipe.data.builtin == "digits" and not (beton_dir / MANIFEST).is_file():
-        if accelerator.is_main_process:
-            from beton_builders.__main__ import main as build
+        from beton_builders.__main__ import main as build
 
-            build(["digits", str(beton_dir)])
-        accelerator.wait_for_everyone()
+        on_main_process(accelerator, build, ["digits", str(beton_dir)])
     return read_manifest(beton_dir)
+
+
+def on_main_process(accelerator: Accelerator, work, *args):
+    """Run `work` on the main process only; its refusal is raised on every process.
+
+    A refusal seen by one rank alone would leave the others waiting for it forever.
+    """
+    result, refusal = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = work(*args)
+        except UserError as err:
+            refusal = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise UserError(refusal[0])
+    return result
 
 
 def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
@@ -85,20 +97,12 @@ def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
     return accelerator
 
 
-def last_epoch_model(gen_dir: Path, recipe: Recipe, num_classes: int,
-                     accelerator: Accelerator) -> torch.nn.Module:
-    """A generation's LAST-epoch weights (never its best epoch), on the device."""
-    model = build_model(recipe, num_classes, seed=0)
-    load_weights(model, gen_dir / "last.safetensors")
-    return model.to(accelerator.device)
-
-
 def precompute_cache(gen_dir: Path, recipe: Recipe, accelerator: Accelerator) -> dict:
     """Build (or verify) gen_dir/cache from its last epoch; return the cache's manifest."""
     num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
     wanted = expected_manifest(recipe, gen_dir / "last.safetensors", num_classes)
     if not (gen_dir / "cache" / "manifest.json").is_file():
-        model = last_epoch_model(gen_dir, recipe, num_classes, accelerator)
+        model = last_epoch_model(gen_dir, recipe, num_classes, accelerator.device)
         build_cache(gen_dir / "cache", model, wanted, recipe, accelerator)
     return wanted
 
@@ -111,7 +115,8 @@ def teacher_from(previous: Path, recipe: Recipe, num_classes: int,
     frozen model labelling each batch.
     """
     if recipe.cache.mode == "online":
-        return OnlineTeacher(last_epoch_model(previous, recipe, num_classes, accelerator)), 0
+        return OnlineTeacher(last_epoch_model(previous, recipe, num_classes,
+                                             accelerator.device)), 0
     wanted = precompute_cache(previous, recipe, accelerator)
     return CachedTeacher(previous / "cache", wanted, accelerator.device), recipe.cache.views
 
@@ -128,7 +133,7 @@ def print_generations(results: list[dict], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train the patriarch and its students; write summary.json."""
+    """Train the patriarch and its students, then analyse the run and write its report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.recipe, args.set)
     console = Console()
@@ -136,12 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     if not accelerator.is_main_process:
         console = Console(quiet=True)
     run_dir = args.runs_dir / recipe.run.name
-    # Every rank checks (read only), so a refusal is one line from each, not a hang.
-    if not check_run_dir(run_dir, recipe) and accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_recipe(recipe, run_dir / "recipe.toml")
-    accelerator.wait_for_everyone()
-    num_classes = len(ensure_betons(recipe, accelerator)["class_names"])
+    lock = on_main_process(accelerator, lock_run_dir, run_dir)  # held until the process ends
+    on_main_process(accelerator, prepare_run_dir, run_dir, recipe)
+    manifest = ensure_betons(recipe, accelerator)
+    on_main_process(accelerator, check_inputs, run_dir, Path(recipe.data.beton_dir), manifest)
+    num_classes = len(manifest["class_names"])
     method = recipe.generations
     results = []
     for m in range(method.students + 1):
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if m == 0:  # the patriarch learns from labels with the softened objective
             spec = GenerationSpec(0, directory, patriarch_objective(
-                method.patriarch_loss, method.u, method.k))
+                method.patriarch_loss, method.u, method.k, method.eta))
         else:  # a student learns from labels and generation m-1's last epoch
             teacher, cycle = teacher_from(run_dir / f"gen{m - 1}", recipe, num_classes,
                                           accelerator)
@@ -160,11 +164,10 @@ def main(argv: list[str] | None = None) -> None:
                                   teacher, cycle)
         results.append(train_generation(spec, recipe, num_classes, accelerator, console))
         print_generations(results, console)
-    if accelerator.is_main_process:
-        write_json(run_dir / "summary.json", {
-            "recipe": recipe.run.name,
-            "generations": [{"generation": m, **r} for m, r in enumerate(results)]})
-    console.print(f"wrote {run_dir / 'summary.json'}")
+    analyze_run(run_dir, recipe, accelerator, console)
+    report = on_main_process(accelerator, write_report, run_dir, console)
+    console.print(f"report: {report}")
+    del lock
 
 
 def read_json(path: Path) -> dict:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def collect_loaders():
+    """Free each test's FFCV loaders when it ends, not at some later allocation.
+
+    numba's finalizer raises when a loader is collected; under pytest, a collection that
+    lands inside the AST parse of a late import (hypothesis's plugin imports hypothesis at
+    session end) fails on Python 3.11.7 with "AST constructor recursion depth mismatch"
+    (CPython gh-106905).
+    """
+    yield
+    gc.collect()
 
 
 def write_cifar_release(root: Path, source: str, per_file: int = 6, seed: int = 0) -> Path:

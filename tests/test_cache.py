@@ -18,11 +18,12 @@ from rich.console import Console
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.cache import CachedTeacher, describe, expected_manifest, open_arrays, teacher_views
+from fasttt.engine import last_epoch_model
 from fasttt.errors import UserError
 from fasttt.losses import TopKTeacher
 from fasttt.recipe import load_recipe
-from fasttt.train import last_epoch_model, make_accelerator, precompute_cache
 from fasttt.train import main as train
+from fasttt.train import make_accelerator, precompute_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_d06.toml"
@@ -58,7 +59,7 @@ def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, t
     wanted = precompute_cache(gen0, recipe, accelerator)
     assert wanted["top_k"] == 10 and wanted["stored_views"] == 3
     teacher = CachedTeacher(gen0 / "cache", wanted, torch.device("cpu"))
-    model = last_epoch_model(gen0, recipe, 10, accelerator).eval()
+    model = last_epoch_model(gen0, recipe, 10, accelerator.device).eval()
     from fasttt.data import sequential_loader
 
     batch = next(iter(sequential_loader(recipe.data.beton_dir, split="train", batch_size=192,

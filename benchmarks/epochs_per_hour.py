@@ -1,0 +1,565 @@
+"""Epochs per hour of a recipe on this machine, with and without the teacher cache.
+
+    python benchmarks/epochs_per_hour.py RECIPE.toml [--synthetic N] [--steps 10] [--warmup 2]
+        [--repeats 3] [--set section.key=value ...] [--data-dir DIR] [--out FILE]
+    accelerate launch --num_processes 8 benchmarks/epochs_per_hour.py RECIPE.toml  # 8 GPUs
+
+Steady-state throughput of the recipe's model, train size, batch size, precision and
+loader settings, measured side by side in one run with the trainer's own code
+(`fasttt.engine.train_epoch`, `loaders`, `build_model`; `fasttt.cache.build_cache`,
+`CachedTeacher`; `fasttt.train.make_accelerator`):
+
+1. loader alone: the FFCV train loader, batches moved to the device (the ceiling);
+2. patriarch step: loader + keyed augmentation + forward/backward/SGD, patriarch loss;
+3. student step reading a teacher cache (the teacher: the patriarch after its steps);
+4. student step with the online teacher (one teacher forward per step);
+5. cache build: teacher inference over the keyed views (seconds per view of the split);
+6. the cached student again, its cache build shared over the generation's epochs.
+
+A row times `--steps` steps after `--warmup` untimed ones, the device synchronised at
+both ends, and the time each step spent blocked waiting for its next batch. Rounds
+(`--repeats`) run every row in turn, so all rows share the machine's load; the table
+shows medians over rounds. Epochs per hour are for the recipe's whole train split.
+Every row reads the same first (warmup + steps) x batch samples, which the cache
+covers; progressive resizing is pinned to the recipe's final train size; the cache is
+built with at most two of the recipe's views (its cost per view does not depend on how
+many there are).
+
+`--synthetic N` first writes N generated images of the recipe's kind into --data-dir
+(reused when already there): ImageNet-like JPEGs (about 400x350, ~100 KB, up to 1000
+classes) through the imagefolder builder for photo recipes, else raw square images of
+the recipe's train size in 100 classes. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from beton_builders.__main__ import main as build_betons
+from beton_builders.imagefolder import default_workers
+from beton_builders.writing import (
+    ImageRows,
+    finish_manifest,
+    progress_bar,
+    raw_image_fields,
+    staged_output,
+    write_beton,
+)
+from fasttt.augment import train_size
+from fasttt.cache import CachedTeacher, build_cache, expected_manifest
+from fasttt.checkpoint import save_weights, write_json
+from fasttt.engine import GenerationSpec, OnlineTeacher, build_model, loaders, train_epoch
+from fasttt.engine import progress_bar as steps_bar
+from fasttt.errors import UserError, exit_on_user_error
+from fasttt.losses import patriarch_objective, student_objective
+from fasttt.optim import make_optimizer
+from fasttt.recipe import Recipe, load_recipe
+from fasttt.train import ensure_betons, make_accelerator
+
+BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
+PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
+LOADER_PREFETCH = 3  # FFCV Loader's batches_ahead, which fasttt.data leaves at its default
+NOISE_SIDE = 600  # the photo noise tile; photos are cut from it at random offsets
+
+# ---------------------------------------------------------------- synthetic data
+
+_noise: np.ndarray | None = None
+
+
+def synthetic_photo(seed: int) -> np.ndarray:
+    """An ImageNet-like HWC uint8 photo: about 400x350, smooth colour fields plus grain.
+
+    The grain (luminance and colour noise cut from one tile per process) is what brings
+    JPEG files at quality 90 to ImageNet's ~100 KB.
+    """
+    global _noise
+    if _noise is None:
+        rng = np.random.default_rng(12345)
+        shape = (NOISE_SIDE, NOISE_SIDE)
+        _noise = (rng.normal(0, 30, (*shape, 1)) + rng.normal(0, 24, (*shape, 3))).astype(np.int16)
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(300, 401)), int(rng.integers(350, 451))
+    cells = rng.integers(0, 256, (int(rng.integers(4, 16)), int(rng.integers(4, 16)), 3),
+                         dtype=np.uint8)
+    base = np.asarray(Image.fromarray(cells).resize((width, height), Image.BICUBIC), np.int16)
+    top, left = rng.integers(0, NOISE_SIDE - height), rng.integers(0, NOISE_SIDE - width)
+    return (base + _noise[top:top + height, left:left + width]).clip(0, 255).astype(np.uint8)
+
+
+def _save_photo(job: tuple[Path, int]) -> int:
+    path, seed = job
+    Image.fromarray(synthetic_photo(seed)).save(path, format="JPEG", quality=90)
+    return path.stat().st_size
+
+
+def write_photo_tree(root: Path, images: int, classes: int, workers: int) -> float:
+    """An ImageNet-layout tree of `images` train JPEGs (and a few val); mean KB per file."""
+    val = max(1, images // 50)
+    jobs = []
+    for split, count, first in (("train", images, 0), ("val", val, images)):
+        for c in range(min(classes, count)):
+            (root / split / f"class{c:04d}").mkdir(parents=True, exist_ok=True)
+        jobs += [(root / split / f"class{i % classes:04d}" / f"img{first + i:07d}.JPEG",
+                  first + i) for i in range(count)]
+    sizes = []
+    with progress_bar() as progress, multiprocessing.Pool(workers) as pool:
+        task = progress.add_task("synthetic JPEGs", total=len(jobs))
+        for size in pool.imap_unordered(_save_photo, jobs, chunksize=32):
+            sizes.append(size)
+            progress.advance(task)
+    return sum(sizes) / len(sizes) / 1024
+
+
+def write_fixed_betons(out: Path, images: int, side: int, classes: int) -> None:
+    """Train and val betons of random side x side images, as the CIFAR builder writes them."""
+    rng = np.random.default_rng(0)
+    counts = {"train": images, "val": max(1, images // 5)}
+    with staged_output(out) as staging:
+        for split, count in counts.items():
+            pixels = rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+            rows = ImageRows(pixels, rng.integers(0, classes, count))
+            write_beton(staging / f"{split}.beton", rows, raw_image_fields(), 1,
+                        f"synthetic {split}")
+        finish_manifest(staging, {
+            "source": {"name": "synthetic", "images": images},
+            "class_names": [f"class{c}" for c in range(classes)],
+            "image_policy": {"kind": "fixed", "height": side, "width": side,
+                             "write_mode": "raw"}}, counts)
+
+
+def synthetic_spec(recipe: Recipe, images: int) -> dict:
+    """What `--synthetic` builds for this recipe: photos on its canvas, or fixed-size images."""
+    if recipe.augment.kind == "resized_crop" and recipe.data.canvas_size > 0:
+        return {"kind": "photo", "images": images, "max_resolution": recipe.data.canvas_size,
+                "classes": min(PHOTO_CLASSES, max(10, images // 10))}
+    return {"kind": "fixed", "images": images, "side": recipe.augment.max_size,
+            "classes": FIXED_CLASSES}
+
+
+def default_data_dir(spec: dict) -> Path:
+    """bench_out/synthetic/<kind><pixels>_n<N>."""
+    pixels = spec.get("max_resolution") or spec["side"]
+    return Path("bench_out") / "synthetic" / f"{spec['kind']}{pixels}_n{spec['images']}"
+
+
+def synthetic_betons(spec: dict, data_dir: Path, console: Console) -> Path:
+    """The betons of `spec` under `data_dir`, built unless a finished build is there."""
+    stamp, betons = data_dir / "synthetic.json", data_dir / "betons"
+    if stamp.is_file() and json.loads(stamp.read_text()) == {**spec, "complete": True}:
+        console.print(f"reusing the synthetic betons in {betons}")
+        return betons
+    if stamp.is_file():  # ours, for another N or an unfinished build: start again
+        shutil.rmtree(data_dir)
+    elif data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
+        raise UserError(f"{data_dir} exists and was not made by --synthetic: "
+                        "choose another --data-dir")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {**spec, "complete": False})
+    if spec["kind"] == "photo":
+        tree, workers = data_dir / "jpegs", default_workers()
+        kb = write_photo_tree(tree, spec["images"], spec["classes"], workers)
+        console.print(f"{spec['images']} JPEGs, {kb:.0f} KB each on average")
+        build_betons(["imagefolder", str(tree), str(betons), "--write-mode", "jpg",
+                      "--jpeg-quality", "90", "--max-resolution", str(spec["max_resolution"]),
+                      "--num-workers", str(workers), "--force"])
+        shutil.rmtree(tree)  # the beton holds every image
+    else:
+        write_fixed_betons(betons, spec["images"], spec["side"], spec["classes"])
+    write_json(stamp, {**spec, "complete": True})
+    return betons
+
+
+# ---------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """What one row measured after its warm-up: images, wall seconds, seconds blocked on data."""
+
+    images: int = 0
+    seconds: float = 0.0
+    waited: float = 0.0
+
+
+class TimedLoader:
+    """Exactly `warmup + steps` batches of a train loader (over as many epochs as it takes).
+
+    Times the last `steps` of them: wall time between device synchronisations, and the
+    time spent blocked inside the loader for the next batch.
+    """
+
+    def __init__(self, loader, warmup: int, steps: int, batch_size: int, device: torch.device):
+        self.loader, self.warmup, self.steps = loader, warmup, steps
+        self.device, self.timing = device, Timing(images=steps * batch_size)
+
+    def __len__(self) -> int:
+        return self.warmup + self.steps
+
+    def __iter__(self):
+        fed, epoch, start = 0, 0, None
+        while fed < len(self):
+            self.loader.set_epoch(epoch)
+            batches = iter(self.loader)
+            try:
+                while fed < len(self):
+                    if fed == self.warmup and start is None:
+                        synchronize(self.device)
+                        start = time.perf_counter()
+                    asked = time.perf_counter()
+                    batch = next(batches, None)
+                    if fed >= self.warmup:
+                        self.timing.waited += time.perf_counter() - asked
+                    if batch is None:
+                        break
+                    fed += 1
+                    yield batch
+                    if fed == len(self):
+                        synchronize(self.device)
+                        self.timing.seconds = time.perf_counter() - start
+            finally:
+                # Stopping FFCV half way through an epoch joins its thread (~0.5 s): a cost
+                # the trainer never pays, so it falls outside the timing.
+                batches.close()
+            epoch += 1
+
+
+class ForwardClock(torch.nn.Module):
+    """Passes calls on to `model`, timing them from call `skip` on (images and start time)."""
+
+    def __init__(self, model: torch.nn.Module, skip: int, device: torch.device):
+        super().__init__()
+        self.model, self.skip, self.device = model, skip, device
+        self.calls, self.images, self.start = 0, 0, 0.0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.skip:
+            synchronize(self.device)
+            self.start = time.perf_counter()
+        if self.calls >= self.skip:
+            self.images += len(images)
+        self.calls += 1
+        return self.model(images)
+
+
+# ---------------------------------------------------------------- the rows
+
+
+def measured_recipe(recipe: Recipe, epoch_samples: int, batches: int) -> Recipe:
+    """The recipe as measured: its first `batches` batches of samples, one train size."""
+    size = train_size(recipe.schedule.epochs - 1, recipe.augment)
+    limit = min(epoch_samples, batches * recipe.optim.batch_size)
+    return replace(
+        recipe, data=replace(recipe.data, train_limit=limit),
+        augment=replace(recipe.augment, min_size=size, max_size=size, start_ramp=0, end_ramp=0),
+        cache=replace(recipe.cache, views=min(recipe.cache.views, BUILT_VIEWS)))
+
+
+def loader_alone(train, args, recipe: Recipe, accelerator) -> Timing:
+    """Iterate the train loader and move each batch to the device, nothing else."""
+    device = accelerator.device
+    # With nothing else to do, the batches FFCV decoded ahead during the warm-up would be
+    # timed at no cost: they are drained untimed first.
+    timed = TimedLoader(train, args.warmup + LOADER_PREFETCH, args.steps,
+                        recipe.optim.batch_size, device)
+    with steps_bar(accelerator.is_main_process) as progress:
+        task = progress.add_task("loader alone", total=len(timed), info="")
+        for batch in timed:
+            for tensor in (batch.image, batch.label, batch.index):
+                tensor.to(device, non_blocking=True)
+            progress.advance(task)
+    return timed.timing
+
+
+def average_norm_statistics(model: torch.nn.Module) -> None:
+    """Make the model's normalisation layers average their statistics over every batch.
+
+    A fresh deep network's eval-mode logits overflow the cache's float16 (about 1e5 for
+    ResNet-56, 1e8 for ResNet-110); averaged over a few steps they are a trained teacher's.
+    The step's work is unchanged: only the weight of each running-statistics update.
+    """
+    for module in model.modules():
+        if getattr(module, "track_running_stats", False):
+            module.reset_running_stats()
+            module.momentum = None
+
+
+def training_steps(spec: GenerationSpec, train, args, recipe: Recipe, num_classes: int,
+                   accelerator) -> tuple[Timing, torch.nn.Module]:
+    """Train a fresh model with `spec` for warmup + steps steps through `train_epoch`."""
+    # As train_generation prepares each generation's model and optimizer.
+    model = build_model(recipe, num_classes, seed=1 + spec.index)
+    average_norm_statistics(model)
+    optimizer = make_optimizer(model.to(accelerator.device), recipe.optim)
+    if accelerator.scaler is not None:
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    timed = TimedLoader(train, args.warmup, args.steps, recipe.optim.batch_size,
+                        accelerator.device)
+    with steps_bar(accelerator.is_main_process) as progress:
+        train_epoch(model, optimizer, timed, spec, recipe, 0, accelerator, progress)
+    accelerator.free_memory()
+    return timed.timing, accelerator.unwrap_model(model)
+
+
+def cache_build(cache_dir: Path, teacher, wanted: dict, recipe: Recipe, accelerator) -> Timing:
+    """Build the cache with `build_cache`, timed after its first batch of views."""
+    per_process = math.ceil(wanted["samples"] / accelerator.num_processes)
+    skip = wanted["stored_views"] if per_process > recipe.cache.batch_size else 0
+    clock = ForwardClock(teacher, skip, accelerator.device)
+    build_cache(cache_dir, clock, wanted, recipe, accelerator)
+    synchronize(accelerator.device)
+    return Timing(images=clock.images * accelerator.num_processes,
+                  seconds=time.perf_counter() - clock.start)
+
+
+def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelerator,
+            console: Console, work: Path) -> dict[str, list[Timing]]:
+    """Every row, once per round: rounds interleave the rows so they share the same load.
+
+    The teacher is the patriarch as the first round leaves it, as each student is taught
+    by the last weights of the generation before.
+    """
+    bench = measured_recipe(recipe, epoch_samples, args.warmup + args.steps)
+    train, _ = loaders(bench, accelerator)
+    method, device = bench.generations, accelerator.device
+    patriarch = GenerationSpec(0, work, patriarch_objective(method.patriarch_loss, method.u,
+                                                            method.k))
+    student = student_objective(method.lam, method.temperature)
+    timings = {name: [] for name in ("loader", "patriarch_step", "cache_build",
+                                     "student_step_cache", "student_step_online")}
+    teacher = students = None
+    for r in range(args.repeats):
+        console.print(f"round {r + 1} of {args.repeats}: loader alone, patriarch, cache build, "
+                      "cached student, online student")
+        timings["loader"].append(loader_alone(train, args, bench, accelerator))
+        timing, model = training_steps(patriarch, train, args, bench, num_classes, accelerator)
+        timings["patriarch_step"].append(timing)
+        if teacher is None:
+            teacher = model
+            if accelerator.is_main_process:
+                save_weights(teacher, work / "teacher.safetensors")
+            accelerator.wait_for_everyone()
+            wanted = expected_manifest(bench, work / "teacher.safetensors", num_classes)
+        cache_dir = work / f"cache{r}"
+        timings["cache_build"].append(cache_build(cache_dir, teacher, wanted, bench,
+                                                  accelerator))
+        students = students or {
+            "student_step_cache": GenerationSpec(1, work, student, CachedTeacher(
+                cache_dir, wanted, device), bench.cache.views),
+            "student_step_online": GenerationSpec(1, work, student, OnlineTeacher(teacher))}
+        for name, spec in students.items():
+            timings[name].append(training_steps(spec, train, args, bench, num_classes,
+                                                accelerator)[0])
+    return timings
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine(accelerator) -> dict:
+    """CPU model and cores, GPU, library versions and the load while measuring."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    device = accelerator.device
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "device": str(device), "processes": accelerator.num_processes,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+LABELS = {  # the table's rows, in order
+    "loader": "loader alone (ceiling)",
+    "patriarch_step": "patriarch step",
+    "student_step_cache": "student step, teacher cache",
+    "student_step_online": "student step, online teacher",
+    "cache_build": "cache build (teacher, per view)",
+    "student_cache_with_build": "student, cache incl. its build",
+}
+
+
+def rows_from(timings: dict[str, list[Timing]], epoch_images: int, epoch_samples: int,
+              recipe: Recipe) -> dict:
+    """images/s, epochs/hour, ratio to the loader and loader wait: medians over the rounds."""
+    rates = {name: [t.images / t.seconds for t in ts] for name, ts in timings.items()}
+    ceiling = statistics.median(rates["loader"])
+    rows = {}
+    for name, ts in timings.items():
+        rate = statistics.median(rates[name])
+        # The build labels every sample once per view: its "epoch" is one view of the split.
+        per_epoch = epoch_samples if name == "cache_build" else epoch_images
+        rows[name] = {"images_per_s": rate, "epochs_per_hour": 3600 * rate / per_epoch,
+                      "vs_loader": rate / ceiling, "images_per_s_rounds": rates[name],
+                      "measured_images": ts[0].images}
+        if name == "cache_build":
+            rows[name]["seconds_per_view"] = per_epoch / rate
+        else:
+            rows[name]["loader_wait_fraction"] = statistics.median(
+                t.waited / t.seconds for t in ts)
+    views, epochs = max(recipe.cache.views, 1), recipe.schedule.epochs
+    shared = views * rows["cache_build"]["seconds_per_view"] / epochs
+    seconds = epoch_images / rows["student_step_cache"]["images_per_s"] + shared
+    rows["student_cache_with_build"] = {
+        "images_per_s": epoch_images / seconds, "epochs_per_hour": 3600 / seconds,
+        "vs_loader": epoch_images / seconds / ceiling, "build_seconds_per_epoch": shared}
+    return {name: rows[name] for name in LABELS}
+
+
+def print_table(result: dict, console: Console) -> None:
+    """The rows as a rich table, then a line for any step that waited on its loader."""
+    s, rows = result["settings"], result["rows"]
+    table = Table(title=f"epochs per hour: {result['recipe']['path']} on "
+                        f"{result['machine']['gpu'] or result['machine']['cpu']} "
+                        f"({s['train_images_per_epoch']:,} images/epoch, batch "
+                        f"{s['batch_size']}, {s['train_size']}px; median of {s['repeats']} x "
+                        f"{s['steps']} steps after {s['warmup']})")
+    for column in ("row", "images/s", "min-max of rounds", "epochs/hour", "x loader",
+                   "waits on loader", "note"):
+        table.add_column(column, justify="left" if column in ("row", "note") else "right")
+    for name, row in rows.items():
+        wait, rounds = row.get("loader_wait_fraction"), row.get("images_per_s_rounds")
+        spread = f"{min(rounds):,.0f}-{max(rounds):,.0f}" if rounds else ""
+        note = {"cache_build": f"{row.get('seconds_per_view', 0):.1f} s per view of the split",
+                "student_cache_with_build": f"{max(s['recipe_views'], 1)} views built once "
+                                            f"for {s['epochs']} epochs"}.get(name, "")
+        table.add_row(LABELS[name], f"{row['images_per_s']:,.0f}", spread,
+                      f"{row['epochs_per_hour']:,.1f}", f"{row['vs_loader']:.3g}",
+                      "" if wait is None or name == "loader" else f"{100 * wait:.1f} %", note)
+    console.print(table)
+    for name in ("patriarch_step", "student_step_cache", "student_step_online"):
+        if rows[name]["loader_wait_fraction"] > 0.05:
+            console.print(f"[yellow]{LABELS[name]} waited on the loader "
+                          f"{100 * rows[name]['loader_wait_fraction']:.0f} % of the time: "
+                          "raise data.num_workers[/]")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """RECIPE.toml [--synthetic N] [--steps] [--warmup] [--repeats] [--set] [--data-dir] [--out]."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="generate N training images of the recipe's kind first")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of every row, interleaved; the table shows medians")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--data-dir", type=Path,
+                        help="where --synthetic builds (default bench_out/synthetic/...)")
+    parser.add_argument("--out", type=Path,
+                        help="JSON result (default bench_out/epochs_per_hour_<recipe>.json)")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.warmup, args.repeats) < 1 or args.synthetic < 0:
+        raise UserError("--steps, --warmup and --repeats must be >= 1 (the first steps pay "
+                        "compilation), --synthetic >= 0")
+    return args
+
+
+def prepare_data(recipe: Recipe, args, accelerator, console: Console) -> Recipe:
+    """With --synthetic: build (or reuse) the synthetic betons and point the recipe at them."""
+    if not args.synthetic:
+        return recipe
+    if args.synthetic < recipe.optim.batch_size:
+        raise UserError(f"--synthetic {args.synthetic} is fewer images than one batch of "
+                        f"{recipe.optim.batch_size}")
+    spec = synthetic_spec(recipe, args.synthetic)
+    data_dir = args.data_dir or default_data_dir(spec)
+    if accelerator.is_main_process:
+        synthetic_betons(spec, data_dir, console)
+    accelerator.wait_for_everyone()
+    betons = str(data_dir / "betons")
+    return replace(recipe, data=replace(recipe.data, beton_dir=betons, builtin=""))
+
+
+def settings(recipe: Recipe, args, accelerator, epoch_samples: int) -> dict:
+    """What was measured: the run's sizes, the benchmark's flags, the numerics."""
+    batch = recipe.optim.batch_size
+    return {
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "synthetic": args.synthetic,
+        "beton_dir": recipe.data.beton_dir, "batch_size": batch,
+        "train_size": train_size(recipe.schedule.epochs - 1, recipe.augment),
+        "train_samples": epoch_samples,
+        # the train loader drops the last partial batch of every epoch
+        "train_images_per_epoch": epoch_samples // batch * batch,
+        "measured_samples": min(epoch_samples, (args.warmup + args.steps) * batch),
+        "recipe_views": recipe.cache.views,
+        "built_views": min(recipe.cache.views, BUILT_VIEWS), "epochs": recipe.schedule.epochs,
+        "mixed_precision": accelerator.mixed_precision, "channels_last": recipe.run.channels_last,
+        "compile": recipe.run.compile, "num_workers": recipe.data.num_workers}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure every row, print the table, write the JSON."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    recipe = load_recipe(args.recipe, args.set)
+    console = Console()
+    accelerator = make_accelerator(recipe, console)
+    if not accelerator.is_main_process:
+        console = Console(quiet=True)
+    recipe = prepare_data(recipe, args, accelerator, console)
+    beton = ensure_betons(recipe, accelerator)
+    count = beton["splits"]["train"]["count"]
+    epoch_samples = min(recipe.data.train_limit, count) if recipe.data.train_limit else count
+    out = args.out or Path("bench_out") / f"epochs_per_hour_{args.recipe.stem}.json"
+    # Teacher weights and caches, in one place for every process (each would get its own
+    # temporary directory); removed afterwards.
+    work = out.parent / f".{out.stem}.work"
+    if accelerator.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    load_before = os.getloadavg()
+    timings = measure(recipe, len(beton["class_names"]), epoch_samples, args, accelerator,
+                      console, work)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    shutil.rmtree(work)
+    setup = settings(recipe, args, accelerator, epoch_samples)
+    result = {
+        "benchmark": "epochs_per_hour",
+        "machine": machine(accelerator) | {"load_average_before": load_before,
+                                           "load_average_after": os.getloadavg()},
+        "recipe": {"path": str(args.recipe), "set": args.set,
+                   "resolved": dataclasses.asdict(recipe)},
+        "settings": setup,
+        "rows": rows_from(timings, setup["train_images_per_epoch"], epoch_samples, recipe),
+    }
+    print_table(result, console)
+    write_json(out, result)
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)

@@ -1,0 +1,156 @@
+"""benchmarks/epochs_per_hour.py in CI-sized settings: every row measured, the table, the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from fasttt.data import read_manifest
+from fasttt.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "digits_d06.toml"
+STEP_ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online")
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "epochs_per_hour", ROOT / "benchmarks" / "epochs_per_hour.py")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: dataclasses and the worker pool look it up by name.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+
+
+def tiny(**overrides) -> list[str]:
+    """--set flags for seconds-long rows: small batches, one loader thread."""
+    values = {"data.num_workers": 1, "optim.batch_size": 16, "cache.batch_size": 32} | overrides
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run(argv: list[str], out: Path, capsys, monkeypatch) -> tuple[dict, str]:
+    """Run the benchmark in-process; its JSON and what it printed."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per table row
+    bench.main([*argv, "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert not list(out.parent.glob(".*.work"))  # the teacher and its caches are gone
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def check_rows(result: dict, printed: str) -> None:
+    """Every row holds positive finite numbers that agree with each other; all are printed."""
+    rows, settings = result["rows"], result["settings"]
+    assert list(rows) == list(bench.LABELS)
+    for name, row in rows.items():
+        numbers = [v for value in row.values() for v in np.ravel(value)]
+        assert numbers and all(math.isfinite(v) and v > 0 for v in numbers), (name, row)
+        per_epoch = settings["train_samples" if name == "cache_build" else
+                            "train_images_per_epoch"]
+        assert row["epochs_per_hour"] == pytest.approx(3600 * row["images_per_s"] / per_epoch)
+        assert row["vs_loader"] == pytest.approx(row["images_per_s"]
+                                                 / rows["loader"]["images_per_s"])
+        assert printed.count(bench.LABELS[name]) == 1
+    for name in STEP_ROWS:
+        assert 0 < rows[name]["loader_wait_fraction"] <= 1
+        assert len(rows[name]["images_per_s_rounds"]) == settings["repeats"]
+    build = rows["cache_build"]
+    assert build["seconds_per_view"] == pytest.approx(settings["train_samples"]
+                                                      / build["images_per_s"])
+    # The cached student with its build shared over the epochs is slower than without it.
+    assert rows["student_cache_with_build"]["images_per_s"] < \
+        rows["student_step_cache"]["images_per_s"]
+    assert "epochs per hour" in printed
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+
+
+def test_digits_recipe_measures_every_row(tmp_path, capsys, monkeypatch):
+    digits = tmp_path / "digits"
+    result, printed = run([str(RECIPE), *tiny(**{"data.beton_dir": f'"{digits}"'}),
+                           "--repeats", "2"], tmp_path / "out.json", capsys, monkeypatch)
+    check_rows(result, printed)
+    settings = result["settings"]
+    assert settings["train_samples"] == read_manifest(digits)["splits"]["train"]["count"]
+    assert settings["train_images_per_epoch"] == settings["train_samples"] // 16 * 16
+    assert settings["measured_samples"] == 3 * 16  # (warmup + steps) batches
+    assert (settings["recipe_views"], settings["built_views"]) == (12, 2)
+    assert result["recipe"]["resolved"]["model"]["name"] == "cifar_resnet20"
+
+
+def test_synthetic_cifar_size_betons_are_built_then_reused(tmp_path, capsys, monkeypatch):
+    data_dir = tmp_path / "synthetic"
+    result, printed = run([str(RECIPE), *tiny(), "--synthetic", "64", "--repeats", "1",
+                           "--data-dir", str(data_dir)], tmp_path / "out.json", capsys,
+                          monkeypatch)
+    check_rows(result, printed)
+    manifest = read_manifest(data_dir / "betons")
+    assert manifest["image_policy"] == {"kind": "fixed", "height": 32, "width": 32,
+                                        "write_mode": "raw"}
+    assert manifest["splits"]["train"]["count"] == 64 and len(manifest["class_names"]) == 100
+    assert result["settings"]["train_samples"] == 64
+    assert result["settings"]["beton_dir"] == str(data_dir / "betons")
+
+    spec = bench.synthetic_spec(bench.load_recipe(RECIPE), 64)
+    built = (data_dir / "betons" / "train.beton").stat().st_mtime_ns
+    console = Console(file=io.StringIO())
+    bench.synthetic_betons(spec, data_dir, console)
+    assert (data_dir / "betons" / "train.beton").stat().st_mtime_ns == built
+    assert "reusing" in console.file.getvalue()
+    bench.synthetic_betons(spec | {"images": 80}, data_dir, console)  # another N: rebuilt
+    assert read_manifest(data_dir / "betons")["splits"]["train"]["count"] == 80
+
+
+def test_synthetic_photo_recipe_goes_through_the_imagefolder_builder(
+        tmp_path, capsys, monkeypatch):
+    photo = tiny(**{"optim.batch_size": 8, "augment.kind": '"resized_crop"',
+                    "data.canvas_size": 64, "augment.flip": "true",
+                    "augment.eval_crop_ratio": 0.875})
+    data_dir = tmp_path / "photos"
+    result, printed = run([str(RECIPE), *photo, "--synthetic", "40", "--repeats", "1",
+                           "--data-dir", str(data_dir)], tmp_path / "out.json", capsys,
+                          monkeypatch)
+    check_rows(result, printed)
+    manifest = read_manifest(data_dir / "betons")
+    assert manifest["image_policy"]["kind"] == "photo"
+    assert manifest["image_policy"]["max_resolution"] == 64
+    assert manifest["splits"]["train"]["count"] == 40 and len(manifest["class_names"]) == 10
+    assert not (data_dir / "jpegs").exists()  # the JPEG tree is gone once the beton holds it
+    assert json.loads((data_dir / "synthetic.json").read_text())["complete"] is True
+
+
+def test_synthetic_photos_look_like_imagenet_files():
+    sizes, shapes = [], set()
+    for seed in range(8):
+        image = bench.synthetic_photo(seed)
+        shapes.add(image.shape)
+        assert 300 <= image.shape[0] <= 400 and 350 <= image.shape[1] <= 450
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        sizes.append(buffer.tell())
+    assert len(shapes) > 4
+    assert 70 <= np.mean(sizes) / 1024 <= 140
+
+
+def test_bad_input_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="--steps"):
+        bench.main([str(RECIPE), "--steps", "0"])
+    with pytest.raises(UserError, match="fewer images than one batch"):
+        bench.main([str(RECIPE), "--synthetic", "8", "--data-dir", str(tmp_path / "s")])
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not the benchmark's")
+    spec = bench.synthetic_spec(bench.load_recipe(RECIPE), 64)
+    with pytest.raises(UserError, match="not made by --synthetic"):
+        bench.synthetic_betons(spec, foreign, Console(file=io.StringIO()))
+    assert (foreign / "keep.txt").is_file()
