@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import platform
 import shutil
@@ -47,22 +46,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
+import synthetic  # benchmarks/synthetic.py: a script's folder comes first on the path
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from beton_builders.__main__ import main as build_betons
 from beton_builders.imagefolder import default_workers
-from beton_builders.writing import (
-    ImageRows,
-    finish_manifest,
-    progress_bar,
-    raw_image_fields,
-    staged_output,
-    write_beton,
-)
 from fasttt.augment import train_size
 from fasttt.cache import CachedTeacher, build_cache, expected_manifest
 from fasttt.checkpoint import save_weights, write_json
@@ -77,72 +66,8 @@ from fasttt.train import ensure_betons, make_accelerator
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
 PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
 LOADER_PREFETCH = 3  # FFCV Loader's batches_ahead, which fasttt.data leaves at its default
-NOISE_SIDE = 600  # the photo noise tile; photos are cut from it at random offsets
 
 # ---------------------------------------------------------------- synthetic data
-
-_noise: np.ndarray | None = None
-
-
-def synthetic_photo(seed: int) -> np.ndarray:
-    """An ImageNet-like HWC uint8 photo: about 400x350, smooth colour fields plus grain.
-
-    The grain (luminance and colour noise cut from one tile per process) is what brings
-    JPEG files at quality 90 to ImageNet's ~100 KB.
-    """
-    global _noise
-    if _noise is None:
-        rng = np.random.default_rng(12345)
-        shape = (NOISE_SIDE, NOISE_SIDE)
-        _noise = (rng.normal(0, 30, (*shape, 1)) + rng.normal(0, 24, (*shape, 3))).astype(np.int16)
-    rng = np.random.default_rng(seed)
-    height, width = int(rng.integers(300, 401)), int(rng.integers(350, 451))
-    cells = rng.integers(0, 256, (int(rng.integers(4, 16)), int(rng.integers(4, 16)), 3),
-                         dtype=np.uint8)
-    base = np.asarray(Image.fromarray(cells).resize((width, height), Image.BICUBIC), np.int16)
-    top, left = rng.integers(0, NOISE_SIDE - height), rng.integers(0, NOISE_SIDE - width)
-    return (base + _noise[top:top + height, left:left + width]).clip(0, 255).astype(np.uint8)
-
-
-def _save_photo(job: tuple[Path, int]) -> int:
-    path, seed = job
-    Image.fromarray(synthetic_photo(seed)).save(path, format="JPEG", quality=90)
-    return path.stat().st_size
-
-
-def write_photo_tree(root: Path, images: int, classes: int, workers: int) -> float:
-    """An ImageNet-layout tree of `images` train JPEGs (and a few val); mean KB per file."""
-    val = max(1, images // 50)
-    jobs = []
-    for split, count, first in (("train", images, 0), ("val", val, images)):
-        for c in range(min(classes, count)):
-            (root / split / f"class{c:04d}").mkdir(parents=True, exist_ok=True)
-        jobs += [(root / split / f"class{i % classes:04d}" / f"img{first + i:07d}.JPEG",
-                  first + i) for i in range(count)]
-    sizes = []
-    with progress_bar() as progress, multiprocessing.Pool(workers) as pool:
-        task = progress.add_task("synthetic JPEGs", total=len(jobs))
-        for size in pool.imap_unordered(_save_photo, jobs, chunksize=32):
-            sizes.append(size)
-            progress.advance(task)
-    return sum(sizes) / len(sizes) / 1024
-
-
-def write_fixed_betons(out: Path, images: int, side: int, classes: int) -> None:
-    """Train and val betons of random side x side images, as the CIFAR builder writes them."""
-    rng = np.random.default_rng(0)
-    counts = {"train": images, "val": max(1, images // 5)}
-    with staged_output(out) as staging:
-        for split, count in counts.items():
-            pixels = rng.integers(0, 256, (count, side, side, 3), dtype=np.uint8)
-            rows = ImageRows(pixels, rng.integers(0, classes, count))
-            write_beton(staging / f"{split}.beton", rows, raw_image_fields(), 1,
-                        f"synthetic {split}")
-        finish_manifest(staging, {
-            "source": {"name": "synthetic", "images": images},
-            "class_names": [f"class{c}" for c in range(classes)],
-            "image_policy": {"kind": "fixed", "height": side, "width": side,
-                             "write_mode": "raw"}}, counts)
 
 
 def synthetic_spec(recipe: Recipe, images: int) -> dict:
@@ -175,14 +100,12 @@ def synthetic_betons(spec: dict, data_dir: Path, console: Console) -> Path:
     write_json(stamp, {**spec, "complete": False})
     if spec["kind"] == "photo":
         tree, workers = data_dir / "jpegs", default_workers()
-        kb = write_photo_tree(tree, spec["images"], spec["classes"], workers)
+        kb = synthetic.write_photo_tree(tree, spec["images"], spec["classes"], workers)
         console.print(f"{spec['images']} JPEGs, {kb:.0f} KB each on average")
-        build_betons(["imagefolder", str(tree), str(betons), "--write-mode", "jpg",
-                      "--jpeg-quality", "90", "--max-resolution", str(spec["max_resolution"]),
-                      "--num-workers", str(workers), "--force"])
+        synthetic.build_photo_betons(tree, betons, spec["max_resolution"], workers)
         shutil.rmtree(tree)  # the beton holds every image
     else:
-        write_fixed_betons(betons, spec["images"], spec["side"], spec["classes"])
+        synthetic.write_fixed_betons(betons, spec["images"], spec["side"], spec["classes"])
     write_json(stamp, {**spec, "complete": True})
     return betons
 

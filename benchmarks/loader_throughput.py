@@ -2,7 +2,7 @@
 
     python benchmarks/loader_throughput.py [--images 2000] [--workers 2] [--out result.json]
 
-Generates an ImageFolder tree of ImageNet-like JPEGs (about 500x375, ~100 KB each),
+Generates an ImageFolder tree of ImageNet-like JPEGs (about 400x350, ~100 KB each),
 builds a beton from it with fasttt's builder, then times one epoch of each loader on
 the same images and the same number of workers (median of --repeats, after a warm-up):
 
@@ -28,16 +28,14 @@ import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import synthetic  # benchmarks/synthetic.py: a script's folder comes first on the path
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
@@ -47,44 +45,7 @@ from torchvision.io import decode_jpeg
 from fasttt.data import sequential_loader
 
 CLASSES = 10
-
-
-def _synthetic_photo(seed: int) -> tuple[np.ndarray, int]:
-    rng = np.random.default_rng(seed)
-    height, width = (int(rng.integers(300, 501)), int(rng.integers(350, 501)))
-    y, x = np.mgrid[0:height, 0:width]
-    fx, fy = rng.uniform(8, 30, 2)
-    base = np.stack([128 + 100 * np.sin(x / fx + y / fy), 128 + 100 * np.cos(y / fy),
-                     (x * y * rng.uniform(0.5, 2)) % 256], axis=-1)
-    # Noise of this amplitude gives ImageNet-like file sizes (~100 KB at quality 90).
-    return (base + rng.normal(0, 12, (height, width, 3))).clip(0, 255).astype(np.uint8), seed
-
-
-def _save_photo(args: tuple[Path, int]) -> int:
-    root, i = args
-    image, _ = _synthetic_photo(i)
-    path = root / "train" / f"class{i % CLASSES:02d}" / f"img{i:05d}.JPEG"
-    Image.fromarray(image).save(path, quality=90)
-    return path.stat().st_size
-
-
-def make_image_folder(root: Path, count: int, workers: int) -> float:
-    """Write `count` synthetic JPEGs in ImageNet layout; return the mean file size in KB."""
-    for split in ("train", "val"):
-        for c in range(CLASSES):
-            (root / split / f"class{c:02d}").mkdir(parents=True, exist_ok=True)
-    with multiprocessing.Pool(workers) as pool:
-        sizes = pool.map(_save_photo, [(root, i) for i in range(count)], chunksize=16)
-    for c in range(CLASSES):  # a one-image val split so the builder's layout check passes
-        first = root / "train" / f"class{c:02d}"
-        os.link(next(first.iterdir()), root / "val" / f"class{c:02d}" / "v.JPEG")
-    return sum(sizes) / len(sizes) / 1024
-
-
-def build_beton(src: Path, out: Path, workers: int, *extra: str) -> None:
-    """Build a beton with fasttt's builder CLI."""
-    subprocess.run([sys.executable, "-m", "beton_builders", *extra, str(src), str(out),
-                    "--num-workers", str(workers)], check=True, stdout=subprocess.DEVNULL)
+MAX_RESOLUTION = 512  # the beton's longest side: the photos (at most 450 px) stay unresampled
 
 
 def timed_epochs(make_iter, repeats: int) -> list[float]:
@@ -149,11 +110,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     """Run every loader once per repeat and return images/s per loader."""
     console = Console(stderr=True)
     tree, w, n, size = work / "tree", args.workers, args.images, args.canvas
-    console.print(f"writing {n} synthetic JPEGs ...")
-    mean_kb = make_image_folder(tree, n, w)
+    mean_kb = synthetic.write_photo_tree(tree, n, CLASSES, w)
     console.print(f"mean JPEG {mean_kb:.0f} KB; building betons ...")
-    build_beton(tree, work / "photos", w, "imagefolder", "--write-mode", "jpg",
-                "--jpeg-quality", "90", "--max-resolution", "512")
+    synthetic.build_photo_betons(tree, work / "photos", MAX_RESOLUTION, w)
     paths = sorted(tree.glob("train/*/*.JPEG"))
     def fasttt(canvas_size):
         return lambda: sequential_loader(work / "photos", split="train",
@@ -185,19 +144,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
 
 def raw_small_images(work: Path, workers: int, args: argparse.Namespace):
     """Epoch times of fasttt's loader over a raw beton of 32x32 images (CIFAR's shape)."""
-    from beton_builders.writing import ImageRows, raw_image_fields, write_beton
-
     count = 50_000
-    rng = np.random.default_rng(0)
     out = work / "raw32"
-    out.mkdir()
-    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
-    rows = ImageRows(images, rng.integers(0, 10, count))
-    write_beton(out / "train.beton", rows, raw_image_fields(), 1, "raw 32x32 beton")
-    (out / "manifest.json").write_text(json.dumps({
-        "source": {"name": "synthetic"}, "class_names": [str(c) for c in range(10)],
-        "image_policy": {"kind": "fixed"},
-        "splits": {"train": {"file": "train.beton", "count": count}}}))
+    synthetic.write_fixed_betons(out, count, 32, CLASSES)
     loader = sequential_loader(out, split="train", batch_size=512, num_workers=workers)
     return timed_epochs(lambda: iter(loader), args.repeats), count
 

@@ -1,10 +1,11 @@
 """FFCV loaders over the betons: train (shuffled), and sequential passes for eval and caching.
 
 Every loader yields `Batch(image, label, index, size)` as CPU torch tensors (or on
-`device`, copied without blocking): `image` is the uint8 canvas as an NCHW view of
-NHWC memory (channels_last), `label` and `index` are int64 of shape (B,), `size` is
-the original (height, width) of photos and None for fixed-size sources. Random
-augmentation happens later on the device (fasttt/augment.py), keyed by `index`.
+`device`, copied without blocking; `index` always stays on the CPU): `image` is the
+uint8 canvas as an NCHW view of NHWC memory (channels_last), `label` and `index` are
+int64 of shape (B,), `size` is the original (height, width) of photos and None for
+fixed-size sources. Random augmentation happens later on the device
+(fasttt/augment.py), keyed by `index`.
 FFCV reuses a few batch buffers in turn: use or copy a batch before asking for the
 next few.
 """
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -209,7 +211,9 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
     pipelines = {
         "image": [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
         "label": _integer(to_device),
-        "index": _integer(to_device),
+        # The index stays on the host: cache lookups read rows of host memory with it, and
+        # a device copy would cost them a device-to-host synchronisation every step.
+        "index": _integer([]),
     }
     if is_photo(manifest):
         pipelines["height"] = _integer(to_device)
@@ -261,6 +265,9 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
     if callable(indices):
         indices = indices(count)
     pipelines = _pipelines(manifest, field_names, canvas_size, device)
+    # FFCV sets numba's thread count to num_workers, which numba refuses above its own
+    # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
+    loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)
     loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
     return BetonLoader(loader, is_photo(manifest))
 

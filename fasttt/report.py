@@ -8,148 +8,26 @@ summary.md, summary.json and figures/*.png. Only finished generations (eval.json
 present) are reported; a missing analysis, ensemble or transfer file leaves its
 section out with a note. summary.json is a pure function of those files, so a
 killed-and-resumed run gets byte-identical numbers. All numbers are percentages,
-but DistC/DistS, which are angles in the unit the analysis states.
+but DistC/DistS, which are angles in the unit the analysis states. The paper's numbers
+and their matching live in fasttt/paper.py, the figures in fasttt/figures.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 
 from fasttt.checkpoint import write_json, write_text
 from fasttt.errors import UserError, exit_on_user_error, one_line
+from fasttt.figures import generation_label, write_figures
+from fasttt.paper import SERIES_LABELS, SINGLE_LABELS, match_paper, paper_patriarch, paper_summary
 from fasttt.recipe import Recipe, load_recipe
-
-
-@dataclass(frozen=True)
-class PaperSetting:
-    """A row group of the paper's tables, and which runs it applies to (numbers in %)."""
-
-    name: str
-    source: str
-    model: str
-    classes: int
-    patriarch: str  # the patriarch's loss; any loss with u = 1 is "ce"
-    u: float | None  # None: any u
-    lams: tuple[float, ...] | None  # None: any lambda (checked only when the run has students)
-    per_generation: dict[str, tuple[float | None, ...]]  # series -> Gen #0, Gen #1, ...
-    single: dict[str, float]  # numbers that are not per generation (baselines)
-
-
-_D100, _D190, _R110, _R18 = ("CIFAR-100, DenseNet-BC-100", "CIFAR-100, DenseNet-BC-190",
-                             "CIFAR-100, ResNet-110", "ILSVRC2012, ResNet-18")
-
-# The paper's numbers (Yang et al., AAAI 2019, Tables 1-6), exactly as printed: errors
-# and accuracies in %, DistC/DistS (Table 2, patriarchs only) in radians. Table 5 does
-# not say whether its errors come from the best or the last epoch; they are set beside
-# our last epoch. Tables 2-3 train every student with lambda = 0.6.
-PAPER_SETTINGS = (
-    PaperSetting(f"{_R18}, baseline D(1.0, 0.0)", "Tables 5-6", "resnet18", 1000, "ce", None,
-                 None, {"top1_error": (30.50,), "top5_error": (11.07,),
-                        "caltech256_accuracy": (75.94,), "indoor67_accuracy": (62.92,)}, {}),
-    PaperSetting(f"{_R18}, D(0.6, 0.6)", "Tables 5-6", "resnet18", 1000, "tsd", 0.6, (0.6,), {
-        "top1_error": (32.52, 30.28, 30.12, 29.92, 29.77, 29.60),
-        "top5_error": (11.23, 10.23, 10.15, 10.25, 10.19, 10.11),
-        "ensemble_top1_error": (None, 30.01, 28.94, 28.51, 28.23, 28.08),
-        "ensemble_top5_error": (None, 9.98, 9.53, 9.36, 9.28, 9.23),
-        "caltech256_accuracy": (75.15, 76.83, 77.28, 77.65, 77.00, 77.83),
-        "indoor67_accuracy": (62.97, 62.75, 65.72, 63.75, 63.81, 63.94)},
-        {"baseline_top1_error": 30.50, "baseline_top5_error": 11.07}),
-    PaperSetting(f"{_D100}, baseline D(1.0, 0.0)", "Table 4", "cifar_densenet_bc100", 100, "ce",
-                 None, None, {"best_top1_error": (22.20,), "last_top1_error": (22.89,)}, {}),
-    PaperSetting(f"{_D100}, D(0.6, 0.6)", "Table 4", "cifar_densenet_bc100", 100, "tsd", 0.6,
-                 (0.6,), {"best_top1_error": (23.96, 21.29, 20.51, 20.83, 21.01, 21.27),
-                          "last_top1_error": (25.00, 21.34, 21.59, 20.99, 21.53, 21.61),
-                          "ensemble_top1_error": (None, 20.20, 18.38, 17.79, 17.37, 17.25)},
-                 {"baseline_best_top1_error": 22.20, "baseline_last_top1_error": 22.89}),
-    PaperSetting(f"{_D100}, D(0.7, 0.6)", "Table 4", "cifar_densenet_bc100", 100, "tsd", 0.7,
-                 (0.6,), {"best_top1_error": (22.98, 21.24, 21.48, 20.94, 21.51, 21.87),
-                          "last_top1_error": (23.43, 21.50, 21.80, 21.47, 21.69, 22.28),
-                          "ensemble_top1_error": (None, 19.63, 18.83, 17.70, 17.56, 17.23)},
-                 {"baseline_best_top1_error": 22.20, "baseline_last_top1_error": 22.89}),
-    PaperSetting(f"{_D190}, baseline D(1.0, 0.0)", "Table 4", "cifar_densenet_bc190", 100, "ce",
-                 None, None, {"best_top1_error": (17.22,), "last_top1_error": (17.62,)}, {}),
-    PaperSetting(f"{_D190}, D(0.6, 0.6)", "Table 4", "cifar_densenet_bc190", 100, "tsd", 0.6,
-                 (0.6,), {"best_top1_error": (18.87, 17.42, 17.26, 17.13, 17.24, 17.01),
-                          "last_top1_error": (19.40, 17.99, 18.00, 17.52, 17.75, 17.22),
-                          "ensemble_top1_error": (None, 16.83, 15.94, 15.43, 15.18, 15.21)},
-                 {"baseline_best_top1_error": 17.22, "baseline_last_top1_error": 17.62}),
-    PaperSetting(f"{_D190}, D(0.7, 0.6)", "Table 4", "cifar_densenet_bc190", 100, "tsd", 0.7,
-                 (0.6,), {"best_top1_error": (18.63, 17.44, 16.72, 16.89, 17.39, 17.24),
-                          "last_top1_error": (19.12, 17.78, 17.21, 16.98, 17.71, 17.41),
-                          "ensemble_top1_error": (None, 16.37, 15.20, 15.11, 14.93, 14.47)},
-                 {"baseline_best_top1_error": 17.22, "baseline_last_top1_error": 17.62}),
-    # Table 1 calls its run born-again (D(1.0, 0.5) by the paper's definition) but prints
-    # the numbers of Table 3's BAN row, which used lambda = 0.6: both lambdas match.
-    PaperSetting(f"{_R110}, born-again (CE patriarch)", "Tables 1-3", "cifar_resnet110", 100,
-                 "ce", None, (0.5, 0.6), {
-                     "top1_confidence": (99.28, 98.68, 98.42, 98.33, 98.28, 97.76),
-                     "top2_confidence": (0.57, 1.00, 1.13, 1.19, 1.24),
-                     "top3_confidence": (0.09, 0.18, 0.23, 0.24, 0.25),
-                     "top4_confidence": (0.03, 0.06, 0.09, 0.09, 0.09),
-                     "train_top1": (99.74, 99.63, 99.60, 99.62, 99.59),
-                     "val_top1": (71.55, 71.41, 72.30, 72.26, 72.52),
-                     "train_dist_c": (0.3813,), "train_dist_s": (0.4202,),
-                     "val_dist_c": (0.3234,), "val_dist_s": (0.3881,)},
-                 {"best_val_top1_in_10_generations": 72.61}),
-    PaperSetting(f"{_R110}, LSR patriarch", "Tables 2-3", "cifar_resnet110", 100, "lsr", None,
-                 (0.6,), {"top1_confidence": (89.41, 92.09, 93.78, 94.89, 95.73, 95.91),
-                          "train_dist_c": (0.6182,), "train_dist_s": (0.5475,),
-                          "val_dist_c": (0.4875,), "val_dist_s": (0.4805,)},
-                 {"best_val_top1_in_10_generations": 73.46}),
-    PaperSetting(f"{_R110}, CP patriarch", "Tables 2-3", "cifar_resnet110", 100, "cp", None,
-                 (0.6,), {"top1_confidence": (99.07, 98.25, 97.93, 97.66, 97.47, 97.01),
-                          "train_dist_c": (0.3829,), "train_dist_s": (0.4114,),
-                          "val_dist_c": (0.3267,), "val_dist_s": (0.3815,)},
-                 {"best_val_top1_in_10_generations": 72.86}),
-    PaperSetting(f"{_R110}, TSD-0.6 patriarch", "Tables 2-3", "cifar_resnet110", 100, "tsd", 0.6,
-                 (0.6,), {"top1_confidence": (66.51, 76.27, 82.58, 87.08, 89.89, 91.72),
-                          "train_dist_c": (0.3461,), "train_dist_s": (0.5759,),
-                          "val_dist_c": (0.3153,), "val_dist_s": (0.5349,)},
-                 {"best_val_top1_in_10_generations": 73.72}),
-    PaperSetting(f"{_R110}, TSD-0.7 patriarch", "Table 2", "cifar_resnet110", 100, "tsd", 0.7,
-                 (0.6,), {"train_dist_c": (0.3433,), "train_dist_s": (0.5274,),
-                          "val_dist_c": (0.3086,), "val_dist_s": (0.4894,)},
-                 {"best_val_top1_in_10_generations": 73.18}),
-    PaperSetting(f"{_R110}, TSD-0.8 patriarch", "Table 2", "cifar_resnet110", 100, "tsd", 0.8,
-                 (0.6,), {"train_dist_c": (0.3499,), "train_dist_s": (0.4782,),
-                          "val_dist_c": (0.3097,), "val_dist_s": (0.4449,)},
-                 {"best_val_top1_in_10_generations": 73.39}),
-)
-
-SERIES_LABELS = {
-    "best_top1_error": "best-epoch top-1 error", "last_top1_error": "last-epoch top-1 error",
-    "top1_error": "top-1 error (ours: last epoch)", "top5_error": "top-5 error (ours: last epoch)",
-    "ensemble_top1_error": "ensemble top-1 error", "ensemble_top5_error": "ensemble top-5 error",
-    **{f"top{k}_confidence": f"train top-{k} confidence" for k in range(1, 5)},
-    "train_top1": "train top-1 accuracy", "val_top1": "test top-1 accuracy",
-    "train_dist_c": "train DistC (rad)", "train_dist_s": "train DistS (rad)",
-    "val_dist_c": "test DistC (rad)", "val_dist_s": "test DistS (rad)",
-    "caltech256_accuracy": "Caltech-256 transfer accuracy",
-    "indoor67_accuracy": "MIT Indoor-67 transfer accuracy",
-}
-SINGLE_LABELS = {
-    "baseline_top1_error": "baseline top-1 error", "baseline_top5_error": "baseline top-5 error",
-    "baseline_best_top1_error": "baseline best-epoch top-1 error",
-    "baseline_last_top1_error": "baseline last-epoch top-1 error",
-    "best_val_top1_in_10_generations": "best test top-1 accuracy in 10 generations",
-}
-# A transfer target (transfer/<name>.json) is set beside the paper's when its name,
-# lower-cased with only letters and digits kept, contains one of these.
-TRANSFER_ALIASES = {"caltech256": ("caltech256", "c256"), "indoor67": ("indoor67", "i67")}
-FIGURE_DPI = 150
-FIGURE_NAMES = ("error_per_generation.png", "confidence.png", "dist.png",
-                "val_top1_per_epoch.png")
 
 
 def _round(x: float | None) -> float | None:
@@ -233,14 +111,9 @@ def _label(x: float) -> str:
     return f"{x:.1f}" if round(x, 1) == x else f"{x:g}"
 
 
-def _patriarch(recipe: Recipe) -> str:
-    g = recipe.generations
-    return "ce" if g.u >= 1 else g.patriarch_loss  # any loss at u = 1 is plain CE
-
-
 def _process(recipe: Recipe) -> str:
     g = recipe.generations
-    return f"D({_label(1.0 if _patriarch(recipe) == 'ce' else g.u)}, {_label(g.lam)})"
+    return f"D({_label(1.0 if paper_patriarch(recipe) == 'ce' else g.u)}, {_label(g.lam)})"
 
 
 def method_title(recipe: Recipe, dataset: str) -> str:
@@ -248,51 +121,8 @@ def method_title(recipe: Recipe, dataset: str) -> str:
     g = recipe.generations
     students = f"{g.students} student" + ("" if g.students == 1 else "s")
     temperature = "" if g.temperature == 1 else f", T = {_label(g.temperature)}"
-    return (f"{_process(recipe)}, {_patriarch(recipe).upper()} patriarch, K = {g.k}, "
+    return (f"{_process(recipe)}, {paper_patriarch(recipe).upper()} patriarch, K = {g.k}, "
             f"{students}{temperature}, {recipe.model.name} on {dataset}")
-
-
-def match_paper(recipe: Recipe, classes: int | None) -> list[PaperSetting]:
-    """The paper's settings that this recipe reproduces (model, classes, loss, u, lambda)."""
-    g, loss = recipe.generations, _patriarch(recipe)
-
-    def close(a: float, b: float) -> bool:
-        return math.isclose(a, b, abs_tol=1e-9)
-
-    return [s for s in PAPER_SETTINGS
-            if s.model == recipe.model.name and s.classes == classes and s.patriarch == loss
-            and (loss == "ce" or s.u is None or close(s.u, g.u))
-            and (g.students == 0 or s.lams is None or any(close(lam, g.lam) for lam in s.lams))]
-
-
-def _analysis_series(a: dict) -> dict[str, float]:
-    to_radians = math.pi / 180 if a["dist_unit"] == "degrees" else 1.0
-    row = {f"top{k + 1}_confidence": c for k, c in enumerate(a["train"]["confidence"][:4])}
-    row |= {"train_top1": a["train"]["top1"], "val_top1": a["val"]["top1"]}
-    return row | {f"{split}_dist_{d}": _round(a[split][f"dist_{d}"] * to_radians)
-                  for split in ("train", "val") for d in "cs"
-                  if a[split][f"dist_{d}"] is not None}
-
-
-def our_series(summary: dict) -> dict[str, list[float | None]]:
-    """Our numbers under the names of PaperSetting.per_generation, one entry per generation."""
-    ensemble = {e["generation"]: e for e in summary["ensemble"] or [] if e["generation"] > 0}
-    analysis = {a["generation"]: a for a in summary["analysis"] or []}
-    transfer = {}
-    for name, aliases in TRANSFER_ALIASES.items():
-        for t in summary["transfer"] or []:
-            if any(a in "".join(filter(str.isalnum, t["name"].lower())) for a in aliases):
-                transfer[name] = {g["generation"]: g["accuracy"] for g in t["generations"]}
-    rows = []
-    for g in summary["generations"]:
-        m, e = g["generation"], ensemble.get(g["generation"])
-        row = {"best_top1_error": g["best_top1_error"], "last_top1_error": g["last_top1_error"],
-               "top1_error": g["last_top1_error"], "top5_error": g["last_top5_error"],
-               "ensemble_top1_error": e and e["top1_error"],
-               "ensemble_top5_error": e and e["top5_error"],
-               **{f"{name}_accuracy": by_gen.get(m) for name, by_gen in transfer.items()}}
-        rows.append(row | (_analysis_series(analysis[m]) if m in analysis else {}))
-    return {key: [row.get(key) for row in rows] for key in SERIES_LABELS}
 
 
 def _matrix(path: Path) -> np.ndarray:
@@ -329,6 +159,31 @@ def _notes(summary: dict, gen: list[Path]) -> list[str]:
     return notes
 
 
+def _method(recipe: Recipe, dataset: str, classes: int | None) -> dict:
+    g = recipe.generations
+    return {"process": _process(recipe), "model": recipe.model.name, "dataset": dataset,
+            "classes": classes, "patriarch_loss": g.patriarch_loss, "u": g.u, "k": g.k,
+            "lam": g.lam, "temperature": g.temperature, "students": g.students}
+
+
+def _results(run_dir: Path, gen: list[Path]) -> dict:
+    """The finished generations' numbers, and the ensemble, analysis, transfer and curves."""
+    finished = len(gen)
+    ensemble = run_dir / "ensemble.json"
+    transfer = sorted((run_dir / "transfer").glob("*.json"))
+    return {
+        "generations": [_read(gen[m] / "eval.json", partial(_generation, m))
+                        for m in range(finished)],
+        "ensemble": _read(ensemble, partial(_ensemble, finished))
+        if ensemble.is_file() else None,
+        "analysis": [_read(gen[m] / "analysis.json", partial(_analysis, m))
+                     for m in range(finished) if (gen[m] / "analysis.json").is_file()] or None,
+        "transfer": [_read(p, partial(_transfer, p.stem, finished)) for p in transfer] or None,
+        "curves": [_read(gen[m] / "metrics.jsonl", partial(_curve, m))
+                   for m in range(finished) if (gen[m] / "metrics.jsonl").is_file()],
+    }
+
+
 def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | None]:
     """The report's numbers (summary.json), the second-class matrices and the class names."""
     if not (run_dir / "recipe.toml").is_file():
@@ -340,45 +195,17 @@ def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | No
         raise UserError(f"{run_dir} has no finished generation (no gen0/eval.json): train it "
                         "first, or wait until its patriarch finishes")
     gen = [run_dir / f"gen{m}" for m in range(finished)]
-    analysed = [m for m in range(finished) if (gen[m] / "analysis.json").is_file()]
     matrices = {m: _matrix(gen[m] / "second_class.npy") for m in range(finished)
                 if (gen[m] / "second_class.npy").is_file()}
     dataset, class_names = _dataset(recipe)
     classes = len(class_names) if class_names else next(
         (len(x) for x in matrices.values()), None)
-    ensemble = run_dir / "ensemble.json"
-    transfer = sorted((run_dir / "transfer").glob("*.json"))
-    g = recipe.generations
-    summary = {
-        "run": recipe.run.name, "title": method_title(recipe, dataset),
-        "method": {"process": _process(recipe), "model": recipe.model.name,
-                   "dataset": dataset, "classes": classes, "patriarch_loss": g.patriarch_loss,
-                   "u": g.u, "k": g.k, "lam": g.lam, "temperature": g.temperature,
-                   "students": g.students},
-        "planned_generations": planned, "finished_generations": finished,
-        "generations": [_read(gen[m] / "eval.json", lambda e, m=m: _generation(m, e))
-                        for m in range(finished)],
-        "ensemble": _read(ensemble, lambda d: _ensemble(finished, d))
-        if ensemble.is_file() else None,
-        "analysis": [_read(gen[m] / "analysis.json", lambda d, m=m: _analysis(m, d))
-                     for m in analysed] or None,
-        "transfer": [_read(p, lambda d, p=p: _transfer(p.stem, finished, d))
-                     for p in transfer] or None,
-        "curves": [_read(gen[m] / "metrics.jsonl", lambda rows, m=m: _curve(m, rows))
-                   for m in range(finished) if (gen[m] / "metrics.jsonl").is_file()],
-    }
-    summary["paper"] = _paper(summary, match_paper(recipe, classes))
+    summary = {"run": recipe.run.name, "title": method_title(recipe, dataset),
+               "method": _method(recipe, dataset, classes), "planned_generations": planned,
+               "finished_generations": finished, **_results(run_dir, gen)}
+    summary["paper"] = paper_summary(summary, match_paper(recipe, classes))
     summary["notes"] = _notes(summary, gen)
     return summary, matrices, class_names
-
-
-def _paper(summary: dict, settings: list[PaperSetting]) -> dict:
-    ours = our_series(summary)
-    used = sorted({k for s in settings for k in s.per_generation}, key=list(SERIES_LABELS).index)
-    return {"matched": [{"name": s.name, "source": s.source,
-                         "per_generation": {k: list(v) for k, v in s.per_generation.items()},
-                         "single": s.single} for s in settings],
-            "ours": {k: ours[k] for k in used}}
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -388,10 +215,6 @@ def _f(x: float | None, digits: int = 2) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, [":---", *["---:"] * (len(header) - 1)], *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
-def _gen(m: int) -> str:
-    return "0 (patriarch)" if m == 0 else str(m)
 
 
 def _headline(summary: dict) -> str:
@@ -417,7 +240,7 @@ def _error_section(summary: dict) -> str:
         header += ["ensemble top-1 err", "ensemble top-5 err"]
     rows = []
     for g in summary["generations"]:
-        row = [_gen(g["generation"]), str(g["best_epoch"]), _f(g["best_top1_error"]),
+        row = [generation_label(g["generation"]), str(g["best_epoch"]), _f(g["best_top1_error"]),
                _f(g["last_top1_error"]), _f(g["last_top5_error"])]
         if summary["ensemble"] is not None:
             e = ensemble.get(g["generation"]) if g["generation"] > 0 else None
@@ -435,7 +258,7 @@ def _secondary_section(summary: dict) -> str:
         return title + "No analysis.json in any generation: nothing to show."
     width = min(len(a["train"]["confidence"]) for a in summary["analysis"])
     header = ["gen", *[f"top-{k + 1} conf" for k in range(width)], "train top-1", "test top-1"]
-    rows = [[_gen(a["generation"]), *[_f(c) for c in a["train"]["confidence"][:width]],
+    rows = [[generation_label(a["generation"]), *[_f(c) for c in a["train"]["confidence"][:width]],
              _f(a["train"]["top1"]), _f(a["val"]["top1"])] for a in summary["analysis"]]
     return (title + "Mean confidence (%) of each training sample's k-th highest class, and "
             "top-1 accuracy (%), of the last-epoch models.\n\n" + _table(header, rows))
@@ -449,7 +272,7 @@ def _dist_section(summary: dict) -> str:
                         "No superclass map for this dataset, so no DistC/DistS: set "
                         "data.superclasses or use a beton whose manifest has fine_to_coarse.")
     unit = analysis[0]["dist_unit"]
-    rows = [[_gen(a["generation"]), *[_f(a[s][f"dist_{d}"], 4) for s in ("train", "val")
+    rows = [[generation_label(a["generation"]), *[_f(a[s][f"dist_{d}"], 4) for s in ("train", "val")
                                       for d in "cs"]] for a in analysis]
     return (title + f"Mean angle ({unit}) between class and superclass mean features (DistC) "
             "and between superclass and overall means (DistS), last-epoch models.\n\n"
@@ -464,7 +287,7 @@ def _transfer_section(summary: dict) -> str:
                        for t in summary["transfer"]]]
     accuracy = [{g["generation"]: g["accuracy"] for g in t["generations"]}
                 for t in summary["transfer"]]
-    rows = [[_gen(m), *[_f(a.get(m)) for a in accuracy]]
+    rows = [[generation_label(m), *[_f(a.get(m)) for a in accuracy]]
             for m in range(summary["finished_generations"])]
     return (title + "Accuracy (%) of a linear SVM on each generation's penultimate features.\n\n"
             + _table(header, rows))
@@ -504,154 +327,6 @@ def render_markdown(summary: dict, figures: list[str]) -> str:
              "## Notes\n\n" + "\n".join(f"- {n}" for n in summary["notes"])
              if summary["notes"] else "", "## Figures\n\n" + images]
     return "\n\n".join(p for p in parts if p) + "\n"
-
-
-def _axes(fig: Figure, title: str, xlabel: str, ylabel: str, position: int = 111):
-    ax = fig.add_subplot(position)
-    ax.set_title(title, fontsize=10)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return ax
-
-
-def _line(ax, values, paper: bool = False, **style) -> None:
-    points = [(m, v) for m, v in enumerate(values) if v is not None]
-    if points:
-        ax.plot(*zip(*points, strict=True), **{"linestyle": "--" if paper else "-",
-                                                "alpha": 0.55 if paper else 1.0, **style})
-
-
-def _save(fig: Figure, path: Path) -> None:
-    """PNG through a temporary name; no software tag, so the same inputs give the same bytes."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-    os.replace(tmp, path)
-
-
-def _error_figure(summary: dict, ours: dict) -> Figure:
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = _axes(fig, f"Top-1 validation error per generation\n{summary['title']}",
-               "generation (0 = patriarch)", "top-1 error (%)")
-    styles = {"best_top1_error": ("C0", "o", "best epoch"),
-              "last_top1_error": ("C1", "s", "last epoch"),
-              "top1_error": ("C1", "s", "top-1 (epoch not stated)"),
-              "ensemble_top1_error": ("C2", "^", "ensemble of gens 0..m")}
-    for key in ("best_top1_error", "last_top1_error", "ensemble_top1_error"):
-        color, marker, label = styles[key]
-        # hollow squares around the filled circles: best and last often coincide
-        hollow = {"markerfacecolor": "none", "markersize": 10} if marker == "s" else {}
-        _line(ax, ours[key], color=color, marker=marker, label=label, **hollow)
-    for s in summary["paper"]["matched"]:
-        for key, values in s["per_generation"].items():
-            if key in styles:
-                color, marker, label = styles[key]
-                _line(ax, values, paper=True, color=color, marker=marker, label=f"paper: {label}")
-        for key, value in s["single"].items():
-            if key.startswith("baseline") and key.endswith("top1_error"):
-                ax.axhline(value, color="C0" if "best" in key else "C1", linestyle=":",
-                           label=f"paper: {SINGLE_LABELS[key]}")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _confidence_figure(summary: dict, ours: dict) -> Figure:
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    fig.suptitle(f"Mean confidence of each training sample's top classes\n{summary['title']}",
-                 fontsize=10)
-    top1 = _axes(fig, "top-1 class", "generation (0 = patriarch)", "confidence (%)", 121)
-    rest = _axes(fig, "top-2 to top-4 classes", "generation (0 = patriarch)", "confidence (%)",
-                 122)
-    for k in range(1, 5):
-        ax = top1 if k == 1 else rest
-        _line(ax, ours[f"top{k}_confidence"], color=f"C{k - 1}", marker="o", label=f"top-{k}")
-        for s in summary["paper"]["matched"]:
-            values = s["per_generation"].get(f"top{k}_confidence")
-            if values:
-                _line(ax, values, paper=True, color=f"C{k - 1}", marker="x",
-                      label=f"paper: top-{k}")
-    for ax in (top1, rest):
-        ax.legend(fontsize=8)
-    return fig
-
-
-def _dist_figure(summary: dict) -> Figure:
-    analysis = {a["generation"]: a for a in summary["analysis"]}
-    unit = next(a["dist_unit"] for a in analysis.values() if a["train"]["dist_c"] is not None)
-    scale = 180 / math.pi if unit == "degrees" else 1.0
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = _axes(fig, f"DistC (within superclasses) and DistS (between them)\n{summary['title']}",
-               "generation (0 = patriarch)", f"angle ({unit})")
-    for d, color in (("c", "C0"), ("s", "C1")):
-        for split, marker, name in (("train", "o", "train"), ("val", "s", "test")):
-            label = f"Dist{d.upper()} {name}"
-            values = [analysis[m][split][f"dist_{d}"] if m in analysis else None
-                      for m in range(summary["finished_generations"])]
-            _line(ax, values, color=color, marker=marker, label=label,
-                  linestyle="-" if split == "train" else "--")
-            for s in summary["paper"]["matched"]:
-                paper = s["per_generation"].get(f"{split}_dist_{d}")
-                if paper:
-                    ax.plot(0, paper[0] * scale, marker="*" if split == "train" else "P",
-                            markersize=10, color=color, alpha=0.55, linestyle="none",
-                            label=f"paper: {label}")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def _second_class_figure(m: int, matrix: np.ndarray, names: list[str] | None,
-                         vmax: float) -> Figure:
-    fig = Figure(figsize=(6.5, 5.5), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="frequency (fraction of the row's samples)")
-    ax.set_title(f"Second-highest class on the training set, gen {m}", fontsize=10)
-    ax.set(xlabel="class with the second-highest score", ylabel="true class")
-    if len(matrix) <= 20:
-        labels = names if names and len(names) == len(matrix) else range(len(matrix))
-        ticks = range(len(matrix))
-        ax.set_xticks(ticks, labels, rotation=90 if max(map(len, map(str, labels))) > 2 else 0)
-        ax.set_yticks(ticks, labels)
-    return fig
-
-
-def _curves_figure(summary: dict) -> Figure:
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = _axes(fig, f"Validation top-1 per epoch\n{summary['title']}", "epoch",
-               "val top-1 (%)")
-    for curve in summary["curves"]:
-        rows = [r for r in curve["epochs"] if "val_top1" in r]
-        ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows],
-                label=f"gen {_gen(curve['generation'])}", marker="." if len(rows) < 40 else "")
-    ax.legend(fontsize=8)
-    return fig
-
-
-def write_figures(run_dir: Path, summary: dict, matrices: dict[int, np.ndarray],
-                  names: list[str] | None) -> list[str]:
-    """Write figures/*.png for what the run holds; return their names in reading order."""
-    ours = our_series(summary)
-    figures = {"error_per_generation.png": lambda: _error_figure(summary, ours)}
-    if summary["analysis"]:
-        figures["confidence.png"] = lambda: _confidence_figure(summary, ours)
-        if any(a["train"]["dist_c"] is not None for a in summary["analysis"]):
-            figures["dist.png"] = lambda: _dist_figure(summary)
-    # one colour scale for every generation, so the heat maps compare at a glance
-    vmax = max((float(np.nanmax(x, initial=0.0)) for x in matrices.values()), default=0) or 1.0
-    for m, matrix in matrices.items():
-        figures[f"second_class_gen{m}.png"] = (
-            lambda m=m, matrix=matrix: _second_class_figure(m, matrix, names, vmax))
-    if summary["curves"]:
-        figures["val_top1_per_epoch.png"] = lambda: _curves_figure(summary)
-    folder = run_dir / "figures"
-    folder.mkdir(exist_ok=True)
-    for name, draw in figures.items():
-        _save(draw(), folder / name)
-    for old in folder.glob("*.png"):  # a figure whose inputs are gone would mislead
-        if old.name not in figures and (old.name in FIGURE_NAMES
-                                        or old.name.startswith("second_class_gen")):
-            old.unlink()
-    return list(figures)
 
 
 def write_report(run_dir: Path, console: Console) -> Path:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fasttt.errors import UserError
+
 
 @pytest.fixture(autouse=True)
 def collect_loaders():
@@ -109,3 +111,20 @@ def cifar10_release(tmp_path):
 def cifar100_release(tmp_path):
     """A tiny cifar-100-python directory."""
     return write_cifar_release(tmp_path / "src", "cifar100", per_file=12)
+
+
+def one_line_refusal(call, *needles: str) -> str:
+    """Run `call`; it must raise a printable one-line UserError holding each needle."""
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert message.isprintable() and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under `root` with its kind, size and modification time."""
+    return {str(p.relative_to(root)): (p.is_dir(), p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}

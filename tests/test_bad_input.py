@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import write_image_folder
+from conftest import one_line_refusal, snapshot, write_image_folder
 from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,23 +49,6 @@ def fuzz(examples: int):
     """Hypothesis settings for CI: a fixed number of reproducible cases, no deadline."""
     return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
-
-
-def refusal(call, *needles: str) -> str:
-    """Run `call`; it must raise a printable one-line UserError holding each needle."""
-    with pytest.raises(UserError) as caught:
-        call()
-    message = str(caught.value)
-    assert message.isprintable() and "Traceback" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
-
-
-def snapshot(root: Path) -> dict:
-    """Every path under `root` with its kind, size and modification time."""
-    return {str(p.relative_to(root)): (p.is_dir(), p.lstat().st_size, p.lstat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
 
 
 def within(seconds: float, call):
@@ -261,7 +244,7 @@ def test_base_chains_cycles_and_missing_bases_are_one_line(tmp_path_factory, lin
 def test_a_base_chain_deeper_than_the_limit_is_one_line(tmp_path):
     for i in range(40):
         (tmp_path / f"f{i}.toml").write_text(f'base = "f{i + 1}.toml"\n' if i < 39 else "")
-    refusal(lambda: load_recipe(tmp_path / "f0.toml"), "more than 32 base recipes")
+    one_line_refusal(lambda: load_recipe(tmp_path / "f0.toml"), "more than 32 base recipes")
     assert load_recipe(tmp_path / "f30.toml").run.seed == 0
 
 
@@ -298,7 +281,7 @@ def test_huge_values_that_would_fail_later_are_refused_up_front(tmp_path):
                           ("generations.temperature=1e-300", "generations.temperature"),
                           ("run.name=..", "run.name"), ('run.name="a\\u0000"', "run.name"),
                           ("run.name=\udcff", "run.name")]:
-        refusal(lambda o=override: load_recipe(path, [o]), f"{path} (with --set): {key} ")
+        one_line_refusal(lambda o=override: load_recipe(path, [o]), f"{path} (with --set): {key} ")
 
 
 def test_train_cli_prints_one_line_and_exits_2_on_bad_recipes(tmp_path):
@@ -350,7 +333,7 @@ def read_val(beton_dir: Path) -> np.ndarray:
 def refused_without_writes(beton_dir: Path, *needles: str) -> None:
     """Opening the val loader is refused in one line, and nothing under beton_dir changes."""
     before = snapshot(beton_dir)
-    within(60, lambda: refusal(lambda: read_val(beton_dir), *needles))
+    within(60, lambda: one_line_refusal(lambda: read_val(beton_dir), *needles))
     assert snapshot(beton_dir) == before
 
 
@@ -415,7 +398,7 @@ def test_empty_missing_directory_and_swapped_betons_are_refused(digits, tmp_path
     manifest = json.loads((digits / "manifest.json").read_text())
     manifest["splits"]["train"]["count"] = 1437
     (train / "manifest.json").write_text(json.dumps(manifest))
-    refusal(lambda: train_loader(train, batch_size=8, seed=0, num_workers=1),
+    one_line_refusal(lambda: train_loader(train, batch_size=8, seed=0, num_workers=1),
             "holds 360 samples, manifest.json says 1437")
 
 
@@ -487,7 +470,7 @@ def photos(tmp_path_factory) -> Path:
 def test_photo_betons_with_lying_sizes_are_refused(photos, tmp_path):
     def refused_unchanged(work, needle):
         before = snapshot(work)
-        refusal(lambda: sequential_loader(work, split="train", batch_size=4, num_workers=1,
+        one_line_refusal(lambda: sequential_loader(work, split="train", batch_size=4, num_workers=1,
                                           canvas_size=64), needle)
         assert snapshot(work) == before
 

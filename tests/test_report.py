@@ -15,8 +15,9 @@ from matplotlib.image import imread
 from rich.console import Console
 
 from fasttt.errors import UserError
+from fasttt.paper import PAPER_SETTINGS, match_paper, our_series
 from fasttt.recipe import load_recipe, write_recipe
-from fasttt.report import PAPER_SETTINGS, load_run, main, match_paper, our_series, write_report
+from fasttt.report import load_run, main, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_d06.toml"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_cifar_release
+from conftest import one_line_refusal, snapshot, write_cifar_release
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -32,23 +32,6 @@ from fasttt.cache import array_specs, open_arrays
 from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint, write_json
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
-
-
-def one_line_refusal(call, *needles: str) -> str:
-    """Run `call`; it must raise a printable one-line UserError holding each needle."""
-    with pytest.raises(UserError) as caught:
-        call()
-    message = str(caught.value)
-    assert message.isprintable() and "Traceback" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
-
-
-def listing(root: Path) -> dict:
-    """Every path under `root` with its size and modification time."""
-    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
 
 
 class Call:
@@ -129,13 +112,13 @@ def test_cifar_pickles_that_run_code_are_refused(tmp_path, victim):
         marker.unlink()
     for name, payload in attempts.items():
         (release / victim).write_bytes(payload)
-        before = listing(tmp_path)
+        before = snapshot(tmp_path)
         message = one_line_refusal(
             lambda: build_betons(["cifar10", str(release), str(tmp_path / "out")]),
             f"refusing {release / victim}")
         assert not marker.exists(), name
         assert not (tmp_path / "out").exists(), name
-        after = {k: v for k, v in listing(tmp_path).items() if k != ".out.lock"}
+        after = {k: v for k, v in snapshot(tmp_path).items() if k != ".out.lock"}
         assert after == {k: v for k, v in before.items() if k != ".out.lock"}, name
         assert "not a plain CIFAR pickle" in message or "expected a dict" in message, message
 
@@ -240,12 +223,12 @@ def test_checkpoint_state_that_runs_code_is_refused(checkpoint, tmp_path):
                 torch.load(state, weights_only=False)
                 assert marker.exists()
                 marker.unlink()
-            before = listing(gen)
+            before = snapshot(gen)
             one_line_refusal(lambda: load_checkpoint(gen, model, optimizer, None),
                              f"refusing {state}: not plain tensor data (unsupported global ",
                              "delete")
             assert not marker.exists(), (name, layout)
-            assert listing(gen) == before
+            assert snapshot(gen) == before
 
 
 def test_damaged_checkpoints_and_pointers_are_one_line(checkpoint, tmp_path):
@@ -309,8 +292,8 @@ def test_cache_arrays_holding_pickles_are_refused(tmp_path):
         np.load(cache / f"{name}.npy", allow_pickle=True)  # a plain load runs it
         assert marker.exists()
         marker.unlink()
-        before = listing(cache)
+        before = snapshot(cache)
         one_line_refusal(lambda: open_arrays(cache, WANTED), f"{name}.npy is damaged",
                          "delete the cache")
-        assert not marker.exists() and listing(cache) == before
+        assert not marker.exists() and snapshot(cache) == before
         (cache / f"{name}.npy").write_bytes(original)
