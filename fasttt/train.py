@@ -31,6 +31,7 @@ from rich.table import Table
 
 from fasttt.analysis import analyze_run
 from fasttt.cache import CachedTeacher, build_cache, expected_manifest
+from fasttt.checkpoint import drop_checkpoints
 from fasttt.data import MANIFEST, read_manifest
 from fasttt.engine import (
     GenerationSpec,
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         directory = run_dir / f"gen{m}"
         if is_finished(directory):
             console.print(f"gen{m}: finished earlier, kept")
+            on_main_process(accelerator, drop_checkpoints, directory)  # a kill's leftovers
             results.append(read_json(directory / "eval.json"))
             continue
         if m == 0:  # the patriarch learns from labels with the softened objective
