@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -135,9 +133,10 @@ def _fresh_run(patriarch, target: Path) -> Path:
     return target
 
 
-def test_two_ranks_build_the_same_bytes_and_a_killed_build_is_redone(patriarch, tmp_path):
+def test_two_ranks_build_the_same_bytes(patriarch, tmp_path):
+    # Kills during a cache build: tests/test_faults.py.
     _, digits = patriarch
-    args = [str(RECIPE), "--generation", "0", *flags(digits, **{"cache.views": 12})]
+    args = [str(RECIPE), "--generation", "0", *flags(digits, **{"cache.views": 4})]
     one = _fresh_run(patriarch, tmp_path / "one")
     solo = _cache_cli([*args, "--runs-dir", str(one)])
     assert solo.wait(timeout=300) == 0, solo.stderr.read()
@@ -150,21 +149,6 @@ def test_two_ranks_build_the_same_bytes_and_a_killed_build_is_redone(patriarch, 
     gen = Path("digits_d06") / "gen0" / "cache"
     for name in ("values.npy", "ids.npy", "log_partition.npy", "manifest.json"):
         assert (one / gen / name).read_bytes() == (two / gen / name).read_bytes(), name
-
-    killed_run = _fresh_run(patriarch, tmp_path / "killed")
-    partial = killed_run / "digits_d06" / "gen0" / ".cache.partial"
-    killed = _cache_cli([*args, "--runs-dir", str(killed_run)], start_new_session=True)
-    deadline = time.time() + 120
-    while not (partial / "log_partition.npy").is_file():
-        assert killed.poll() is None and time.time() < deadline, "build ended before the kill"
-        time.sleep(0.01)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert not (killed_run / gen).exists()
-    rerun = _cache_cli([*args, "--runs-dir", str(killed_run)])
-    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
-    assert not partial.exists()
-    assert (killed_run / gen / "values.npy").read_bytes() == (one / gen / "values.npy").read_bytes()
 
 
 def test_views_that_would_change_size_between_epochs_are_refused(patriarch):

@@ -9,8 +9,10 @@ import timm
 import torch
 from torch import nn
 
+from fasttt.engine import build_model
 from fasttt.errors import UserError
 from fasttt.models import CIFAR_MODELS, create_model, penultimate_features
+from fasttt.recipe import build_recipe
 
 FAST_MODELS = [name for name in CIFAR_MODELS if name != "cifar_densenet_bc190"]
 # Published sizes (He et al. 2016 Table 6; Huang et al. 2017 Table 2), in parameters.
@@ -134,3 +136,13 @@ def test_weight_init():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
     assert (model.get_classifier().bias == 0).all()
+
+
+def test_run_compile_compiles_in_place_and_keeps_checkpoint_keys():
+    plain = build_model(build_recipe({}, "defaults"), 10, seed=0)
+    compiled = build_model(build_recipe({"run": {"compile": True}}, "defaults"), 10, seed=0)
+    # nn.Module.compile: the forward is compiled lazily, the module and its keys stay.
+    assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(compiled.state_dict().values(),
+                                                 plain.state_dict().values(), strict=True))
