@@ -7,7 +7,7 @@
 Steady-state throughput of the recipe's model, train size, batch size, precision and
 loader settings, measured side by side in one run with the trainer's own code
 (`fasttt.engine.train_epoch`, `loaders`, `build_model`; `fasttt.cache.build_cache`,
-`CachedTeacher`; `fasttt.train.make_accelerator`):
+`CachedTeacher`; `fasttt.train.accelerator_and_console`):
 
 1. loader alone: the FFCV train loader, batches moved to the device (the ceiling);
 2. patriarch step: loader + keyed augmentation + forward/backward/SGD, patriarch loss;
@@ -61,7 +61,7 @@ from fasttt.errors import UserError, exit_on_user_error
 from fasttt.losses import patriarch_objective, student_objective
 from fasttt.optim import make_optimizer
 from fasttt.recipe import Recipe, load_recipe
-from fasttt.train import ensure_betons, make_accelerator
+from fasttt.train import accelerator_and_console, ensure_betons
 
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
 PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
@@ -446,10 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     """Measure every row, print the table, write the JSON."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.recipe, args.set)
-    console = Console()
-    accelerator = make_accelerator(recipe, console)
-    if not accelerator.is_main_process:
-        console = Console(quiet=True)
+    accelerator, console = accelerator_and_console(recipe)
     recipe = prepare_data(recipe, args, accelerator, console)
     beton = ensure_betons(recipe, accelerator)
     count = beton["splits"]["train"]["count"]

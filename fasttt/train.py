@@ -98,6 +98,13 @@ def make_accelerator(recipe: Recipe, console: Console) -> Accelerator:
     return accelerator
 
 
+def accelerator_and_console(recipe: Recipe) -> tuple[Accelerator, Console]:
+    """The run's Accelerator, and a console that only the main process prints to."""
+    console = Console()
+    accelerator = make_accelerator(recipe, console)
+    return accelerator, console if accelerator.is_main_process else Console(quiet=True)
+
+
 def precompute_cache(gen_dir: Path, recipe: Recipe, accelerator: Accelerator) -> dict:
     """Build (or verify) gen_dir/cache from its last epoch; return the cache's manifest."""
     num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
@@ -137,10 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     """Train the patriarch and its students, then analyse the run and write its report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.recipe, args.set)
-    console = Console()
-    accelerator = make_accelerator(recipe, console)
-    if not accelerator.is_main_process:
-        console = Console(quiet=True)
+    accelerator, console = accelerator_and_console(recipe)
     run_dir = args.runs_dir / recipe.run.name
     lock = on_main_process(accelerator, lock_run_dir, run_dir)  # held until the process ends
     on_main_process(accelerator, prepare_run_dir, run_dir, recipe)
