@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from rich.console import Console
 
-from fasttt.augment import eval_view
-from fasttt.checkpoint import write_json
-from fasttt.data import read_manifest, sequential_loader
-from fasttt.engine import is_finished, last_epoch_model, progress_bar
+from fasttt.checkpoint import write_atomically, write_json
+from fasttt.data import read_manifest
+from fasttt.engine import eval_images, is_finished, last_epoch_model, progress_bar, split_loader
 from fasttt.errors import UserError
 from fasttt.models import penultimate_features
 from fasttt.recipe import Recipe
@@ -138,26 +137,12 @@ def superclass_map(recipe: Recipe, manifest: dict, num_classes: int) -> list[int
 # ---------------------------------------------------------------- model passes
 
 
-def _loader(recipe: Recipe, accelerator: Accelerator, split: str):
-    """This process's in-order slice of a split (train capped by data.train_limit)."""
-    data = recipe.data
-    device = accelerator.device if accelerator.device.type == "cuda" else None
-    return sequential_loader(
-        data.beton_dir, split=split, batch_size=recipe.cache.batch_size,
-        num_workers=data.num_workers, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, os_cache=data.os_cache,
-        canvas_size=data.canvas_size or None, device=device,
-        limit=data.train_limit if split == "train" else 0)
-
-
 def _views(loader, recipe: Recipe, accelerator: Accelerator, progress, description: str):
     """(un-augmented views, labels) of each batch on the device, advancing a progress task."""
     task = progress.add_task(description, total=len(loader), info="")
     for batch in loader:
-        images = eval_view(batch.image.to(accelerator.device, non_blocking=True),
-                           size=recipe.augment.eval_size, spec=recipe.augment,
-                           extent=batch.extent)
-        yield images, batch.label.to(accelerator.device, non_blocking=True)
+        yield (eval_images(batch, recipe, accelerator.device),
+               batch.label.to(accelerator.device, non_blocking=True))
         progress.advance(task)
     progress.remove_task(task)
 
@@ -177,7 +162,8 @@ def _zero_sums(model, recipe: Recipe, num_classes: int, device) -> dict[str, tor
 def _split_sums(model, split: str, recipe: Recipe, accelerator: Accelerator, num_classes: int,
                 progress) -> dict[str, torch.Tensor]:
     """Every statistic of one split, summed over its batches and over every process."""
-    loader = _loader(recipe, accelerator, split)
+    loader = split_loader(recipe, accelerator, split, recipe.cache.batch_size,
+                          limit=recipe.data.train_limit if split == "train" else 0)
     with torch.inference_mode(), accelerator.autocast():
         sums = _zero_sums(model, recipe, num_classes, accelerator.device)
         for images, labels in _views(loader, recipe, accelerator, progress, f"analysis {split}"):
@@ -235,7 +221,7 @@ def ensemble_accuracies(models: list, recipe: Recipe, accelerator: Accelerator) 
         model.eval()
     hits = torch.zeros(len(models), 2, dtype=torch.float64, device=accelerator.device)
     samples = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    loader = _loader(recipe, accelerator, "val")
+    loader = split_loader(recipe, accelerator, "val", recipe.cache.batch_size)
     with (progress_bar(accelerator.is_main_process) as progress, torch.inference_mode(),
           accelerator.autocast()):
         for images, labels in _views(loader, recipe, accelerator, progress, "ensembles"):
@@ -251,16 +237,6 @@ def ensemble_accuracies(models: list, recipe: Recipe, accelerator: Accelerator) 
 
 
 # ---------------------------------------------------------------- the run directory
-
-
-def save_array(path: Path, array: np.ndarray) -> None:
-    """Write a .npy file through a temporary name, so `path` is never seen half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _ensemble_size(path: Path) -> int | None:
@@ -297,7 +273,7 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
         model = last_epoch_model(gen_dir, recipe, num_classes, accelerator.device)
         analysis, second_class = analyze_generation(model, recipe, accelerator, superclasses)
         if main:
-            save_array(gen_dir / SECOND_CLASS, second_class)
+            write_atomically(gen_dir / SECOND_CLASS, partial(np.save, arr=second_class))
             write_json(gen_dir / ANALYSIS, {"generation": m, **analysis})
             train = analysis["train"]
             console.print(f"gen{m} analysis: train top-1 {train['top1']:.2f}%, confidence "

@@ -32,7 +32,8 @@ import torch
 
 from fasttt.augment import eval_view, train_size, train_view
 from fasttt.checkpoint import sha256_file, write_json
-from fasttt.data import read_manifest, sequential_loader
+from fasttt.data import read_manifest
+from fasttt.engine import progress_bar, split_loader
 from fasttt.errors import UserError, exit_on_user_error, one_line
 from fasttt.losses import TopKTeacher
 from fasttt.recipe import Recipe
@@ -155,13 +156,8 @@ def teacher_views(images, index, view: int, recipe: Recipe, extent) -> torch.Ten
 
 def _label(model, recipe: Recipe, manifest: dict, arrays: dict, accelerator) -> None:
     """Fill this rank's slice of the arrays with the teacher's outputs on every view."""
-    from fasttt.engine import progress_bar
-
-    loader = sequential_loader(
-        recipe.data.beton_dir, split="train", batch_size=recipe.cache.batch_size,
-        num_workers=recipe.data.num_workers, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, canvas_size=recipe.data.canvas_size or None,
-        limit=manifest["samples"])
+    loader = split_loader(recipe, accelerator, "train", recipe.cache.batch_size,
+                          limit=manifest["samples"])
     model.eval()
     with progress_bar(accelerator.is_main_process) as progress:
         task = progress.add_task("teacher cache", total=len(loader), info="")

@@ -12,10 +12,12 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fasttt.errors import UserError, one_line
 
@@ -31,27 +33,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write text through a temporary name, so `path` is never seen half-written."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Let `write` fill a hidden temporary file, fsync it, then rename it to `path`.
+
+    Every file fasttt writes goes through here, so `path` is never seen half-written,
+    whenever the process dies.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically (see `write_atomically`)."""
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
 def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (see `write_text`)."""
+    """Write JSON atomically (see `write_atomically`)."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """The model's state (parameters and buffers) as safetensors, written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(save(state)))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

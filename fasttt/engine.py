@@ -94,21 +94,39 @@ def is_finished(directory: Path) -> bool:
     return (directory / "eval.json").is_file()
 
 
+def _loader_settings(recipe: Recipe, accelerator: Accelerator) -> dict:
+    data = recipe.data
+    device = accelerator.device if accelerator.device.type == "cuda" else None
+    return dict(num_workers=data.num_workers, os_cache=data.os_cache,
+                canvas_size=data.canvas_size or None, device=device)
+
+
+def split_loader(recipe: Recipe, accelerator: Accelerator, split: str, batch_size: int,
+                 limit: int = 0):
+    """This process's in-order slice of a split: evaluation, analysis and the cache pass."""
+    return sequential_loader(recipe.data.beton_dir, split=split, batch_size=batch_size,
+                             rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, limit=limit,
+                             **_loader_settings(recipe, accelerator))
+
+
 def loaders(recipe: Recipe, accelerator: Accelerator):
     """This process's train loader (its shard) and val loader (its slice)."""
-    data, processes = recipe.data, accelerator.num_processes
+    processes = accelerator.num_processes
     if recipe.optim.batch_size % processes:
         raise UserError(f"optim.batch_size {recipe.optim.batch_size} must divide evenly over "
                         f"{processes} processes")
     per_process = recipe.optim.batch_size // processes
-    device = accelerator.device if accelerator.device.type == "cuda" else None
-    common = dict(num_workers=data.num_workers, os_cache=data.os_cache,
-                  canvas_size=data.canvas_size or None, device=device)
-    train = train_loader(data.beton_dir, batch_size=per_process, seed=recipe.run.seed,
-                         distributed=processes > 1, limit=data.train_limit, **common)
-    val = sequential_loader(data.beton_dir, split="val", batch_size=2 * per_process,
-                            rank=accelerator.process_index, world_size=processes, **common)
-    return train, val
+    train = train_loader(recipe.data.beton_dir, batch_size=per_process, seed=recipe.run.seed,
+                         distributed=processes > 1, limit=recipe.data.train_limit,
+                         **_loader_settings(recipe, accelerator))
+    return train, split_loader(recipe, accelerator, "val", 2 * per_process)
+
+
+def eval_images(batch, recipe: Recipe, device: torch.device) -> torch.Tensor:
+    """A batch's un-augmented evaluation view, on `device`."""
+    return eval_view(batch.image.to(device, non_blocking=True), size=recipe.augment.eval_size,
+                     spec=recipe.augment, extent=batch.extent)
 
 
 def evaluate(model, loader, recipe: Recipe, accelerator: Accelerator) -> dict:
@@ -118,10 +136,7 @@ def evaluate(model, loader, recipe: Recipe, accelerator: Accelerator) -> dict:
     count = 0
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
-            images = eval_view(batch.image.to(accelerator.device, non_blocking=True),
-                               size=recipe.augment.eval_size, spec=recipe.augment,
-                               extent=batch.extent)
-            logits = model(images).float()
+            logits = model(eval_images(batch, recipe, accelerator.device)).float()
             labels = batch.label.to(accelerator.device, non_blocking=True)
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             top1, top5 = top1 + hits[:, 0].sum(), top5 + hits.any(dim=1).sum()

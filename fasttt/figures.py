@@ -9,7 +9,6 @@ temporary name.
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fasttt.checkpoint import write_atomically
 from fasttt.paper import SINGLE_LABELS, our_series
 
 FIGURE_DPI = 150
@@ -47,9 +47,8 @@ def _line(ax, values, paper: bool = False, **style) -> None:
 
 def _save(fig: Figure, path: Path) -> None:
     """PNG through a temporary name; no software tag, so the same inputs give the same bytes."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-    os.replace(tmp, path)
+    write_atomically(path, partial(fig.savefig, format="png", dpi=FIGURE_DPI,
+                                   metadata={"Software": None}))
 
 
 def _error_figure(summary: dict, ours: dict) -> Figure:

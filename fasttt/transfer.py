@@ -28,10 +28,9 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.svm import LinearSVC
 
-from fasttt.augment import eval_view
 from fasttt.checkpoint import load_weights, write_json
 from fasttt.data import MANIFEST, BetonLoader, is_photo, read_manifest, sequential_loader
-from fasttt.engine import build_model, is_finished, progress_bar
+from fasttt.engine import build_model, eval_images, is_finished, progress_bar
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.models import penultimate_features
 from fasttt.recipe import Recipe, load_recipe
@@ -189,10 +188,8 @@ def extract_features(model: torch.nn.Module, loaders: list[tuple[int, BetonLoade
     with torch.inference_mode():
         for offset, loader in loaders:
             for batch in loader:
-                images = eval_view(batch.image.to(device, non_blocking=True),
-                                   size=recipe.augment.eval_size, spec=recipe.augment,
-                                   extent=batch.extent)
-                features[offset + batch.index.cpu()] = penultimate_features(model, images).cpu()
+                images = eval_images(batch, recipe, device)
+                features[offset + batch.index] = penultimate_features(model, images).cpu()
                 progress.advance(task)
     progress.remove_task(task)
     return features.numpy()
