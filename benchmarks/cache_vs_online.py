@@ -26,34 +26,32 @@ from rich.console import Console
 from rich.table import Table
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.cache import CachedTeacher, build_cache, expected_manifest
+from fasttt.cache import build_cache, expected_manifest, open_arrays
 from fasttt.checkpoint import save_weights
-from fasttt.data import read_manifest
-from fasttt.engine import (
-    GenerationSpec,
-    OnlineTeacher,
-    build_model,
-    loaders,
-    progress_bar,
-    train_epoch,
-)
+from fasttt.data import generation_loaders, read_manifest, split_loader, train_samples
+from fasttt.engine import GenerationSpec, Learner, train_epoch
 from fasttt.losses import patriarch_objective, student_objective
-from fasttt.optim import make_optimizer
+from fasttt.models import build_model
+from fasttt.optim import lr_schedule, make_optimizer
+from fasttt.processes import make_accelerator
+from fasttt.progress import progress_bar
 from fasttt.recipe import load_recipe
-from fasttt.train import make_accelerator
+from fasttt.teachers import CachedTeacher, OnlineTeacher, view_schedule
 
 
 def epoch_seconds(spec, recipe, accelerator, num_classes, epochs: int) -> float:
     """Median seconds of a training epoch of a fresh model with this spec."""
-    model = build_model(recipe, num_classes, seed=1).to(accelerator.device)
-    optimizer = make_optimizer(model, recipe.optim)
-    train, _ = loaders(recipe, accelerator)
+    model = build_model(recipe.model, recipe.run, num_classes, seed=1).to(accelerator.device)
+    train, _ = generation_loaders(recipe.data, recipe.optim.batch_size, spec.views.key,
+                                  accelerator)
+    learner = Learner(model, make_optimizer(model, recipe.optim),
+                      lr_schedule(recipe.optim, recipe.schedule, len(train)))
     times = []
     with progress_bar(False) as progress:
         for epoch in range(epochs + 1):
             train.set_epoch(epoch)
             start = time.perf_counter()
-            train_epoch(model, optimizer, train, spec, recipe, epoch, accelerator, progress)
+            train_epoch(learner, train, spec, epoch, accelerator, progress)
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -64,31 +62,41 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                  f'data.beton_dir="{work / "digits"}"', *args.set]
     recipe = load_recipe(args.recipe, overrides)
     build_betons(["digits", recipe.data.beton_dir])
-    accelerator = make_accelerator(recipe, Console(quiet=True))
-    num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
-    teacher_model = build_model(recipe, num_classes, seed=0).to(accelerator.device)
-    save_weights(teacher_model, work / "teacher.safetensors")
-    wanted = expected_manifest(recipe, work / "teacher.safetensors", num_classes)
-    start = time.perf_counter()
-    build_cache(work / "cache", teacher_model, wanted, recipe, accelerator)
-    build = time.perf_counter() - start
+    accelerator = make_accelerator(recipe.run.mixed_precision, Console(quiet=True))
+    beton = read_manifest(recipe.data.beton_dir)
+    num_classes, samples = len(beton["class_names"]), train_samples(recipe.data, beton)
     method = recipe.generations
-    cached = CachedTeacher(work / "cache", wanted, accelerator.device)
+    patriarch_views, views = (view_schedule(recipe.run.seed, m, recipe.schedule.epochs,
+                                            recipe.augment, recipe.cache) for m in (0, 1))
+    teacher_model = build_model(recipe.model, recipe.run, num_classes, seed=0)
+    teacher_model = teacher_model.to(accelerator.device)
+    save_weights(teacher_model, work / "teacher.safetensors")
+    wanted = expected_manifest(work / "teacher.safetensors", beton, samples, views, recipe.cache,
+                               num_classes, method.temperature)
+    loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
+                          limit=samples)
+    online = OnlineTeacher(teacher_model, views, wanted["top_k"], wanted["temperature"])
+    start = time.perf_counter()
+    build_cache(work / "cache", online, wanted, loader, accelerator)
+    build = time.perf_counter() - start
+    cached = CachedTeacher(open_arrays(work / "cache", wanted), method.temperature,
+                           accelerator.device)
     student = student_objective(method.lam, method.temperature)
     specs = {
         "patriarch epoch": GenerationSpec(0, work, patriarch_objective(
-            method.patriarch_loss, method.u, method.k, method.eta)),
-        "student epoch, cache": GenerationSpec(1, work, student, cached, args.views),
-        "student epoch, online teacher": GenerationSpec(1, work, student,
-                                                        OnlineTeacher(teacher_model)),
+            method.patriarch_loss, method.u, method.k, method.eta), patriarch_views),
+        "student epoch, cache": GenerationSpec(1, work, student, views, cached),
+        "student epoch, online teacher": GenerationSpec(
+            1, work, student, views, OnlineTeacher(teacher_model, views, num_classes,
+                                                   method.temperature)),
     }
     seconds = {name: epoch_seconds(spec, recipe, accelerator, num_classes, args.epochs)
                for name, spec in specs.items()}
-    seconds["cache build, per view"] = build / args.views
+    seconds["cache build, per view"] = build / wanted["stored_views"]
     rows = np.random.default_rng(0).permutation(wanted["samples"])
     start = time.perf_counter()
     for i in range(0, len(rows) - 127, 128):
-        cached(None, torch.from_numpy(rows[i:i + 128]), i)
+        cached(torch.from_numpy(rows[i:i + 128]), i % wanted["stored_views"])
     lookups = (len(rows) // 128) * 128 / (time.perf_counter() - start)
     return {"seconds": seconds, "lookup_rows_per_s": lookups, "samples": wanted["samples"],
             "bytes_per_sample_per_view": sum(

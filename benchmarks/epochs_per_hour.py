@@ -6,8 +6,8 @@
 
 Steady-state throughput of the recipe's model, train size, batch size, precision and
 loader settings, measured side by side in one run with the trainer's own code
-(`fasttt.engine.train_epoch`, `loaders`, `build_model`; `fasttt.cache.build_cache`,
-`CachedTeacher`; `fasttt.train.accelerator_and_console`):
+(`fasttt.engine.train_epoch`, `fasttt.data.generation_loaders`, `fasttt.models.build_model`,
+`fasttt.cache.build_cache`, `fasttt.teachers`, `fasttt.processes.accelerator_and_console`):
 
 1. loader alone: the FFCV train loader, batches moved to the device (the ceiling);
 2. patriarch step: loader + keyed augmentation + forward/backward/SGD, patriarch loss;
@@ -53,15 +53,25 @@ from rich.table import Table
 
 from beton_builders.imagefolder import default_workers
 from fasttt.augment import train_size
-from fasttt.cache import CachedTeacher, build_cache, expected_manifest
-from fasttt.checkpoint import save_weights, write_json
-from fasttt.engine import GenerationSpec, OnlineTeacher, build_model, loaders, train_epoch
-from fasttt.engine import progress_bar as steps_bar
+from fasttt.cache import build_cache, expected_manifest, open_arrays
+from fasttt.checkpoint import save_weights
+from fasttt.data import (
+    ensure_betons,
+    generation_loaders,
+    read_manifest,
+    split_loader,
+    train_samples,
+)
+from fasttt.engine import GenerationSpec, Learner, train_epoch
 from fasttt.errors import UserError, exit_on_user_error
+from fasttt.files import write_json
 from fasttt.losses import patriarch_objective, student_objective
-from fasttt.optim import make_optimizer
+from fasttt.models import build_model
+from fasttt.optim import lr_schedule, make_optimizer
+from fasttt.processes import accelerator_and_console
+from fasttt.progress import progress_bar as steps_bar
 from fasttt.recipe import Recipe, load_recipe
-from fasttt.train import accelerator_and_console, ensure_betons
+from fasttt.teachers import CachedTeacher, OnlineTeacher, view_schedule
 
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
 PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
@@ -198,7 +208,13 @@ def measured_recipe(recipe: Recipe, epoch_samples: int, batches: int) -> Recipe:
     return replace(
         recipe, data=replace(recipe.data, train_limit=limit),
         augment=replace(recipe.augment, min_size=size, max_size=size, start_ramp=0, end_ramp=0),
-        cache=replace(recipe.cache, views=min(recipe.cache.views, BUILT_VIEWS)))
+        cache=replace(recipe.cache, views=min(recipe_views(recipe), BUILT_VIEWS)))
+
+
+def recipe_views(recipe: Recipe) -> int:
+    """How many views the recipe's teachers label (its caches' stored views)."""
+    return view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
+                         recipe.cache).teacher_views
 
 
 def loader_alone(train, args, recipe: Recipe, accelerator) -> Timing:
@@ -234,7 +250,7 @@ def training_steps(spec: GenerationSpec, train, args, recipe: Recipe, num_classe
                    accelerator) -> tuple[Timing, torch.nn.Module]:
     """Train a fresh model with `spec` for warmup + steps steps through `train_epoch`."""
     # As train_generation prepares each generation's model and optimizer.
-    model = build_model(recipe, num_classes, seed=1 + spec.index)
+    model = build_model(recipe.model, recipe.run, num_classes, seed=1 + spec.index)
     average_norm_statistics(model)
     optimizer = make_optimizer(model.to(accelerator.device), recipe.optim)
     if accelerator.scaler is not None:
@@ -242,18 +258,23 @@ def training_steps(spec: GenerationSpec, train, args, recipe: Recipe, num_classe
     model, optimizer = accelerator.prepare(model, optimizer)
     timed = TimedLoader(train, args.warmup, args.steps, recipe.optim.batch_size,
                         accelerator.device)
+    learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule, len(train)))
     with steps_bar(accelerator.is_main_process) as progress:
-        train_epoch(model, optimizer, timed, spec, recipe, 0, accelerator, progress)
+        train_epoch(learner, timed, spec, 0, accelerator, progress)
     accelerator.free_memory()
     return timed.timing, accelerator.unwrap_model(model)
 
 
-def cache_build(cache_dir: Path, teacher, wanted: dict, recipe: Recipe, accelerator) -> Timing:
+def cache_build(cache_dir: Path, teacher, schedule, wanted: dict, recipe: Recipe,
+                accelerator) -> Timing:
     """Build the cache with `build_cache`, timed after its first batch of views."""
     per_process = math.ceil(wanted["samples"] / accelerator.num_processes)
     skip = wanted["stored_views"] if per_process > recipe.cache.batch_size else 0
     clock = ForwardClock(teacher, skip, accelerator.device)
-    build_cache(cache_dir, clock, wanted, recipe, accelerator)
+    loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
+                          limit=wanted["samples"])
+    build_cache(cache_dir, OnlineTeacher(clock, schedule, wanted["top_k"], wanted["temperature"]),
+                wanted, loader, accelerator)
     synchronize(accelerator.device)
     return Timing(images=clock.images * accelerator.num_processes,
                   seconds=time.perf_counter() - clock.start)
@@ -267,10 +288,14 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     by the last weights of the generation before.
     """
     bench = measured_recipe(recipe, epoch_samples, args.warmup + args.steps)
-    train, _ = loaders(bench, accelerator)
     method, device = bench.generations, accelerator.device
+    beton = read_manifest(bench.data.beton_dir)
+    patriarch_views, views = (view_schedule(bench.run.seed, m, bench.schedule.epochs,
+                                            bench.augment, bench.cache) for m in (0, 1))
+    train, _ = generation_loaders(bench.data, bench.optim.batch_size, views.key, accelerator)
     patriarch = GenerationSpec(0, work, patriarch_objective(method.patriarch_loss, method.u,
-                                                            method.k))
+                                                            method.k, method.eta),
+                               patriarch_views)
     student = student_objective(method.lam, method.temperature)
     timings = {name: [] for name in ("loader", "patriarch_step", "cache_build",
                                      "student_step_cache", "student_step_online")}
@@ -286,14 +311,17 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
             if accelerator.is_main_process:
                 save_weights(teacher, work / "teacher.safetensors")
             accelerator.wait_for_everyone()
-            wanted = expected_manifest(bench, work / "teacher.safetensors", num_classes)
+            wanted = expected_manifest(work / "teacher.safetensors",
+                                       beton, train_samples(bench.data, beton), views,
+                                       bench.cache, num_classes, method.temperature)
         cache_dir = work / f"cache{r}"
-        timings["cache_build"].append(cache_build(cache_dir, teacher, wanted, bench,
+        timings["cache_build"].append(cache_build(cache_dir, teacher, views, wanted, bench,
                                                   accelerator))
         students = students or {
-            "student_step_cache": GenerationSpec(1, work, student, CachedTeacher(
-                cache_dir, wanted, device), bench.cache.views),
-            "student_step_online": GenerationSpec(1, work, student, OnlineTeacher(teacher))}
+            "student_step_cache": GenerationSpec(1, work, student, views, CachedTeacher(
+                open_arrays(cache_dir, wanted), method.temperature, device)),
+            "student_step_online": GenerationSpec(1, work, student, views, OnlineTeacher(
+                teacher, views, num_classes, method.temperature))}
         for name, spec in students.items():
             timings[name].append(training_steps(spec, train, args, bench, num_classes,
                                                 accelerator)[0])
@@ -346,7 +374,7 @@ def rows_from(timings: dict[str, list[Timing]], epoch_images: int, epoch_samples
         else:
             rows[name]["loader_wait_fraction"] = statistics.median(
                 t.waited / t.seconds for t in ts)
-    views, epochs = max(recipe.cache.views, 1), recipe.schedule.epochs
+    views, epochs = recipe_views(recipe), recipe.schedule.epochs
     shared = views * rows["cache_build"]["seconds_per_view"] / epochs
     seconds = epoch_images / rows["student_step_cache"]["images_per_s"] + shared
     rows["student_cache_with_build"] = {
@@ -370,7 +398,7 @@ def print_table(result: dict, console: Console) -> None:
         wait, rounds = row.get("loader_wait_fraction"), row.get("images_per_s_rounds")
         spread = f"{min(rounds):,.0f}-{max(rounds):,.0f}" if rounds else ""
         note = {"cache_build": f"{row.get('seconds_per_view', 0):.1f} s per view of the split",
-                "student_cache_with_build": f"{max(s['recipe_views'], 1)} views built once "
+                "student_cache_with_build": f"{s['recipe_views']} views built once "
                                             f"for {s['epochs']} epochs"}.get(name, "")
         table.add_row(LABELS[name], f"{row['images_per_s']:,.0f}", spread,
                       f"{row['epochs_per_hour']:,.1f}", f"{row['vs_loader']:.3g}",
@@ -436,8 +464,8 @@ def settings(recipe: Recipe, args, accelerator, epoch_samples: int) -> dict:
         # the train loader drops the last partial batch of every epoch
         "train_images_per_epoch": epoch_samples // batch * batch,
         "measured_samples": min(epoch_samples, (args.warmup + args.steps) * batch),
-        "recipe_views": recipe.cache.views,
-        "built_views": min(recipe.cache.views, BUILT_VIEWS), "epochs": recipe.schedule.epochs,
+        "recipe_views": recipe_views(recipe),
+        "built_views": min(recipe_views(recipe), BUILT_VIEWS), "epochs": recipe.schedule.epochs,
         "mixed_precision": accelerator.mixed_precision, "channels_last": recipe.run.channels_last,
         "compile": recipe.run.compile, "num_workers": recipe.data.num_workers}
 
@@ -446,11 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     """Measure every row, print the table, write the JSON."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.recipe, args.set)
-    accelerator, console = accelerator_and_console(recipe)
+    accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
     recipe = prepare_data(recipe, args, accelerator, console)
-    beton = ensure_betons(recipe, accelerator)
-    count = beton["splits"]["train"]["count"]
-    epoch_samples = min(recipe.data.train_limit, count) if recipe.data.train_limit else count
+    beton = ensure_betons(recipe.data, accelerator)
+    epoch_samples = train_samples(recipe.data, beton)
     out = args.out or Path("bench_out") / f"epochs_per_hour_{args.recipe.stem}.json"
     # Teacher weights and caches, in one place for every process (each would get its own
     # temporary directory); removed afterwards.

@@ -74,7 +74,7 @@ def write_photo_tree(root: Path, images: int, classes: int, workers: int) -> flo
                   first + i) for i in range(count)]
     sizes = []
     with progress_bar() as progress, multiprocessing.Pool(workers) as pool:
-        task = progress.add_task("synthetic JPEGs", total=len(jobs))
+        task = progress.add_task("synthetic JPEGs", total=len(jobs), info="")
         for size in pool.imap_unordered(_save_photo, jobs, chunksize=32):
             sizes.append(size)
             progress.advance(task)

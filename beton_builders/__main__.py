@@ -18,23 +18,17 @@ from beton_builders.digits import build_digits
 from beton_builders.imagefolder import PhotoOptions, build_imagefolder, default_workers
 from beton_builders.writing import finish_manifest, print_summary, staged_output
 from fasttt.data import MANIFEST, read_manifest
-from fasttt.errors import UserError, exit_on_user_error
+from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 
 SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
 USAGE = "python -m beton_builders {digits OUT_DIR | cifar10|cifar100|imagefolder SRC OUT_DIR}"
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit status 2, like every fasttt error."""
-
-    def error(self, message):
-        raise UserError(f"{message} (usage: {USAGE})")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line; the source decides whether SRC is expected."""
-    parser = _OneLineParser(prog="python -m beton_builders", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m beton_builders", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           usage_line=USAGE)
     parser.add_argument("source", help=f"one of {', '.join(SOURCES)}")
     parser.add_argument("paths", nargs="+", metavar="[SRC] OUT_DIR")
     parser.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR is built")

@@ -78,7 +78,7 @@ def probe_all(items: list[tuple[Path, int]], num_workers: int, description: str)
     """probe_image over every item, in parallel, with a progress bar."""
     paths = [p for p, _ in items]
     with progress_bar() as progress, multiprocessing.Pool(num_workers) as pool:
-        task = progress.add_task(description, total=len(paths))
+        task = progress.add_task(description, total=len(paths), info="")
         results = []
         for result in pool.imap(probe_image, paths, chunksize=32):
             results.append(result)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
-import shutil
 from pathlib import Path
 
 import ffcv.writer
@@ -13,13 +11,14 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from beton_builders import BUILDER_VERSION
-from fasttt.checkpoint import sha256_file, write_json
 from fasttt.data import MANIFEST
 from fasttt.errors import UserError
+from fasttt.files import fsync_path, sha256_file, staged_dir, write_json
+from fasttt.progress import progress_bar as fasttt_progress_bar
 
 SPLITS = ("train", "val")
 PAGE_SIZE = 2**21  # FFCV's minimum; its 8 MiB default bloats small betons
@@ -27,24 +26,8 @@ console = Console(stderr=True)
 
 
 def progress_bar() -> Progress:
-    """A rich progress bar with count, rate-independent ETA and description."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's or directory's contents to disk before a rename makes them final."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fasttt's progress bar, on stderr, left on screen when done."""
+    return fasttt_progress_bar(console=console, transient=False)
 
 
 @contextlib.contextmanager
@@ -72,23 +55,8 @@ def staged_output(out_dir: Path):
         raise UserError(f"{out_dir} exists and is not a beton directory: "
                         "choose a new or empty OUT_DIR")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    previous = out_dir.parent / f".{out_dir.name}.previous"
-    with _exclusive(out_dir):
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        fsync_path(staging)
-        if out_dir.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(out_dir, previous)
-        os.replace(staging, out_dir)
-        fsync_path(out_dir.parent)
-        shutil.rmtree(previous, ignore_errors=True)
+    with _exclusive(out_dir), staged_dir(out_dir) as staging:
+        yield staging
 
 
 class ImageRows:
@@ -110,7 +78,7 @@ class _RichWriterProgress:
 
     def __init__(self, progress: Progress, description: str, total: int):
         self.progress = progress
-        self.task = progress.add_task(description, total=total)
+        self.task = progress.add_task(description, total=total, info="")
 
     def update(self, n: int) -> None:
         self.progress.advance(self.task, n)

@@ -12,7 +12,6 @@ same bytes, and an existing analysis.json is never recomputed.
 
 from __future__ import annotations
 
-import itertools
 import json
 from functools import partial
 from pathlib import Path
@@ -23,16 +22,24 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from rich.console import Console
 
-from fasttt.checkpoint import write_atomically, write_json
-from fasttt.data import read_manifest
-from fasttt.engine import eval_images, is_finished, last_epoch_model, progress_bar, split_loader
+from fasttt.augment import eval_images
+from fasttt.data import read_manifest, split_loader, train_samples
 from fasttt.errors import UserError
-from fasttt.models import penultimate_features
-from fasttt.recipe import Recipe
+from fasttt.files import write_atomically, write_json
+from fasttt.models import last_epoch_model, penultimate_features
+from fasttt.progress import progress_bar
+from fasttt.recipe import AugmentConfig, DataConfig, Recipe
+from fasttt.rundir import (
+    ANALYSIS,
+    ENSEMBLE,
+    SECOND_CLASS,
+    WEIGHTS,
+    finished_generations,
+    generation_dir,
+)
 
 CONFIDENCE_RANKS = 4  # Tables 1 and 3: the top-1 .. top-4 classes of each sample
 DIST_UNIT = "radians"  # Table 2's DistC/DistS (0.31-0.62) are arccos values in radians
-ANALYSIS, SECOND_CLASS, ENSEMBLE = "analysis.json", "second_class.npy", "ensemble.json"
 
 
 # ---------------------------------------------------------------- per-batch sums
@@ -116,10 +123,10 @@ def class_distances(sums: torch.Tensor, counts: torch.Tensor,
     return dist_c.item(), _angles(group_means, overall).mean().item()
 
 
-def superclass_map(recipe: Recipe, manifest: dict, num_classes: int) -> list[int] | None:
+def superclass_map(data: DataConfig, manifest: dict, num_classes: int) -> list[int] | None:
     """Class -> superclass ids: data.superclasses, else the beton's fine_to_coarse, else None."""
-    if recipe.data.superclasses:
-        mapping = list(recipe.data.superclasses)
+    if data.superclasses:
+        mapping = list(data.superclasses)
         if len(mapping) != num_classes:
             raise UserError(f"data.superclasses has {len(mapping)} entries but the beton has "
                             f"{num_classes} classes: give one superclass id per class")
@@ -128,7 +135,7 @@ def superclass_map(recipe: Recipe, manifest: dict, num_classes: int) -> list[int
     if not mapping:
         return None
     if len(mapping) != num_classes:
-        raise UserError(f"{recipe.data.beton_dir}: the manifest's fine_to_coarse has "
+        raise UserError(f"{data.beton_dir}: the manifest's fine_to_coarse has "
                         f"{len(mapping)} entries for {num_classes} classes: rebuild the betons "
                         "with --force, or set data.superclasses")
     return list(mapping)
@@ -137,20 +144,20 @@ def superclass_map(recipe: Recipe, manifest: dict, num_classes: int) -> list[int
 # ---------------------------------------------------------------- model passes
 
 
-def _views(loader, recipe: Recipe, accelerator: Accelerator, progress, description: str):
+def _views(loader, augment: AugmentConfig, device: torch.device, progress, description: str):
     """(un-augmented views, labels) of each batch on the device, advancing a progress task."""
     task = progress.add_task(description, total=len(loader), info="")
     for batch in loader:
-        yield (eval_images(batch, recipe, accelerator.device),
-               batch.label.to(accelerator.device, non_blocking=True))
+        yield (eval_images(batch, augment, device),
+               batch.label.to(device, non_blocking=True))
         progress.advance(task)
     progress.remove_task(task)
 
 
-def _zero_sums(model, recipe: Recipe, num_classes: int, device) -> dict[str, torch.Tensor]:
+def _zero_sums(model, eval_size: int, num_classes: int, device) -> dict[str, torch.Tensor]:
     """Empty sums, so a process whose slice is empty still joins the reduction."""
-    size = recipe.augment.eval_size
-    width = penultimate_features(model, torch.zeros(1, 3, size, size, device=device)).shape[1]
+    images = torch.zeros(1, 3, eval_size, eval_size, device=device)
+    width = penultimate_features(model, images).shape[1]
     zeros = dict(dtype=torch.float64, device=device)
     return {"samples": torch.zeros((), **zeros), "hits": torch.zeros(2, **zeros),
             "confidence": torch.zeros(min(CONFIDENCE_RANKS, num_classes), **zeros),
@@ -159,14 +166,13 @@ def _zero_sums(model, recipe: Recipe, num_classes: int, device) -> dict[str, tor
             "second": torch.zeros(num_classes, num_classes, **zeros)}
 
 
-def _split_sums(model, split: str, recipe: Recipe, accelerator: Accelerator, num_classes: int,
-                progress) -> dict[str, torch.Tensor]:
+def _split_sums(model, loader, augment: AugmentConfig, accelerator: Accelerator,
+                progress, description: str) -> dict[str, torch.Tensor]:
     """Every statistic of one split, summed over its batches and over every process."""
-    loader = split_loader(recipe, accelerator, split, recipe.cache.batch_size,
-                          limit=recipe.data.train_limit if split == "train" else 0)
+    num_classes, device = model.num_classes, accelerator.device
     with torch.inference_mode(), accelerator.autocast():
-        sums = _zero_sums(model, recipe, num_classes, accelerator.device)
-        for images, labels in _views(loader, recipe, accelerator, progress, f"analysis {split}"):
+        sums = _zero_sums(model, augment.eval_size, num_classes, device)
+        for images, labels in _views(loader, augment, device, progress, description):
             # penultimate_features and the logits share one backbone pass.
             feature_map = model.forward_features(images)
             features = model.forward_head(feature_map, pre_logits=True).float()
@@ -180,11 +186,11 @@ def _split_sums(model, split: str, recipe: Recipe, accelerator: Accelerator, num
         return accelerator.reduce(sums, reduction="sum")
 
 
-def _summary(sums: dict, split: str, recipe: Recipe, superclasses: list[int] | None) -> dict:
+def _summary(sums: dict, split: str, superclasses: list[int] | None) -> dict:
     """One split's entry of analysis.json."""
     samples = int(sums["samples"].item())
     if samples == 0:
-        raise UserError(f"{recipe.data.beton_dir}: the {split} split has no samples to analyse")
+        raise UserError(f"the {split} split has no samples to analyse")
     top1, top5 = (100 * sums["hits"] / samples).tolist()
     entry = {"samples": samples, "top1": top1}
     if split == "train":
@@ -197,41 +203,40 @@ def _summary(sums: dict, split: str, recipe: Recipe, superclasses: list[int] | N
     return entry | {"dist_c": dist_c, "dist_s": dist_s}
 
 
-def analyze_generation(model, recipe: Recipe, accelerator: Accelerator,
+def analyze_generation(model, splits: dict, augment: AugmentConfig, accelerator: Accelerator,
                        superclasses: list[int] | None) -> tuple[dict, np.ndarray]:
-    """One pass over train and one over val: the analysis entries and the confusion matrix.
+    """One pass over each of `splits` (train and val loaders): analysis entries, confusion.
 
     Every process calls this; each reads its own slice and the sums are reduced.
     """
     model.eval()
-    num_classes = model.num_classes
     with progress_bar(accelerator.is_main_process) as progress:
-        train, val = (_split_sums(model, split, recipe, accelerator, num_classes, progress)
-                      for split in ("train", "val"))
+        sums = {split: _split_sums(model, loader, augment, accelerator, progress,
+                                   f"analysis {split}") for split, loader in splits.items()}
     groups = None if superclasses is None else len({c for c in superclasses if c >= 0})
-    analysis = {"train": _summary(train, "train", recipe, superclasses),
-                "val": _summary(val, "val", recipe, superclasses),
-                "dist_unit": DIST_UNIT, "superclasses": groups}
-    return analysis, row_frequencies(train["second"])
+    analysis = {split: _summary(sums[split], split, superclasses) for split in ("train", "val")}
+    return analysis | {"dist_unit": DIST_UNIT, "superclasses": groups}, \
+        row_frequencies(sums["train"]["second"])
 
 
-def ensemble_accuracies(models: list, recipe: Recipe, accelerator: Accelerator) -> list[dict]:
+def ensemble_accuracies(models: list, loader, augment: AugmentConfig,
+                        accelerator: Accelerator) -> list[dict]:
     """Val top-1/top-5 (%) of the mean softmax of models[0..m], for each m, in one pass."""
     for model in models:
         model.eval()
     hits = torch.zeros(len(models), 2, dtype=torch.float64, device=accelerator.device)
     samples = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    loader = split_loader(recipe, accelerator, "val", recipe.cache.batch_size)
     with (progress_bar(accelerator.is_main_process) as progress, torch.inference_mode(),
           accelerator.autocast()):
-        for images, labels in _views(loader, recipe, accelerator, progress, "ensembles"):
+        for images, labels in _views(loader, augment, accelerator.device, progress,
+                                     "ensembles"):
             probabilities = [model(images).float().softmax(dim=1) for model in models]
             hits = hits + ensemble_hits(probabilities, labels)
             samples = samples + len(labels)
         totals = accelerator.reduce(torch.cat([hits.flatten(), samples[None]]), reduction="sum")
     hits, samples = totals[:-1].view(-1, 2), totals[-1].item()
     if samples == 0:
-        raise UserError(f"{recipe.data.beton_dir}: the val split has no samples to analyse")
+        raise UserError("the val split has no samples to analyse")
     return [{"members": list(range(m + 1)), "val_top1": 100 * top1 / samples,
              "val_top5": 100 * top5 / samples} for m, (top1, top5) in enumerate(hits.tolist())]
 
@@ -254,25 +259,33 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
     Every process calls this; only the main one writes.
     """
     run_dir = Path(run_dir)
-    finished = list(itertools.takewhile(lambda m: is_finished(run_dir / f"gen{m}"),
-                                        itertools.count()))
-    todo = [m for m in finished if not (run_dir / f"gen{m}" / ANALYSIS).is_file()]
+    finished = finished_generations(run_dir)
+    todo = [m for m in finished if not (generation_dir(run_dir, m) / ANALYSIS).is_file()]
     redo_ensemble = bool(finished) and _ensemble_size(run_dir / ENSEMBLE) != len(finished)
     accelerator.wait_for_everyone()  # every process has decided before any file appears
     if not todo and not redo_ensemble:
         return
     manifest = read_manifest(recipe.data.beton_dir)
     num_classes = len(manifest["class_names"])
-    superclasses = superclass_map(recipe, manifest, num_classes)
+    superclasses = superclass_map(recipe.data, manifest, num_classes)
     main = accelerator.is_main_process
     if todo and superclasses is None and main:
         console.print("no class -> superclass map (data.superclasses, or a beton with "
                       "fine_to_coarse such as CIFAR-100): DistC/DistS skipped")
+    batch = recipe.cache.batch_size
+    splits = {"train": split_loader(recipe.data, accelerator, "train", batch,
+                                    limit=train_samples(recipe.data, manifest)),
+              "val": split_loader(recipe.data, accelerator, "val", batch)}
+
+    def model_of(m: int):
+        return last_epoch_model(generation_dir(run_dir, m) / WEIGHTS, recipe.model, recipe.run,
+                                num_classes, accelerator.device)
+
     for m in todo:
-        gen_dir = run_dir / f"gen{m}"
-        model = last_epoch_model(gen_dir, recipe, num_classes, accelerator.device)
-        analysis, second_class = analyze_generation(model, recipe, accelerator, superclasses)
+        analysis, second_class = analyze_generation(model_of(m), splits, recipe.augment,
+                                                    accelerator, superclasses)
         if main:
+            gen_dir = generation_dir(run_dir, m)
             write_atomically(gen_dir / SECOND_CLASS, partial(np.save, arr=second_class))
             write_json(gen_dir / ANALYSIS, {"generation": m, **analysis})
             train = analysis["train"]
@@ -280,10 +293,8 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
                           + " ".join(f"{c:.3f}" for c in train["confidence"]))
         accelerator.wait_for_everyone()
     if redo_ensemble:
-        models = [last_epoch_model(run_dir / f"gen{m}", recipe, num_classes,
-                                   accelerator.device)
-                  for m in finished]
-        rows = ensemble_accuracies(models, recipe, accelerator)
+        rows = ensemble_accuracies([model_of(m) for m in finished], splits["val"],
+                                   recipe.augment, accelerator)
         if main:
             write_json(run_dir / ENSEMBLE, {"generations": rows})
             console.print(f"ensemble of gen0..gen{finished[-1]}: val top-1 "

@@ -1,8 +1,10 @@
 """Keyed, batched augmentation on the batch's own device, in torch only.
 
-Every random parameter of a view is a pure function of (seed, sample index, view index)
+Every random parameter of a view is a pure function of (key, sample index, view index)
 through a counter-based integer hash, so the teacher-cache pass and the student's loop
-compute the same pixels for a sample whatever the batch, order, process or device.
+compute the same pixels for a sample whatever the batch, order, process or device. The
+key mixes the run's seed with the generation (`generation_key`): each generation draws
+its own views, as an independent training run would.
 
 Images arrive as uint8 NCHW canvases (fasttt/data.py). For photos, `extent` (B, 2)
 gives the (height, width) region at the canvas's top-left that holds the photo; crops
@@ -32,6 +34,16 @@ def _mix32(x):
     x = ((x ^ (x >> 16)) * 0x85EBCA6B) & MASK32
     x = ((x ^ (x >> 13)) * 0xC2B2AE35) & MASK32
     return x ^ (x >> 16)
+
+
+def generation_key(seed: int, generation: int) -> int:
+    """The key of one generation's views and batch order: a 31-bit mix of seed and generation.
+
+    31 bits, because FFCV and numba's seeding take it; the views key on it through
+    `keyed_uniform`, FFCV's order on key + epoch.
+    """
+    return _mix32(_mix32(seed & MASK32) ^ ((generation * 0x9E3779B1 + 0x7F4A7C15) & MASK32)) \
+        & 0x7FFFFFFF
 
 
 def keyed_uniform(seed: int, index: torch.Tensor, view: int, stream: int,
@@ -215,6 +227,12 @@ def eval_view(images: torch.Tensor, *, size: int, spec: AugmentConfig,
         return normalize(images, spec.mean, spec.std, dtype)  # nothing to resample
     boxes = center_crop_boxes(*_frame(images, extent), spec.eval_crop_ratio)
     return normalize(resample_boxes(images, boxes, size), spec.mean, spec.std, dtype)
+
+
+def eval_images(batch, augment: AugmentConfig, device: torch.device) -> torch.Tensor:
+    """A loader batch's un-augmented evaluation view, on `device`."""
+    return eval_view(batch.image.to(device, non_blocking=True), size=augment.eval_size,
+                     spec=augment, extent=batch.extent)
 
 
 def train_size(epoch: int, spec: AugmentConfig) -> int:

@@ -3,24 +3,21 @@
     accelerate launch fasttt/cache.py RECIPE.toml --generation M   # build or verify gen M's
     python -m fasttt.cache info runs/NAME/genM/cache                # what a cache holds
 
-For each sample and each of R keyed views (view v is exactly the pixels a student sees
-at any epoch e with e mod R = v; R = 0 keeps one un-augmented view, the "fixed
-teacher"), the cache stores the teacher's top-k logits, their class ids and the
-log-partition at the student's temperature, so the student step looks rows up instead
-of running the teacher. Arrays are view-major .npy files ([V, N, k]), memory-mapped, so
-an epoch reads one contiguous slab. A cache is built under a temporary name, sealed
-with `complete: true` in its manifest, then renamed; one whose fingerprints (teacher
-weights, beton, augmentation) disagree with the run is refused.
+Generation M's cache holds its answers, as an online teacher gives them, for the views
+of its student, generation M+1 (fasttt/teachers.py): for each sample and each stored
+view, the top-k logits, their class ids and the log-partition at the student's
+temperature, so the student step looks rows up instead of running the teacher. Arrays
+are view-major .npy files ([V, N, k]), memory-mapped, so an epoch reads one contiguous
+slab. A cache is built under a hidden name, sealed with `complete: true` in its
+manifest, then renamed; one whose fingerprints (teacher weights, beton, views) disagree
+with the run is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,17 +26,23 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/ca
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
-from fasttt.augment import eval_view, train_size, train_view
-from fasttt.checkpoint import sha256_file, write_json
-from fasttt.data import read_manifest
-from fasttt.engine import progress_bar, split_loader
-from fasttt.errors import UserError, exit_on_user_error, one_line
-from fasttt.losses import TopKTeacher
-from fasttt.recipe import Recipe
+from fasttt.augment import train_size
+from fasttt.data import read_manifest, split_loader, train_samples
+from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
+from fasttt.files import publish_dir, sha256_file, staging_dir, staging_path, write_json
+from fasttt.models import last_epoch_model
+from fasttt.processes import accelerator_and_console
+from fasttt.progress import progress_bar
+from fasttt.recipe import CacheConfig, Recipe, load_recipe
+from fasttt.rundir import CACHE, WEIGHTS, generation_dir
+from fasttt.teachers import CACHE_ARRAYS, CachedTeacher, OnlineTeacher, ViewSchedule, view_schedule
 
-FORMAT_VERSION = 1
-ARRAYS = ("values", "ids", "log_partition")
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+USAGE = ("accelerate launch fasttt/cache.py RECIPE.toml --generation M [--set S.K=V] "
+         "[--runs-dir DIR] | python -m fasttt.cache info CACHE_DIR")
 
 
 def id_dtype(num_classes: int) -> np.dtype:
@@ -48,29 +51,27 @@ def id_dtype(num_classes: int) -> np.dtype:
                     np.uint16 if num_classes <= 65536 else np.uint32)
 
 
-def expected_manifest(recipe: Recipe, teacher_weights: Path, num_classes: int) -> dict:
-    """Everything a cache for this run and teacher must agree on (all but `complete`)."""
-    data, cache = recipe.data, recipe.cache
-    beton = read_manifest(data.beton_dir)
-    count = beton["splits"]["train"]["count"]
-    samples = min(data.train_limit, count) if data.train_limit else count
-    views = max(cache.views, 1)
-    sizes = [train_size(e, recipe.augment) for e in range(recipe.schedule.epochs)]
-    if cache.views and any(sizes[e] != sizes[e % cache.views] for e in range(len(sizes))):
-        raise UserError("progressive resizing gives view v other sizes in later epochs: set "
-                        "cache.views = schedule.epochs, or cache.mode = \"online\"")
-    augment = {"spec": dataclasses.asdict(recipe.augment), "seed": recipe.run.seed,
-               "views": cache.views,
-               "sizes": [train_size(v, recipe.augment) for v in range(cache.views)]}
-    augment_json = json.dumps(augment, sort_keys=True)
+def views_fingerprint(schedule: ViewSchedule) -> str:
+    """sha256 of everything that decides a stored view's pixels."""
+    views = {"spec": dataclasses.asdict(schedule.augment), "key": schedule.key,
+             "cycle": schedule.cycle, "unaugmented": schedule.unaugmented_teacher,
+             "sizes": [train_size(v, schedule.augment) for v in range(schedule.teacher_views)]}
+    return hashlib.sha256(json.dumps(views, sort_keys=True).encode()).hexdigest()
+
+
+def expected_manifest(teacher_weights: Path, beton: dict, samples: int, schedule: ViewSchedule,
+                      cache: CacheConfig, num_classes: int, temperature: float) -> dict:
+    """Everything a cache for this teacher and student must agree on (all but `complete`)."""
     return {
         "format_version": FORMAT_VERSION,
         "teacher_sha256": sha256_file(teacher_weights),
         "beton_sha256": beton["splits"]["train"]["sha256"],
-        "augment_sha256": hashlib.sha256(augment_json.encode()).hexdigest(),
-        "samples": samples, "classes": num_classes, "views": cache.views,
-        "stored_views": views, "top_k": min(cache.top_k or num_classes, num_classes),
-        "dtype": cache.dtype, "temperature": recipe.generations.temperature,
+        "augment_sha256": views_fingerprint(schedule),
+        "samples": samples, "classes": num_classes, "views": schedule.cycle,
+        "stored_views": schedule.teacher_views,
+        "teacher_view": "unaugmented" if schedule.unaugmented_teacher else "student",
+        "top_k": min(cache.top_k or num_classes, num_classes),
+        "dtype": cache.dtype, "temperature": temperature,
     }
 
 
@@ -91,11 +92,11 @@ def _differences(found: dict, wanted: dict) -> list[str]:
 def read_cache_manifest(cache_dir: Path) -> dict:
     """A cache's manifest.json, or a one-line refusal saying what to do."""
     try:
-        found = json.loads((cache_dir / "manifest.json").read_bytes())
+        found = json.loads((cache_dir / MANIFEST).read_bytes())
     except (OSError, ValueError, RecursionError):
         found = None
     if not isinstance(found, dict):
-        raise UserError(f"{cache_dir} has no readable manifest.json: delete it to rebuild")
+        raise UserError(f"{cache_dir} has no readable {MANIFEST}: delete it to rebuild")
     return found
 
 
@@ -122,54 +123,17 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
-class CachedTeacher:
-    """The teacher as a lookup: rows (view, sample) of a verified cache, as a TopKTeacher."""
-
-    def __init__(self, cache_dir: Path, wanted: dict, device: torch.device):
-        self.arrays = open_arrays(cache_dir, wanted)
-        self.views, self.temperature = wanted["views"], wanted["temperature"]
-        self.device = device
-
-    def view_of(self, epoch: int) -> int:
-        """The stored view the student sees at `epoch` (0 for the fixed teacher)."""
-        return epoch % self.views if self.views else 0
-
-    def __call__(self, views: torch.Tensor, index: torch.Tensor, epoch: int) -> TopKTeacher:
-        rows = index.cpu().numpy()
-        v = self.view_of(epoch)
-        values, ids, log_partition = (torch.from_numpy(np.ascontiguousarray(
-            self.arrays[name][v][rows])) for name in ARRAYS)
-        move = dict(device=self.device, non_blocking=True)
-        return TopKTeacher(values.to(**move), ids.to(**move).long(),
-                           log_partition.to(**move), self.temperature)
-
-
-def teacher_views(images, index, view: int, recipe: Recipe, extent) -> torch.Tensor:
-    """The pixels view `view` shows (the un-augmented evaluation view when R = 0)."""
-    if recipe.cache.views == 0:
-        return eval_view(images, size=recipe.augment.eval_size, spec=recipe.augment,
-                         extent=extent)
-    return train_view(images, index, seed=recipe.run.seed, view=view,
-                      size=train_size(view, recipe.augment), spec=recipe.augment,
-                      extent=extent)
-
-
-def _label(model, recipe: Recipe, manifest: dict, arrays: dict, accelerator) -> None:
-    """Fill this rank's slice of the arrays with the teacher's outputs on every view."""
-    loader = split_loader(recipe, accelerator, "train", recipe.cache.batch_size,
-                          limit=manifest["samples"])
-    model.eval()
+def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerator) -> None:
+    """Fill this rank's rows of the arrays with the teacher's answers on every stored view."""
+    views = arrays["values"].shape[0]
     with progress_bar(accelerator.is_main_process) as progress:
-        task = progress.add_task("teacher cache", total=len(loader), info="")
+        task = progress.add_task("teacher cache", total=len(loader) * views, info="views")
         for batch in loader:
             images = batch.image.to(accelerator.device, non_blocking=True)
-            index = batch.index.to(accelerator.device, non_blocking=True)
             rows = batch.index.numpy()
-            for v in range(manifest["stored_views"]):
+            for v in range(views):
                 with torch.inference_mode(), accelerator.autocast():
-                    logits = model(teacher_views(images, index, v, recipe, batch.extent))
-                top = TopKTeacher.from_logits(logits.float(), manifest["top_k"],
-                                              manifest["temperature"])
+                    top = teacher(batch.index, v, images, batch.extent)
                 with np.errstate(over="ignore"):  # an overflow is refused just below
                     values = top.values.cpu().numpy().astype(arrays["values"].dtype)
                 if not np.isfinite(values).all():
@@ -179,33 +143,60 @@ def _label(model, recipe: Recipe, manifest: dict, arrays: dict, accelerator) -> 
                 arrays["values"][v, rows] = values
                 arrays["ids"][v, rows] = top.ids.cpu().numpy()
                 arrays["log_partition"][v, rows] = top.log_partition.cpu().numpy()
-            progress.advance(task)
+                progress.advance(task)
 
 
-def build_cache(cache_dir: Path, model: torch.nn.Module, wanted: dict, recipe: Recipe,
-                accelerator) -> None:
-    """Build the cache at `cache_dir` unless a matching one is there; every rank calls this."""
-    if (cache_dir / "manifest.json").is_file():
+def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
+                accelerator: Accelerator) -> None:
+    """Build the cache at `cache_dir` unless a matching one is there; every rank calls this.
+
+    `loader` is this rank's in-order slice of the training split.
+    """
+    if (cache_dir / MANIFEST).is_file():
         open_arrays(cache_dir, wanted)  # verified, or a one-line refusal
         return
-    staging = cache_dir.with_name(f".{cache_dir.name}.partial")
     main = accelerator.is_main_process
     if main:  # a killed build's leftovers are never used: start again
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging = staging_dir(cache_dir)
         for name, (shape, dtype) in array_specs(wanted).items():
             np.lib.format.open_memmap(staging / f"{name}.npy", "w+", dtype, shape).flush()
     accelerator.wait_for_everyone()
-    arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in ARRAYS}
-    _label(model, recipe, wanted, arrays, accelerator)
+    staging = staging_path(cache_dir)
+    arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in CACHE_ARRAYS}
+    _label(teacher, loader, arrays, accelerator)
     for array in arrays.values():
         array.flush()
     del arrays
     accelerator.wait_for_everyone()
     if main:
-        write_json(staging / "manifest.json", {**wanted, "complete": True})
-        os.replace(staging, cache_dir)
+        write_json(staging / MANIFEST, {**wanted, "complete": True})
+        publish_dir(staging, cache_dir)
     accelerator.wait_for_everyone()
+
+
+def ensure_cache(teacher_dir: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
+                 accelerator: Accelerator) -> dict:
+    """Build (or verify) teacher_dir/cache for the student of `schedule`; its manifest."""
+    beton = read_manifest(recipe.data.beton_dir)
+    samples = train_samples(recipe.data, beton)
+    wanted = expected_manifest(teacher_dir / WEIGHTS, beton, samples, schedule, recipe.cache,
+                               num_classes, recipe.generations.temperature)
+    if not (teacher_dir / CACHE / MANIFEST).is_file():
+        model = last_epoch_model(teacher_dir / WEIGHTS, recipe.model, recipe.run, num_classes,
+                                 accelerator.device)
+        teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperature"])
+        loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
+                              limit=samples)
+        build_cache(teacher_dir / CACHE, teacher, wanted, loader, accelerator)
+    return wanted
+
+
+def cached_teacher(teacher_dir: Path, schedule: ViewSchedule, recipe: Recipe,
+                   num_classes: int, accelerator: Accelerator) -> CachedTeacher:
+    """Generation teacher_dir as a lookup into its cache, built first if needed."""
+    wanted = ensure_cache(teacher_dir, schedule, recipe, num_classes, accelerator)
+    return CachedTeacher(open_arrays(teacher_dir / CACHE, wanted), wanted["temperature"],
+                         accelerator.device)
 
 
 def describe(cache_dir: Path) -> str:
@@ -214,7 +205,7 @@ def describe(cache_dir: Path) -> str:
     try:
         specs = array_specs(manifest)
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{cache_dir}/manifest.json is damaged: delete the cache to rebuild "
+        raise UserError(f"{cache_dir}/{MANIFEST} is damaged: delete the cache to rebuild "
                         "it") from None
     per_row = sum(np.prod(shape[2:], dtype=np.int64) * dtype.itemsize
                   for shape, dtype in specs.values())
@@ -226,31 +217,30 @@ def describe(cache_dir: Path) -> str:
 
 def _cli(argv: list[str]) -> None:
     if argv[:1] == ["info"]:
-        if len(argv) != 2 or not (Path(argv[1]) / "manifest.json").is_file():
-            raise UserError("usage: python -m fasttt.cache info CACHE_DIR (a directory "
-                            "holding manifest.json)")
+        if len(argv) != 2 or not (Path(argv[1]) / MANIFEST).is_file():
+            raise UserError(f"usage: python -m fasttt.cache info CACHE_DIR (a directory "
+                            f"holding {MANIFEST})")
         print(describe(Path(argv[1])))
         return
-    parser = argparse.ArgumentParser(description="build or verify one generation's cache")
+    parser = OneLineParser(description="build or verify one generation's cache",
+                           usage_line=USAGE)
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     args = parser.parse_args(argv)
-    from rich.console import Console
-
-    from fasttt.recipe import load_recipe
-    from fasttt.train import make_accelerator, precompute_cache
-
     recipe = load_recipe(args.recipe, args.set)
-    accelerator = make_accelerator(recipe, Console())
-    gen_dir = args.runs_dir / recipe.run.name / f"gen{args.generation}"
-    if not (gen_dir / "last.safetensors").is_file():
-        raise UserError(f"{gen_dir} has no last.safetensors: train generation "
+    accelerator, _ = accelerator_and_console(recipe.run.mixed_precision)
+    gen_dir = generation_dir(args.runs_dir / recipe.run.name, args.generation)
+    if not (gen_dir / WEIGHTS).is_file():
+        raise UserError(f"{gen_dir} has no {WEIGHTS}: train generation "
                         f"{args.generation} first")
-    precompute_cache(gen_dir, recipe, accelerator)
+    num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
+    schedule = view_schedule(recipe.run.seed, args.generation + 1, recipe.schedule.epochs,
+                             recipe.augment, recipe.cache)
+    ensure_cache(gen_dir, schedule, recipe, num_classes, accelerator)
     if accelerator.is_main_process:
-        print(describe(gen_dir / "cache"))
+        print(describe(gen_dir / CACHE))
 
 
 if __name__ == "__main__":

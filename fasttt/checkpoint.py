@@ -8,53 +8,18 @@ load with `weights_only=True`, the train state is JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from safetensors.torch import load_file, save
 
 from fasttt.errors import UserError, one_line
+from fasttt.files import remove_dir, staged_dir, write_atomically, write_json
 
 LATEST = "latest.json"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Let `write` fill a hidden temporary file, fsync it, then rename it to `path`.
-
-    Every file fasttt writes goes through here, so `path` is never seen half-written,
-    whenever the process dies.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text atomically (see `write_atomically`)."""
-    write_atomically(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (see `write_atomically`)."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -80,35 +45,19 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_state: dict):
     """Write ckpt-<epoch>/ completely, point latest.json at it, then drop older ones."""
     final = gen_dir / f"ckpt-{epoch:04d}"
-    tmp = gen_dir / f".ckpt-{epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
-    extra = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
-    if scaler is not None:
-        extra["scaler"] = scaler.state_dict()
-    if torch.cuda.is_available():
-        extra["cuda_rng"] = torch.cuda.get_rng_state()
-    torch.save(extra, tmp / "state.pt")
-    write_json(tmp / "train_state.json", train_state)
-    remove_dir(final)
-    os.replace(tmp, final)
+    with staged_dir(final) as staging:
+        save_weights(model, staging / "model.safetensors")
+        extra = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        if torch.cuda.is_available():
+            extra["cuda_rng"] = torch.cuda.get_rng_state()
+        write_atomically(staging / "state.pt", partial(torch.save, extra))
+        write_json(staging / "train_state.json", train_state)
     write_json(gen_dir / LATEST, {"epoch": epoch, "dir": final.name})
     for old in gen_dir.glob("ckpt-*"):
         if old != final:
             remove_dir(old)
-
-
-def remove_dir(path: Path) -> None:
-    """Delete a directory by first renaming it to a hidden name, in one atomic step.
-
-    A kill during a plain rmtree would leave a final name holding part of its files.
-    """
-    if path.exists():
-        trash = path.with_name(f".{path.name}.trash")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(path, trash)
-        shutil.rmtree(trash)
 
 
 def drop_checkpoints(gen_dir: Path) -> None:

@@ -1,9 +1,9 @@
 """FFCV loaders over the betons: train (shuffled), and sequential passes for eval and caching.
 
-Every loader yields `Batch(image, label, index, size)` as CPU torch tensors (or on
+Every loader yields `Batch(image, label, index, extent)` as CPU torch tensors (or on
 `device`, copied without blocking; `index` always stays on the CPU): `image` is the
 uint8 canvas as an NCHW view of NHWC memory (channels_last), `label` and `index` are
-int64 of shape (B,), `size` is the original (height, width) of photos and None for
+int64 of shape (B,), `extent` is the region of the canvas a photo fills and None for
 fixed-size sources. Random augmentation happens later on the device
 (fasttt/augment.py), keyed by `index`.
 FFCV reuses a few batch buffers in turn: use or copy a batch before asking for the
@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import torch
+from accelerate import Accelerator
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
@@ -35,22 +36,24 @@ from ffcv.types import (
 
 from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
 from fasttt.errors import UserError
+from fasttt.processes import on_main_process
+from fasttt.recipe import DataConfig
 
 BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
 MANIFEST = "manifest.json"
 
 
 class Batch(NamedTuple):
-    """One loader batch; photos add `size` and `extent`, (B, 2) int (height, width) rows.
+    """One loader batch; photos add `extent`, (B, 2) int (height, width) rows.
 
-    `size` is the photo's original size; `extent` the top-left region of the canvas it
-    occupies (the same aspect ratio). Fixed-size sources fill the canvas: both are None.
+    `extent` is the top-left region of the canvas a photo occupies (its original aspect
+    ratio; its original size unless it was shrunk to fit). Fixed-size sources fill the
+    canvas: None.
     """
 
     image: torch.Tensor
     label: torch.Tensor
     index: torch.Tensor
-    size: torch.Tensor | None = None
     extent: torch.Tensor | None = None
 
 
@@ -216,8 +219,6 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
         "index": _integer([]),
     }
     if is_photo(manifest):
-        pipelines["height"] = _integer(to_device)
-        pipelines["width"] = _integer(to_device)
         pipelines["extent"] = PipelineSpec("image", CanvasExtentDecoder(canvas_size),
                                            [ToTensor(), *to_device])
     # FFCV decodes every field it is not told to skip, in an order of its own.
@@ -227,8 +228,8 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
 class BetonLoader:
     """An FFCV Loader over one split whose iteration yields `Batch`es."""
 
-    def __init__(self, loader: Loader, photo: bool):
-        self.loader, self.photo = loader, photo
+    def __init__(self, loader: Loader):
+        self.loader = loader
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -241,11 +242,7 @@ class BetonLoader:
         epoch = iter(self.loader)
         try:
             for fields in epoch:
-                if self.photo:
-                    image, label, index, height, width, extent = fields
-                    yield Batch(image, label, index, torch.stack([height, width], 1), extent)
-                else:
-                    yield Batch(*fields)
+                yield Batch(*fields)
         finally:
             # An epoch left half way would leak FFCV's reader thread (ffcv #345, #393).
             epoch.close()
@@ -269,7 +266,7 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
     loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)
     loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
-    return BetonLoader(loader, is_photo(manifest))
+    return BetonLoader(loader)
 
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
@@ -308,3 +305,49 @@ def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_worke
     return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
                  num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
                  indices=indices, drop_last=False)
+
+
+def train_samples(data: DataConfig, manifest: dict) -> int:
+    """How many training samples a run uses: the split, or its first data.train_limit."""
+    count = manifest["splits"]["train"]["count"]
+    return min(data.train_limit, count) if data.train_limit else count
+
+
+def _loader_settings(data: DataConfig, accelerator: Accelerator) -> dict:
+    device = accelerator.device if accelerator.device.type == "cuda" else None
+    return dict(num_workers=data.num_workers, os_cache=data.os_cache,
+                canvas_size=data.canvas_size or None, device=device)
+
+
+def split_loader(data: DataConfig, accelerator: Accelerator, split: str, batch_size: int,
+                 limit: int = 0) -> BetonLoader:
+    """This process's in-order slice of a split: evaluation, analysis and the cache pass."""
+    return sequential_loader(data.beton_dir, split=split, batch_size=batch_size,
+                             rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, limit=limit,
+                             **_loader_settings(data, accelerator))
+
+
+def generation_loaders(data: DataConfig, batch_size: int, seed: int,
+                       accelerator: Accelerator) -> tuple[BetonLoader, BetonLoader]:
+    """This process's train loader (its shard, ordered by `seed`) and val loader (its slice)."""
+    processes = accelerator.num_processes
+    if batch_size % processes:
+        raise UserError(f"optim.batch_size {batch_size} must divide evenly over "
+                        f"{processes} processes")
+    per_process = batch_size // processes
+    train = train_loader(data.beton_dir, batch_size=per_process, seed=seed,
+                         distributed=processes > 1, limit=data.train_limit,
+                         **_loader_settings(data, accelerator))
+    return train, split_loader(data, accelerator, "val", 2 * per_process)
+
+
+def ensure_betons(data: DataConfig, accelerator: Accelerator) -> dict:
+    """The beton manifest; the embedded digits betons are built on first use."""
+    beton_dir = Path(data.beton_dir)
+    if data.builtin == "digits" and not (beton_dir / MANIFEST).is_file():
+        # Imported here: the builders write betons through this module.
+        from beton_builders.__main__ import main as build
+
+        on_main_process(accelerator, build, ["digits", str(beton_dir)])
+    return read_manifest(beton_dir)

@@ -1,11 +1,24 @@
-"""The one exception type that reaches the user as a single line."""
+"""The one exception type that reaches the user as a single line, and CLIs built on it."""
 
+import argparse
 import re
 import sys
 
 
 class UserError(Exception):
     """Bad input or state the user can fix; the CLI prints it as one line and exits 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (with the usage) and exit status 2, as every error."""
+
+    def __init__(self, *args, usage_line: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.usage_line = usage_line
+
+    def error(self, message):
+        """Refuse bad arguments as a UserError naming the usage."""
+        raise UserError(f"{message} (usage: {self.usage_line})")
 
 
 def one_line(err: Exception) -> str:

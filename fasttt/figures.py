@@ -16,8 +16,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fasttt.checkpoint import write_atomically
+from fasttt.files import write_atomically
 from fasttt.paper import SINGLE_LABELS, our_series
+from fasttt.rundir import FIGURES
 
 FIGURE_DPI = 150
 FIGURE_NAMES = ("error_per_generation.png", "confidence.png", "dist.png",
@@ -165,7 +166,7 @@ def write_figures(run_dir: Path, summary: dict, matrices: dict[int, np.ndarray],
         figures[f"second_class_gen{m}.png"] = partial(_second_class_figure, m, matrix, names, vmax)
     if summary["curves"]:
         figures["val_top1_per_epoch.png"] = partial(_curves_figure, summary)
-    folder = run_dir / "figures"
+    folder = run_dir / FIGURES
     folder.mkdir(exist_ok=True)
     for name, draw in figures.items():
         _save(draw(), folder / name)

@@ -5,19 +5,20 @@ Every loss is a pure function `(logits, labels, ...) -> (loss, parts)`: `loss` i
 All arithmetic is float32 whatever the logits' dtype, so the losses are safe under bf16 or
 fp16 autocast (none of the ops used here is on autocast's lower-precision list).
 
-The student's teacher is either full logits (B, C) or a `TopKTeacher`, the cache's format:
-the k largest teacher logits, their class ids and the log-partition, from which the kept
-probabilities are exact and the rest is one tail bucket.
+The student's teacher is either full logits (B, C) or a `TopKTeacher` (fasttt/teachers.py),
+what both teachers answer: the k largest teacher logits, their class ids and the
+log-partition, from which the kept probabilities are exact and the rest is one tail bucket.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fasttt.teachers import TopKTeacher
 
 Parts = dict[str, Tensor]
 
@@ -99,46 +100,6 @@ def _mix(weight: float, ce: Tensor, term: Tensor) -> Tensor:
     return weight * ce + (1 - weight) * term
 
 
-# ---------------------------------------------------------------- teachers
-
-@dataclass(frozen=True)
-class TopKTeacher:
-    """A teacher's k largest logits per sample, their class ids and log-partition at temperature."""
-
-    values: Tensor  # (B, k) teacher logits, float16 or float32, not divided by T
-    ids: Tensor  # (B, k) integer class ids of `values`
-    log_partition: Tensor  # (B,) float32 logsumexp(full teacher logits / temperature)
-    temperature: float = 1.0  # the T log_partition was computed at; the student must match it
-
-    def __post_init__(self):
-        if self.values.dim() != 2 or self.values.shape != self.ids.shape:
-            raise ValueError(f"values {tuple(self.values.shape)} and ids "
-                             f"{tuple(self.ids.shape)} must be the same (B, k) shape")
-        if self.log_partition.shape != self.values.shape[:1]:
-            raise ValueError(f"log_partition {tuple(self.log_partition.shape)} must be "
-                             f"({self.values.shape[0]},)")
-        if self.ids.is_floating_point():
-            raise ValueError(f"ids must be integer, got {self.ids.dtype}")
-
-    @classmethod
-    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0,
-                    dtype: torch.dtype | None = None) -> TopKTeacher:
-        """Keep the k largest of full (B, C) teacher logits; `dtype` for values (None: as given)."""
-        if not 1 <= k <= logits.shape[1]:
-            raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
-        logits = logits.detach()
-        values, ids = logits.topk(k, dim=1)
-        log_partition = torch.logsumexp(logits.float() / temperature, dim=1)
-        return cls(values.to(dtype or values.dtype), ids, log_partition, float(temperature))
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TopKTeacher:
-        """The same teacher with its tensors on `device`."""
-        return TopKTeacher(self.values.to(device, non_blocking=non_blocking),
-                           self.ids.to(device, non_blocking=non_blocking),
-                           self.log_partition.to(device, non_blocking=non_blocking),
-                           self.temperature)
-
-
 # ---------------------------------------------------------------- student loss
 
 def student_loss(logits: Tensor, labels: Tensor, teacher: Tensor | TopKTeacher, lam: float,
@@ -206,13 +167,20 @@ def _kl_terms(q: Tensor, log_s: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- objectives of a run
 
-def patriarch_objective(kind: str, u: float, k: int, eta: float = 0.0):
-    """The patriarch's (logits, labels, teacher=None) -> (loss, parts), from the recipe.
+def patriarch_ce_weight(u: float, k: int, eta: float = 0.0) -> float:
+    """The patriarch's CE weight: `eta` when given (> 0), else derived from u by TSD's optimum."""
+    return eta or eta_from_u(u, k)
 
-    The CE weight is `eta` when given (> 0), else derived from u by TSD's optimum.
-    """
-    eta = eta or eta_from_u(u, k)
-    if kind == "ce" or eta == 1:
+
+def patriarch_loss_name(kind: str, u: float, k: int, eta: float = 0.0) -> str:
+    """The loss the patriarch really trains with: any loss whose CE weight is 1 is plain "ce"."""
+    return "ce" if kind == "ce" or patriarch_ce_weight(u, k, eta) == 1 else kind
+
+
+def patriarch_objective(kind: str, u: float, k: int, eta: float = 0.0):
+    """The patriarch's (logits, labels, teacher=None) -> (loss, parts), from the recipe."""
+    eta = patriarch_ce_weight(u, k, eta)
+    if patriarch_loss_name(kind, u, k, eta) == "ce":
         return lambda logits, labels, _: cross_entropy(logits, labels)
     if kind == "tsd":
         return lambda logits, labels, _: tsd_loss(logits, labels, eta, k)

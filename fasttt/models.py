@@ -14,6 +14,7 @@ DenseNet-BC-190 25,624,430 / 25,821,620.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import timm
 import torch
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
+from fasttt.checkpoint import load_weights
 from fasttt.errors import UserError
+from fasttt.recipe import ModelConfig, RunConfig
 
 CIFAR_MODELS = (
     "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
@@ -38,6 +41,25 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if not (name.startswith(_TIMM_SOURCE_PREFIXES) or timm.is_model(name)):
         raise UserError(_unknown_model_message(name))
     return timm.create_model(name, num_classes=num_classes, **kwargs)
+
+
+def build_model(model: ModelConfig, run: RunConfig, num_classes: int, seed: int) -> nn.Module:
+    """A freshly initialised model of the recipe's architecture, seeded, in the run's layout."""
+    torch.manual_seed(seed)
+    network = create_model(model.name, num_classes)
+    if run.channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    if run.compile:
+        network.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
+    return network
+
+
+def last_epoch_model(weights: Path, model: ModelConfig, run: RunConfig, num_classes: int,
+                     device: torch.device) -> nn.Module:
+    """A generation's LAST-epoch weights (never its best epoch), on `device`."""
+    network = build_model(model, run, num_classes, seed=0)
+    load_weights(network, weights)
+    return network.to(device)
 
 
 def penultimate_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -29,6 +32,12 @@ def lr_at(step: int, steps_per_epoch: int, optim: OptimConfig, schedule: Schedul
     if schedule.warmup_epochs > 0 and epoch < schedule.warmup_epochs:
         lr *= min(1.0, (step + 1) / (schedule.warmup_epochs * steps_per_epoch))
     return lr
+
+
+def lr_schedule(optim: OptimConfig, schedule: ScheduleConfig,
+                steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate as a function of the step alone, built once per generation."""
+    return partial(lr_at, steps_per_epoch=steps_per_epoch, optim=optim, schedule=schedule)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.SGD:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fasttt.losses import patriarch_loss_name
 from fasttt.recipe import Recipe
 
 
@@ -22,7 +23,7 @@ class PaperSetting:
     source: str
     model: str
     classes: int
-    patriarch: str  # the patriarch's loss; any loss with u = 1 is "ce"
+    patriarch: str  # the patriarch's loss; any loss with CE weight 1 is "ce"
     u: float | None  # None: any u
     lams: tuple[float, ...] | None  # None: any lambda (checked only when the run has students)
     per_generation: dict[str, tuple[float | None, ...]]  # series -> Gen #0, Gen #1, ...
@@ -133,9 +134,9 @@ TRANSFER_ALIASES = {"caltech256": ("caltech256", "c256"), "indoor67": ("indoor67
 
 
 def paper_patriarch(recipe: Recipe) -> str:
-    """The patriarch's loss as the paper's tables name it: any loss at u = 1 is plain CE."""
+    """The patriarch's loss as the paper's tables name it: any loss whose CE weight is 1 is CE."""
     g = recipe.generations
-    return "ce" if g.u >= 1 else g.patriarch_loss
+    return patriarch_loss_name(g.patriarch_loss, g.u, g.k, g.eta)
 
 
 def match_paper(recipe: Recipe, classes: int | None) -> list[PaperSetting]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from fasttt.errors import UserError
+from fasttt.files import write_text
 
 
 class RecipeError(ValueError):
@@ -213,8 +214,12 @@ class CacheConfig:
     # precomputed: gen<m>/cache/ labels every view once (fasttt/cache.py); online: a
     # teacher forward pass per student step, for comparison.
     mode: Literal["precomputed", "online"] = "precomputed"
-    views: int = 0  # R: keyed views per sample, student epoch e sees view e mod R;
-    # 0 = one un-augmented view (the fixed teacher) while the student sees fresh views
+    # R: keyed views per sample, student epoch e shows view e mod R (in both modes);
+    # 0 = one view per student epoch (schedule.epochs): exactly the online teacher
+    views: int = 0
+    # "student": the teacher labels the student's own views; "unaugmented": one
+    # un-augmented view per sample (a fixed teacher) while the student sees its views
+    teacher_view: Literal["student", "unaugmented"] = "student"
     top_k: int = 0  # logits kept per sample and view; 0 keeps all classes
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 512  # teacher inference batch, per process
@@ -416,8 +421,4 @@ def recipe_to_toml(recipe: Recipe) -> str:
 
 def write_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe to `path` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(recipe_to_toml(recipe))
-    tmp.replace(path)
-
+    write_text(Path(path), recipe_to_toml(recipe))

@@ -14,7 +14,6 @@ and their matching live in fasttt/paper.py, the figures in fasttt/figures.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from functools import partial
@@ -23,11 +22,26 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from fasttt.checkpoint import write_json, write_text
-from fasttt.errors import UserError, exit_on_user_error, one_line
+from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.figures import generation_label, write_figures
+from fasttt.files import write_json, write_text
 from fasttt.paper import SERIES_LABELS, SINGLE_LABELS, match_paper, paper_patriarch, paper_summary
 from fasttt.recipe import Recipe, load_recipe
+from fasttt.rundir import (
+    ANALYSIS,
+    ENSEMBLE,
+    EVAL,
+    FIGURES,
+    METRICS,
+    RECIPE,
+    SECOND_CLASS,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    TRANSFER,
+    finished_generations,
+    generation_dir,
+)
+from fasttt.teachers import view_schedule
 
 
 def _round(x: float | None) -> float | None:
@@ -137,18 +151,11 @@ def _matrix(path: Path) -> np.ndarray:
     return matrix
 
 
-def _finished(run_dir: Path, planned: int) -> int:
-    count = 0
-    while count < planned and (run_dir / f"gen{count}" / "eval.json").is_file():
-        count += 1
-    return count
-
-
 def _notes(summary: dict, gen: list[Path]) -> list[str]:
     notes = []
-    for name, what in (("analysis.json", "secondary information and DistC/DistS"),
-                       ("second_class.npy", "second-class heat maps"),
-                       ("metrics.jsonl", "learning curves")):
+    for name, what in ((ANALYSIS, "secondary information and DistC/DistS"),
+                       (SECOND_CLASS, "second-class heat maps"),
+                       (METRICS, "learning curves")):
         missing = [d.name for d in gen if not (d / name).is_file()]
         if missing:
             notes.append(f"No {name} in {', '.join(missing)}: their {what} are left out.")
@@ -159,44 +166,54 @@ def _notes(summary: dict, gen: list[Path]) -> list[str]:
     return notes
 
 
+def _teacher_views(recipe: Recipe) -> str | None:
+    """What the students' teachers label, in words (None without students)."""
+    if recipe.generations.students == 0:
+        return None
+    views = view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
+                          recipe.cache)
+    return f"{views.describe()} ({recipe.cache.mode} teacher)"
+
+
 def _method(recipe: Recipe, dataset: str, classes: int | None) -> dict:
     g = recipe.generations
     return {"process": _process(recipe), "model": recipe.model.name, "dataset": dataset,
             "classes": classes, "patriarch_loss": g.patriarch_loss, "u": g.u, "k": g.k,
-            "lam": g.lam, "temperature": g.temperature, "students": g.students}
+            "lam": g.lam, "temperature": g.temperature, "students": g.students,
+            "teacher_views": _teacher_views(recipe)}
 
 
 def _results(run_dir: Path, gen: list[Path]) -> dict:
     """The finished generations' numbers, and the ensemble, analysis, transfer and curves."""
     finished = len(gen)
-    ensemble = run_dir / "ensemble.json"
-    transfer = sorted((run_dir / "transfer").glob("*.json"))
+    ensemble = run_dir / ENSEMBLE
+    transfer = sorted((run_dir / TRANSFER).glob("*.json"))
     return {
-        "generations": [_read(gen[m] / "eval.json", partial(_generation, m))
+        "generations": [_read(gen[m] / EVAL, partial(_generation, m))
                         for m in range(finished)],
         "ensemble": _read(ensemble, partial(_ensemble, finished))
         if ensemble.is_file() else None,
-        "analysis": [_read(gen[m] / "analysis.json", partial(_analysis, m))
-                     for m in range(finished) if (gen[m] / "analysis.json").is_file()] or None,
+        "analysis": [_read(gen[m] / ANALYSIS, partial(_analysis, m))
+                     for m in range(finished) if (gen[m] / ANALYSIS).is_file()] or None,
         "transfer": [_read(p, partial(_transfer, p.stem, finished)) for p in transfer] or None,
-        "curves": [_read(gen[m] / "metrics.jsonl", partial(_curve, m))
-                   for m in range(finished) if (gen[m] / "metrics.jsonl").is_file()],
+        "curves": [_read(gen[m] / METRICS, partial(_curve, m))
+                   for m in range(finished) if (gen[m] / METRICS).is_file()],
     }
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | None]:
     """The report's numbers (summary.json), the second-class matrices and the class names."""
-    if not (run_dir / "recipe.toml").is_file():
-        raise UserError(f"{run_dir} has no recipe.toml: give a run directory, runs/<name>")
-    recipe = load_recipe(run_dir / "recipe.toml")
+    if not (run_dir / RECIPE).is_file():
+        raise UserError(f"{run_dir} has no {RECIPE}: give a run directory, runs/<name>")
+    recipe = load_recipe(run_dir / RECIPE)
     planned = recipe.generations.students + 1
-    finished = _finished(run_dir, planned)
+    finished = len(finished_generations(run_dir, planned))
     if not finished:
-        raise UserError(f"{run_dir} has no finished generation (no gen0/eval.json): train it "
+        raise UserError(f"{run_dir} has no finished generation (no gen0/{EVAL}): train it "
                         "first, or wait until its patriarch finishes")
-    gen = [run_dir / f"gen{m}" for m in range(finished)]
-    matrices = {m: _matrix(gen[m] / "second_class.npy") for m in range(finished)
-                if (gen[m] / "second_class.npy").is_file()}
+    gen = [generation_dir(run_dir, m) for m in range(finished)]
+    matrices = {m: _matrix(gen[m] / SECOND_CLASS) for m in range(finished)
+                if (gen[m] / SECOND_CLASS).is_file()}
     dataset, class_names = _dataset(recipe)
     classes = len(class_names) if class_names else next(
         (len(x) for x in matrices.values()), None)
@@ -321,7 +338,9 @@ def _paper_section(summary: dict) -> str:
 def render_markdown(summary: dict, figures: list[str]) -> str:
     """summary.md: title, headline, the paper's tables for this run, then the figures."""
     images = "\n\n".join(f"![{name[:-4].replace('_', ' ')}](figures/{name})" for name in figures)
+    views = summary["method"]["teacher_views"]
     parts = [f"# {summary['run']}: {summary['title']}", _headline(summary),
+             f"Teacher views: {views}." if views else "",
              _error_section(summary), _secondary_section(summary), _dist_section(summary),
              _transfer_section(summary), _paper_section(summary),
              "## Notes\n\n" + "\n".join(f"- {n}" for n in summary["notes"])
@@ -336,18 +355,19 @@ def write_report(run_dir: Path, console: Console) -> Path:
         raise UserError(f"{run_dir}: no such run directory (give runs/<name>)")
     summary, matrices, names = load_run(run_dir)
     figures = write_figures(run_dir, summary, matrices, names)
-    write_json(run_dir / "summary.json", {**summary, "figures": [f"figures/{f}" for f in figures]})
-    path = run_dir / "summary.md"
+    write_json(run_dir / SUMMARY_JSON,
+               {**summary, "figures": [f"{FIGURES}/{f}" for f in figures]})
+    path = run_dir / SUMMARY_MD
     write_text(path, render_markdown(summary, figures))
-    console.print(f"wrote {path}, {run_dir / 'summary.json'} and {len(figures)} figures",
+    console.print(f"wrote {path}, {run_dir / SUMMARY_JSON} and {len(figures)} figures",
                   soft_wrap=True)
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
     """python -m fasttt.report RUN_DIR: write the run's summary.md, summary.json and figures."""
-    parser = argparse.ArgumentParser(prog="python -m fasttt.report",
-                                     description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m fasttt.report", description=__doc__.splitlines()[0],
+                           usage_line="python -m fasttt.report RUN_DIR")
     parser.add_argument("run_dir", type=Path, help="a run directory, runs/<name>")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     write_report(args.run_dir, Console())

@@ -1,26 +1,54 @@
-"""The run directory's guards: one writer at a time, and the inputs it started with.
+"""The run directory: its layout, which generations are finished, and its guards.
 
-`runs/<name>/` holds a whole multi-generation run. A second process on it would
+    runs/<name>/
+      recipe.toml  inputs.json  .lock
+      gen<m>/  last.safetensors  eval.json  metrics.jsonl  ckpt-*/  latest.json
+               analysis.json  second_class.npy  cache/  (generation m's outputs)
+      ensemble.json  summary.json  summary.md  figures/  transfer/
+
+Every other module asks this one where a file lives. A generation is finished once its
+eval.json exists (written after last.safetensors). A second process on a run would
 interleave checkpoints, so the main process holds an exclusive `flock` on
-`runs/<name>/.lock` for as long as it runs; the kernel drops it when the process dies,
-so a SIGKILLed or preempted run never leaves a stale lock behind. A resumed run must
-see the recipe (`recipe.toml`) and the betons (`inputs.json`) that it started with;
-anything else would silently mix two experiments in one run.
+`runs/<name>/.lock` while it runs; the kernel drops it when the process dies, so a
+SIGKILLed or preempted run never leaves a stale lock. A resumed run must see the
+recipe (`recipe.toml`) and the betons (`inputs.json`) that it started with; anything
+else would silently mix two experiments in one run.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 from pathlib import Path
 from typing import IO
 
-from fasttt.checkpoint import write_json
 from fasttt.errors import UserError
+from fasttt.files import write_json
 from fasttt.recipe import Recipe, recipe_to_toml, write_recipe
 
-LOCK = ".lock"
-INPUTS = "inputs.json"
+LOCK, RECIPE, INPUTS = ".lock", "recipe.toml", "inputs.json"
+ENSEMBLE, SUMMARY_JSON, SUMMARY_MD = "ensemble.json", "summary.json", "summary.md"
+FIGURES, TRANSFER = "figures", "transfer"
+# inside gen<m>/
+WEIGHTS, EVAL, METRICS = "last.safetensors", "eval.json", "metrics.jsonl"
+ANALYSIS, SECOND_CLASS, CACHE = "analysis.json", "second_class.npy", "cache"
+
+
+def generation_dir(run_dir: Path, m: int) -> Path:
+    """Where generation m of a run lives."""
+    return Path(run_dir) / f"gen{m}"
+
+
+def is_finished(gen_dir: Path) -> bool:
+    """A generation is finished once its eval.json exists (written last)."""
+    return (Path(gen_dir) / EVAL).is_file()
+
+
+def finished_generations(run_dir: Path, planned: int | None = None) -> list[int]:
+    """Generations 0, 1, ... that have finished, in order (at most `planned` of them)."""
+    count = itertools.count() if planned is None else range(planned)
+    return list(itertools.takewhile(lambda m: is_finished(generation_dir(run_dir, m)), count))
 
 
 def lock_run_dir(run_dir: Path) -> IO:
@@ -38,7 +66,7 @@ def lock_run_dir(run_dir: Path) -> IO:
 
 def check_recipe(run_dir: Path, recipe: Recipe) -> bool:
     """True if `run_dir` already holds this recipe; a different recipe there is an error."""
-    saved = run_dir / "recipe.toml"
+    saved = run_dir / RECIPE
     if not saved.is_file():
         return False
     old, new = saved.read_text().splitlines(), recipe_to_toml(recipe).splitlines()
@@ -80,4 +108,4 @@ def check_inputs(run_dir: Path, beton_dir: Path, manifest: dict) -> None:
 def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
     """Write the resolved recipe on first use; a resumed run must bring the same one."""
     if not check_recipe(run_dir, recipe):
-        write_recipe(recipe, run_dir / "recipe.toml")
+        write_recipe(recipe, run_dir / RECIPE)

@@ -16,7 +16,6 @@ RUN_DIR/transfer/<target name>.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,14 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.svm import LinearSVC
 
-from fasttt.checkpoint import load_weights, write_json
+from fasttt.augment import eval_images
 from fasttt.data import MANIFEST, BetonLoader, is_photo, read_manifest, sequential_loader
-from fasttt.engine import build_model, eval_images, is_finished, progress_bar
-from fasttt.errors import UserError, exit_on_user_error
-from fasttt.models import penultimate_features
-from fasttt.recipe import Recipe, load_recipe
+from fasttt.errors import OneLineParser, UserError, exit_on_user_error
+from fasttt.files import write_json
+from fasttt.models import last_epoch_model, penultimate_features
+from fasttt.progress import progress_bar
+from fasttt.recipe import AugmentConfig, DataConfig, Recipe, load_recipe
+from fasttt.rundir import RECIPE, TRANSFER, WEIGHTS, finished_generations, generation_dir
 
 SVM_SEED = 0  # LinearSVC's random_state: liblinear's coordinate-descent order
 USAGE = ("python -m fasttt.transfer RUN_DIR TARGET_BETON_DIR --train-per-class N [--seed S] "
@@ -67,16 +68,10 @@ class Target:
     canvas_size: int | None  # photos only
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit status 2, like every fasttt error."""
-
-    def error(self, message):
-        raise UserError(f"{message} (usage: {USAGE})")
-
-
 def parse_args(argv: list[str]) -> tuple[Path, Path, TransferOptions]:
     """RUN_DIR, TARGET_BETON_DIR and the checked options."""
-    parser = _OneLineParser(prog="python -m fasttt.transfer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m fasttt.transfer", description=__doc__.splitlines()[0],
+                           usage_line=USAGE)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("target", type=Path)
     parser.add_argument("--train-per-class", type=int, required=True)
@@ -92,14 +87,13 @@ def parse_args(argv: list[str]) -> tuple[Path, Path, TransferOptions]:
     return args.run_dir, args.target, options
 
 
-def finished_generations(run_dir: Path) -> list[int]:
-    """Generations 0, 1, ... that have finished (eval.json and last.safetensors), in order."""
-    generations = []
-    while is_finished(run_dir / f"gen{len(generations)}"):
-        weights = run_dir / f"gen{len(generations)}" / "last.safetensors"
+def trained_generations(run_dir: Path) -> list[int]:
+    """The run's finished generations, each with its weights, or a one-line refusal."""
+    generations = finished_generations(run_dir)
+    for m in generations:
+        weights = generation_dir(run_dir, m) / WEIGHTS
         if not weights.is_file():
-            raise UserError(f"{weights} is missing: retrain generation {len(generations)}")
-        generations.append(len(generations))
+            raise UserError(f"{weights} is missing: retrain generation {m}")
     if not generations:
         raise UserError(f"{run_dir} has no finished generation (no gen0/eval.json): "
                         "train one with fasttt/train.py first")
@@ -108,10 +102,10 @@ def finished_generations(run_dir: Path) -> list[int]:
 
 def read_run(run_dir: Path) -> tuple[Recipe, int]:
     """The run's resolved recipe and its number of classes (its training betons')."""
-    if not (run_dir / "recipe.toml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no recipe.toml): pass "
+    if not (run_dir / RECIPE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {RECIPE}): pass "
                         "runs/<name> as written by fasttt/train.py")
-    recipe = load_recipe(run_dir / "recipe.toml")
+    recipe = load_recipe(run_dir / RECIPE)
     beton_dir = Path(recipe.data.beton_dir)
     if not (beton_dir / MANIFEST).is_file():
         raise UserError(f"{run_dir} was trained on {beton_dir}, which has no {MANIFEST} here: "
@@ -162,7 +156,7 @@ def split_indices(labels: np.ndarray, class_names: list[str], train_per_class: i
     return train, np.setdiff1d(np.arange(len(labels)), train)
 
 
-def target_loaders(target: Target, recipe: Recipe, batch_size: int,
+def target_loaders(target: Target, data: DataConfig, batch_size: int,
                    device: torch.device) -> list[tuple[int, BetonLoader]]:
     """One in-order loader per split, in name order, each with the pooled row of its first image.
 
@@ -172,13 +166,13 @@ def target_loaders(target: Target, recipe: Recipe, batch_size: int,
     offsets = np.cumsum([0] + [target.manifest["splits"][split]["count"] for split in splits])
     return [(int(offset), sequential_loader(
                 target.beton_dir, split=split, batch_size=batch_size,
-                num_workers=recipe.data.num_workers, os_cache=recipe.data.os_cache,
+                num_workers=data.num_workers, os_cache=data.os_cache,
                 canvas_size=target.canvas_size, device=device if device.type == "cuda" else None))
             for offset, split in zip(offsets[:-1], splits, strict=True)]
 
 
 def extract_features(model: torch.nn.Module, loaders: list[tuple[int, BetonLoader]],
-                     num_samples: int, recipe: Recipe, device: torch.device, progress,
+                     num_samples: int, augment: AugmentConfig, device: torch.device, progress,
                      description: str) -> np.ndarray:
     """Penultimate features (N, D) float32 of every target image, rows as `pooled_labels`."""
     task = progress.add_task(description, total=sum(len(loader) for _, loader in loaders),
@@ -188,7 +182,7 @@ def extract_features(model: torch.nn.Module, loaders: list[tuple[int, BetonLoade
     with torch.inference_mode():
         for offset, loader in loaders:
             for batch in loader:
-                images = eval_images(batch, recipe, device)
+                images = eval_images(batch, augment, device)
                 features[offset + batch.index] = penultimate_features(model, images).cpu()
                 progress.advance(task)
     progress.remove_task(task)
@@ -210,19 +204,19 @@ def transfer(run_dir: Path, target_dir: Path, options: TransferOptions,
              console: Console) -> dict:
     """Every finished generation's SVM accuracy on the target; the result as JSON-ready data."""
     recipe, num_classes = read_run(run_dir)
-    generations = finished_generations(run_dir)
+    generations = trained_generations(run_dir)
     target = open_target(target_dir, options.canvas_size or recipe.data.canvas_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaders = target_loaders(target, recipe, options.batch_size, device)  # checks the betons
+    loaders = target_loaders(target, recipe.data, options.batch_size, device)  # checks them
     labels = pooled_labels(target)
     train, test = split_indices(labels, target.manifest["class_names"],
                                 options.train_per_class, options.seed)
     name, rows = target_dir.resolve().name, []
     with progress_bar(True) as progress:
         for m in generations:
-            model = build_model(recipe, num_classes, seed=0)
-            load_weights(model, run_dir / f"gen{m}" / "last.safetensors")
-            features = extract_features(model.to(device), loaders, len(labels), recipe, device,
+            model = last_epoch_model(generation_dir(run_dir, m) / WEIGHTS, recipe.model,
+                                     recipe.run, num_classes, device)
+            features = extract_features(model, loaders, len(labels), recipe.augment, device,
                                         progress, f"gen{m} features")
             accuracy = svm_accuracy(features, labels, train, test, options.svm_c)
             rows.append({"generation": m, "accuracy": accuracy})
@@ -249,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     run_dir, target_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
     console = Console()
     result = transfer(run_dir, target_dir, options, console)
-    out = run_dir / "transfer" / f"{target_dir.resolve().name}.json"
+    out = run_dir / TRANSFER / f"{target_dir.resolve().name}.json"
     out.parent.mkdir(exist_ok=True)
     write_json(out, result)
     print_result(result, console)

@@ -1,4 +1,4 @@
-"""Small real datasets written by the tests: CIFAR pickle releases and ImageFolder trees."""
+"""Shared test inputs: the digits betons, tiny-run flags, CIFAR releases, ImageFolder trees."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from beton_builders.__main__ import main as build_betons
 from fasttt.errors import UserError
+from fasttt.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "digits_d06.toml"  # the embedded demo recipe
+# A run of seconds on the digits: few samples and epochs, the patriarch alone.
+TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 64,
+            "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +32,45 @@ def collect_loaders():
     """
     yield
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The embedded digits betons, built once for the whole session.
+
+    Shared by every module: read it, never write into it (copy it to damage a beton).
+    The session's end checks that no test changed it.
+    """
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    build_betons(["digits", str(out)])
+    before = snapshot(out)
+    yield out
+    assert snapshot(out) == before, "a test wrote into the shared digits betons"
+
+
+def set_pairs(**values) -> list[str]:
+    """`section.key=value` overrides, as load_recipe takes them (keys given as **{...})."""
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def set_flags(**values) -> list[str]:
+    """The same overrides as command-line flags: --set section.key=value ..."""
+    return [arg for pair in set_pairs(**values) for arg in ("--set", pair)]
+
+
+def tiny_run_values(betons: Path, **overrides) -> dict:
+    """TINY_RUN on the betons at `betons`, with `overrides` on top."""
+    return {"data.beton_dir": f'"{betons}"', **TINY_RUN, **overrides}
+
+
+def tiny_run_flags(betons: Path, **overrides) -> list[str]:
+    """--set flags of a tiny run (TINY_RUN) on `betons`, with `overrides` on top."""
+    return set_flags(**tiny_run_values(betons, **overrides))
+
+
+def tiny_recipe(betons: Path, recipe: Path = RECIPE, **overrides) -> Recipe:
+    """`recipe` loaded with the tiny run's overrides on `betons`, as train.py would."""
+    return load_recipe(recipe, set_pairs(**tiny_run_values(betons, **overrides)))
 
 
 def write_cifar_release(root: Path, source: str, per_file: int = 6, seed: int = 0) -> Path:

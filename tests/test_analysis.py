@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import tiny_recipe
 from rich.console import Console
 
-from beton_builders.__main__ import main as build_betons
 from fasttt.analysis import (
     analyze_run,
     class_distances,
@@ -25,29 +25,19 @@ from fasttt.analysis import (
     second_class_counts,
     superclass_map,
 )
-from fasttt.checkpoint import save_weights, write_json
-from fasttt.data import read_manifest, sequential_loader
+from fasttt.checkpoint import save_weights
+from fasttt.data import read_manifest, sequential_loader, split_loader
 from fasttt.errors import UserError
+from fasttt.files import write_json
 from fasttt.models import create_model
-from fasttt.recipe import load_recipe
+from fasttt.rundir import EVAL, WEIGHTS, generation_dir
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
 COARSE = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The embedded betons, built once for this module."""
-    out = tmp_path_factory.mktemp("betons") / "digits"
-    build_betons(["digits", str(out)])
-    return out
-
-
-def recipe_for(digits: Path, *overrides: str):
+def recipe_for(digits: Path, **overrides):
     """The demo recipe on the test betons: 128 training samples, one loader thread."""
-    return load_recipe(RECIPE, [f'data.beton_dir="{digits}"', "data.train_limit=128",
-                                "data.num_workers=1", *overrides])
+    return tiny_recipe(digits, **{"data.train_limit": 128, **overrides})
 
 
 def test_confidences_are_the_mean_sorted_probabilities_and_stop_at_the_class_count():
@@ -135,8 +125,9 @@ def test_ensemble_accuracies_of_fixed_models_over_the_digits(digits):
     # > 1 (0.105) > 2 (0.10) > 3 > 4 > 7 > 8.
     a = [0.22, 0.21, 0.20, 0.19, 0.18, 0, 0, 0, 0, 0]
     b = [0, 0, 0, 0, 0, 0.50, 0.30, 0.12, 0.08, 0]
-    rows = ensemble_accuracies([Constant(a), Constant(b)], recipe_for(digits),
-                               Accelerator(cpu=True))
+    recipe, accelerator = recipe_for(digits), Accelerator(cpu=True)
+    val = split_loader(recipe.data, accelerator, "val", 512)
+    rows = ensemble_accuracies([Constant(a), Constant(b)], val, recipe.augment, accelerator)
     assert [row["members"] for row in rows] == [[0], [0, 1]]
     assert rows[0]["val_top1"] == pytest.approx(share[0].item())
     assert rows[0]["val_top5"] == pytest.approx(share[:5].sum().item())
@@ -146,24 +137,25 @@ def test_ensemble_accuracies_of_fixed_models_over_the_digits(digits):
 
 def test_superclass_map_prefers_the_recipe_then_the_manifest(digits):
     manifest = read_manifest(digits)
-    assert superclass_map(recipe_for(digits), manifest, 10) is None
-    assert superclass_map(recipe_for(digits), manifest | {"fine_to_coarse": COARSE}, 10) == COARSE
-    mine = recipe_for(digits, f"data.superclasses={[9 - c for c in COARSE]}")
+    data = recipe_for(digits).data
+    assert superclass_map(data, manifest, 10) is None
+    assert superclass_map(data, manifest | {"fine_to_coarse": COARSE}, 10) == COARSE
+    mine = recipe_for(digits, **{"data.superclasses": [9 - c for c in COARSE]}).data
     assert superclass_map(mine, manifest | {"fine_to_coarse": COARSE}, 10) == [
         9 - c for c in COARSE]
     with pytest.raises(UserError, match="data.superclasses has 3 entries"):
-        superclass_map(recipe_for(digits, "data.superclasses=[0, 1, 1]"), manifest, 10)
+        superclass_map(recipe_for(digits, **{"data.superclasses": [0, 1, 1]}).data, manifest, 10)
     with pytest.raises(UserError, match="fine_to_coarse has 1 entries for 10 classes"):
-        superclass_map(recipe_for(digits), manifest | {"fine_to_coarse": [0]}, 10)
+        superclass_map(data, manifest | {"fine_to_coarse": [0]}, 10)
 
 
 def fake_generation(run: Path, m: int, finished: bool = True) -> None:
     """gen<m>/ holding randomly initialised ResNet-20 weights, and eval.json if finished."""
     torch.manual_seed(m)
-    (run / f"gen{m}").mkdir(parents=True)
-    save_weights(create_model("cifar_resnet20", 10), run / f"gen{m}" / "last.safetensors")
+    generation_dir(run, m).mkdir(parents=True)
+    save_weights(create_model("cifar_resnet20", 10), generation_dir(run, m) / WEIGHTS)
     if finished:
-        write_json(run / f"gen{m}" / "eval.json", {"best": {}, "last": {}})
+        write_json(generation_dir(run, m) / EVAL, {"best": {}, "last": {}})
 
 
 def analyse(run: Path, recipe) -> str:
@@ -182,7 +174,7 @@ def test_analyze_run_analyses_each_finished_generation_once(digits, tmp_path):
     run = tmp_path / "run"
     fake_generation(run, 0)
     fake_generation(run, 1, finished=False)  # still training: not analysed yet
-    recipe = recipe_for(digits, f"data.superclasses={COARSE}")
+    recipe = recipe_for(digits, **{"data.superclasses": COARSE})
     printed = analyse(run, recipe)
     assert "skipped" not in printed
     assert not (run / "gen1" / "analysis.json").exists()

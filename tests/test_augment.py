@@ -10,6 +10,7 @@ import torchvision.transforms.v2.functional as TF
 
 from fasttt.augment import (
     center_crop_boxes,
+    eval_images,
     eval_view,
     flip_mask,
     keyed_uniform,
@@ -20,6 +21,7 @@ from fasttt.augment import (
     train_size,
     train_view,
 )
+from fasttt.data import Batch
 from fasttt.recipe import AugmentConfig
 
 CIFAR = AugmentConfig()
@@ -153,3 +155,14 @@ def test_progressive_sizes():
     assert [train_size(e, spec) for e in (0, 10, 11, 12, 13, 20)] == [160, 160, 160, 192, 192,
                                                                        192]
     assert train_size(5, AugmentConfig()) == 32
+
+
+def test_eval_images_is_the_eval_view_of_a_loader_batch():
+    images = smooth_images(3, 40, 40)
+    extent = torch.tensor([[40, 40], [30, 20], [12, 40]])
+    batch = Batch(images, torch.zeros(3, dtype=torch.long), torch.arange(3), extent)
+    ours = eval_images(batch, PHOTO, torch.device("cpu"))
+    assert torch.equal(ours, eval_view(images, size=PHOTO.eval_size, spec=PHOTO, extent=extent))
+    assert ours.shape == (3, 3, 24, 24)
+    fixed = eval_images(Batch(images, batch.label, batch.index), CIFAR, torch.device("cpu"))
+    assert torch.equal(fixed, eval_view(images, size=CIFAR.eval_size, spec=CIFAR, extent=None))

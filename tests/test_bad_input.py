@@ -27,20 +27,19 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import one_line_refusal, snapshot, write_image_folder
+from conftest import RECIPE, ROOT, one_line_refusal, snapshot, tiny_recipe, write_image_folder
 from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.cache import ARRAYS, array_specs, build_cache, expected_manifest, open_arrays
+from fasttt.cache import array_specs, build_cache, expected_manifest, open_arrays
 from fasttt.checkpoint import save_weights
-from fasttt.data import read_manifest, sequential_loader, train_loader
+from fasttt.data import read_manifest, sequential_loader, split_loader, train_loader
 from fasttt.errors import UserError
 from fasttt.recipe import SECTIONS, load_recipe, write_recipe
+from fasttt.teachers import CACHE_ARRAYS, OnlineTeacher, view_schedule
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
 VALID = tomllib.loads(RECIPE.read_text())
 KEYS = sorted({f.name for make in SECTIONS.values() for f in dataclasses.fields(make())})
 
@@ -284,12 +283,14 @@ def test_huge_values_that_would_fail_later_are_refused_up_front(tmp_path):
         one_line_refusal(lambda o=override: load_recipe(path, [o]), f"{path} (with --set): {key} ")
 
 
-def test_train_cli_prints_one_line_and_exits_2_on_bad_recipes(tmp_path):
+def test_train_cli_prints_one_line_and_exits_2_on_bad_recipes_and_arguments(tmp_path):
     (tmp_path / "binary.toml").write_bytes(b"[run]\nname = '\xff\xfe'\n")
     runs = tmp_path / "runs"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     cases = {"not UTF-8": [str(tmp_path / "binary.toml")],
-             "unknown key run.'na\\nme'": [str(RECIPE), "--set", "run.na\nme=1"]}
+             "unknown key run.'na\\nme'": [str(RECIPE), "--set", "run.na\nme=1"],
+             "unrecognized arguments: --bogus (usage: fasttt/train.py RECIPE.toml":
+                 [str(RECIPE), "--bogus"]}
     started = {expected: subprocess.Popen(
         [sys.executable, str(ROOT / "fasttt" / "train.py"), *args, "--runs-dir", str(runs)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -305,11 +306,9 @@ def test_train_cli_prints_one_line_and_exits_2_on_bad_recipes(tmp_path):
 # ---------------------------------------------------------------------------- betons
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The embedded digits betons, built once."""
-    out = tmp_path_factory.mktemp("betons") / "digits"
-    build_betons(["digits", str(out)])
-    return out
+def scratch(tmp_path_factory) -> Path:
+    """Where the fuzzed tests damage their copies of the shared digits betons."""
+    return tmp_path_factory.mktemp("damaged_betons")
 
 
 def val_copy(digits: Path, work: Path) -> Path:
@@ -355,8 +354,8 @@ def beton_offset(beton: Path, region: int, where: float) -> int:
 
 @fuzz(25)
 @given(fraction=st.floats(0, 1, exclude_max=True))
-def test_truncated_betons_are_always_refused(digits, fraction):
-    work = val_copy(digits, digits.parent / "truncated")
+def test_truncated_betons_are_always_refused(digits, scratch, fraction):
+    work = val_copy(digits, scratch / "truncated")
     data = (work / "val.beton").read_bytes()
     (work / "val.beton").write_bytes(data[:int(len(data) * fraction)])
     refused_without_writes(work, str(work / "val.beton"), "rebuild with --force")
@@ -365,8 +364,8 @@ def test_truncated_betons_are_always_refused(digits, fraction):
 @fuzz(30)
 @given(flips=st.lists(st.tuples(st.integers(0, 4), st.floats(0, 1, exclude_max=True),
                                 st.integers(0, 7)), min_size=1, max_size=3))
-def test_bit_flipped_betons_read_every_sample_or_are_refused(digits, flips):
-    work = val_copy(digits, digits.parent / "flipped")
+def test_bit_flipped_betons_read_every_sample_or_are_refused(digits, scratch, flips):
+    work = val_copy(digits, scratch / "flipped")
     beton = work / "val.beton"
     data = bytearray(beton.read_bytes())
     for region, where, bit in flips:
@@ -433,8 +432,8 @@ def mutated(manifest: dict, path: tuple, value, delete: bool):
     st.tuples(st.just("set"), st.sampled_from(MANIFEST_PATHS), JSON_VALUES, st.booleans()),
     st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
     st.tuples(st.just("bytes"), st.sampled_from([b"\xff\xfe{", b"[" * 100000, b"null", b""]))))
-def test_damaged_manifests_are_refused_or_still_read_exactly(digits, change):
-    work = val_copy(digits, digits.parent / "manifests")
+def test_damaged_manifests_are_refused_or_still_read_exactly(digits, scratch, change):
+    work = val_copy(digits, scratch / "manifests")
     original = json.loads((work / "manifest.json").read_text())
     if change[0] == "set":
         _, path, value, delete = change
@@ -496,15 +495,19 @@ def test_photo_betons_with_lying_sizes_are_refused(photos, tmp_path):
 def cache(digits, tmp_path_factory):
     """A real 2-view, top-4, float16 cache of a linear teacher: (cache dir, wanted manifest)."""
     root = tmp_path_factory.mktemp("cache")
-    recipe = load_recipe(RECIPE, [f"data.beton_dir={json.dumps(str(digits))}",
-                                  "data.train_limit=64", "data.num_workers=1",
-                                  "schedule.epochs=2", "cache.views=2", "cache.top_k=4",
-                                  "cache.batch_size=32"])
+    recipe = tiny_recipe(digits, **{"data.train_limit": 64, "schedule.epochs": 2,
+                                    "cache.views": 2, "cache.top_k": 4, "cache.batch_size": 32})
+    schedule = view_schedule(recipe.run.seed, 1, 2, recipe.augment, recipe.cache)
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    save_weights(teacher, root / "teacher.safetensors")
-    wanted = expected_manifest(recipe, root / "teacher.safetensors", 10)
-    build_cache(root / "cache", teacher, wanted, recipe, Accelerator(cpu=True))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    save_weights(model, root / "teacher.safetensors")
+    wanted = expected_manifest(root / "teacher.safetensors", read_manifest(digits), 64, schedule,
+                               recipe.cache, 10, recipe.generations.temperature)
+    accelerator = Accelerator(cpu=True)
+    teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperature"])
+    loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size, limit=64)
+    build_cache(root / "cache", teacher, wanted, loader, accelerator)
+    assert set(CACHE_KEYS) == {*wanted, "complete"}  # the fuzzing below covers every key
     assert {n: a.shape for n, a in open_arrays(root / "cache", wanted).items()} == {
         "values": (2, 64, 4), "ids": (2, 64, 4), "log_partition": (2, 64)}
     return root / "cache", wanted
@@ -535,7 +538,7 @@ ARRAY_DAMAGE = st.one_of(
 
 
 @fuzz(70)
-@given(name=st.sampled_from(ARRAYS), damage=ARRAY_DAMAGE)
+@given(name=st.sampled_from(CACHE_ARRAYS), damage=ARRAY_DAMAGE)
 def test_damaged_cache_arrays_are_refused(cache, name, damage):
     source, wanted = cache
     work = source.parent / "damaged"
@@ -565,8 +568,8 @@ def test_damaged_cache_arrays_are_refused(cache, name, damage):
 
 
 CACHE_KEYS = ["complete", "teacher_sha256", "beton_sha256", "augment_sha256", "samples",
-              "classes", "views", "stored_views", "top_k", "dtype", "temperature",
-              "format_version"]
+              "classes", "views", "stored_views", "teacher_view", "top_k", "dtype",
+              "temperature", "format_version"]
 
 
 @fuzz(60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import cifar_images, write_image_folder
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 
 from beton_builders.__main__ import main
@@ -26,17 +28,26 @@ def build(*args: str) -> None:
 
 
 def read_all(beton_dir, split, canvas_size=None):
-    """Every sample of a split, in order, as numpy arrays."""
-    images, labels, indices, sizes = [], [], [], []
+    """Every sample of a split, in order, as numpy arrays: images, labels, indices, extents."""
+    images, labels, indices, extents = [], [], [], []
     for batch in sequential_loader(beton_dir, split=split, batch_size=8, num_workers=1,
                                    canvas_size=canvas_size):
         images.append(batch.image.permute(0, 2, 3, 1).numpy().copy())
         labels.append(batch.label.numpy().copy())
         indices.append(batch.index.numpy().copy())
-        if batch.size is not None:
-            sizes.append(batch.size.numpy().copy())
-    sizes = np.concatenate(sizes) if sizes else None
-    return np.concatenate(images), np.concatenate(labels), np.concatenate(indices), sizes
+        if batch.extent is not None:
+            extents.append(batch.extent.numpy().copy())
+    extents = np.concatenate(extents) if extents else None
+    return np.concatenate(images), np.concatenate(labels), np.concatenate(indices), extents
+
+
+def stored_sizes(beton_dir, split) -> np.ndarray | None:
+    """The (height, width) each sample's height and width fields hold; None without them."""
+    reader = Reader(str(beton_dir / read_manifest(beton_dir)["splits"][split]["file"]))
+    if not {"height", "width"} <= set(reader.field_names):
+        return None
+    field = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.field_names)}
+    return np.stack([field["height"], field["width"]], axis=1)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -61,10 +72,11 @@ def test_cifar10_round_trip(cifar10_release, tmp_path):
     manifest = read_manifest(out)
     assert manifest["splits"]["train"]["count"] == 30 and manifest["splits"]["val"]["count"] == 6
     assert manifest["class_names"][3] == "class3" and len(manifest["class_names"]) == 10
-    images, labels, indices, sizes = read_all(out, "train")
+    images, labels, indices, extents = read_all(out, "train")
     expected = cifar_images(cifar10_release, [f"data_batch_{i}" for i in range(1, 6)])
     assert np.array_equal(images, expected)
-    assert np.array_equal(indices, np.arange(30)) and sizes is None
+    assert np.array_equal(indices, np.arange(30)) and extents is None
+    assert stored_sizes(out, "train") is None  # fixed-size images store no sizes
     batch1 = np.load(cifar10_release / "data_batch_1", allow_pickle=True, encoding="bytes")
     assert labels[:6].tolist() == batch1[b"labels"]
 
@@ -74,9 +86,9 @@ def test_cifar100_keeps_coarse_labels_and_map(cifar100_release, tmp_path):
     build("cifar100", cifar100_release, out)
     manifest = read_manifest(out)
     assert manifest["coarse_class_names"] == [f"coarse{i}" for i in range(20)]
-    images, fine, _, sizes = read_all(out, "val")
+    images, fine, _, extents = read_all(out, "val")
     assert np.array_equal(images, cifar_images(cifar100_release, ["test"]))
-    assert sizes is None  # the beton's coarse_label field must not leak into the batch
+    assert extents is None  # the beton's coarse_label field must not leak into the batch
     loader = Loader(str(out / "val.beton"), batch_size=64, num_workers=1, drop_last=False,
                     order=OrderOption.SEQUENTIAL,
                     pipelines={"coarse_label": [IntDecoder(), ToTensor()], "image": None,
@@ -88,23 +100,23 @@ def test_cifar100_keeps_coarse_labels_and_map(cifar100_release, tmp_path):
         assert fine_to_coarse[f] == f % 20
 
 
-def test_digits_embedded_default(tmp_path):
-    out = tmp_path / "digits"
-    build("digits", out)
-    manifest = read_manifest(out)
+def test_digits_embedded_default(digits):
+    manifest = read_manifest(digits)  # built by `build("digits", OUT)` (tests/conftest.py)
     counts = {s: v["count"] for s, v in manifest["splits"].items()}
     assert sum(counts.values()) == 1797 and 0.18 < counts["val"] / 1797 < 0.22
-    images, labels, indices, _ = read_all(out, "val")
+    images, labels, indices, _ = read_all(digits, "val")
     assert images.shape == (counts["val"], 32, 32, 3) and images.dtype == np.uint8
     assert np.array_equal(images[..., 0], images[..., 2])  # gray replicated to RGB
     assert np.bincount(labels, minlength=10).min() >= 34  # stratified: every digit present
     assert np.array_equal(indices, np.arange(counts["val"]))
 
 
-def test_digits_rebuild_is_byte_identical(tmp_path):
-    build("digits", tmp_path / "a")
-    build("digits", tmp_path / "b")
-    sha = [read_manifest(tmp_path / d)["splits"]["train"]["sha256"] for d in "ab"]
+def test_digits_rebuild_is_byte_identical(digits, tmp_path):
+    build("digits", tmp_path / "again")
+    for split in ("train", "val"):
+        assert (tmp_path / "again" / f"{split}.beton").read_bytes() == (
+            digits / f"{split}.beton").read_bytes()
+    sha = [read_manifest(d)["splits"]["train"]["sha256"] for d in (digits, tmp_path / "again")]
     assert sha[0] == sha[1]
 
 
@@ -118,10 +130,12 @@ def test_imagefolder_mixed_modes_and_a_bad_file(tmp_path, capsys):
     assert manifest["class_names"] == ["cat", "dog"]
     assert manifest["splits"]["train"]["count"] == 4 and manifest["splits"]["val"]["count"] == 2
     assert manifest["skipped_unreadable"]["train"][0].endswith("broken.JPEG")
-    images, labels, indices, got_sizes = read_all(out, "train", canvas_size=24)
+    images, labels, indices, extents = read_all(out, "train", canvas_size=24)
     assert images.shape == (4, 24, 24, 3)
     expected = [sizes[k] for k in sorted(sizes) if k.startswith("train/")]
-    assert got_sizes.tolist() == [list(s) for s in expected]
+    assert stored_sizes(out, "train").tolist() == [list(s) for s in expected]  # originals
+    # 40x60, 64x32, 50x50 and 30x70 shrunk onto the 24-pixel canvas, aspect ratios kept.
+    assert extents.tolist() == [[16, 24], [24, 12], [24, 24], [10, 24]]
     assert labels.tolist() == [0, 0, 1, 1] and indices.tolist() == [0, 1, 2, 3]
     assert images.reshape(4, -1).std(axis=1).min() > 5  # real pictures, not blank fallbacks
 
@@ -218,21 +232,24 @@ def test_existing_foreign_directory_is_not_overwritten(tmp_path, capsys):
     assert "not a beton directory" in err and (out / "notes.txt").read_text() == "keep me"
 
 
-def test_rerun_keeps_a_build_and_refuses_a_different_one(cifar10_release, tmp_path, capsys):
+def test_rerun_keeps_a_build_and_refuses_a_different_one(digits, cifar10_release, tmp_path,
+                                                        capsys):
     out = tmp_path / "betons"
-    build("digits", out)
+    shutil.copytree(digits, out)  # a finished digits build
     sha = read_manifest(out)["splits"]["train"]["sha256"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     capsys.readouterr()
     build("digits", out)
     assert "already built" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # kept as it was
     err = expect_one_line_error(capsys, "cifar10", cifar10_release, out)
     assert "holds another build (digits" in err and "--force" in err
     assert read_manifest(out)["splits"]["train"]["sha256"] == sha
 
 
-def test_force_rebuilds_over_a_damaged_manifest(tmp_path, capsys):
+def test_force_rebuilds_over_a_damaged_manifest(digits, tmp_path, capsys):
     out = tmp_path / "digits"
-    build("digits", out)
+    shutil.copytree(digits, out)  # a copy: the shared betons stay intact
     (out / "manifest.json").write_text("{")
     capsys.readouterr()
     err = expect_one_line_error(capsys, "digits", out)

@@ -12,70 +12,119 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RECIPE, ROOT, tiny_recipe, tiny_run_flags
 from rich.console import Console
 
-from beton_builders.__main__ import main as build_betons
-from fasttt.cache import CachedTeacher, describe, expected_manifest, open_arrays, teacher_views
-from fasttt.engine import last_epoch_model
+from fasttt.augment import eval_view, generation_key, train_size, train_view
+from fasttt.cache import cached_teacher, describe, ensure_cache, expected_manifest, open_arrays
+from fasttt.data import read_manifest, split_loader, train_samples
 from fasttt.errors import UserError
-from fasttt.losses import TopKTeacher
-from fasttt.recipe import load_recipe
+from fasttt.models import last_epoch_model
+from fasttt.processes import make_accelerator
+from fasttt.rundir import CACHE, WEIGHTS
+from fasttt.teachers import OnlineTeacher, TopKTeacher, view_schedule
 from fasttt.train import main as train
-from fasttt.train import make_accelerator, precompute_cache
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
+# A tiny run whose students keep 2 views for 3 epochs (epoch 2 shows view 0 again), in
+# an all-class float32 cache.
+CACHE_RUN = {"data.train_limit": 192, "schedule.epochs": 3, "cache.views": 2,
+             "cache.dtype": '"float32"', "cache.batch_size": 50}
 
 
 def flags(digits: Path, **overrides) -> list[str]:
-    """--set flags of a tiny run with a 3-view, all-class, float32 cache."""
-    values = {"data.beton_dir": f'"{digits}"', "data.train_limit": 192, "data.num_workers": 1,
-              "optim.batch_size": 64, "schedule.epochs": 2, "schedule.peak_epoch": 1,
-              "generations.students": 0, "cache.views": 3, "cache.dtype": '"float32"',
-              "cache.batch_size": 50} | overrides
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    """--set flags of the tiny CACHE_RUN on the digits."""
+    return tiny_run_flags(digits, **{**CACHE_RUN, **overrides})
 
 
 @pytest.fixture(scope="module")
-def patriarch(tmp_path_factory):
-    """A trained tiny generation 0: (runs dir, beton dir)."""
-    root = tmp_path_factory.mktemp("cache")
-    build_betons(["digits", str(root / "digits")])
-    train([str(RECIPE), *flags(root / "digits"), "--runs-dir", str(root / "runs")])
-    return root / "runs", root / "digits"
+def patriarch(digits, tmp_path_factory) -> Path:
+    """The runs directory of a trained tiny generation 0."""
+    runs = tmp_path_factory.mktemp("cache") / "runs"
+    train([str(RECIPE), *flags(digits), "--runs-dir", str(runs)])
+    return runs
 
 
-def setup(patriarch, **overrides):
-    """(recipe, accelerator, gen0 dir) for a run of the patriarch fixture."""
-    runs, digits = patriarch
-    recipe = load_recipe(RECIPE, [f for f in flags(digits, **overrides) if f != "--set"])
-    return recipe, make_accelerator(recipe, Console(quiet=True)), runs / "digits_d06" / "gen0"
+def setup(patriarch: Path, digits: Path, **overrides):
+    """(recipe, accelerator, gen0 dir, the views of gen0's student) of the patriarch's run."""
+    recipe = tiny_recipe(digits, **{**CACHE_RUN, **overrides})
+    schedule = view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
+                             recipe.cache)
+    accelerator = make_accelerator(recipe.run.mixed_precision, Console(quiet=True))
+    return recipe, accelerator, patriarch / "digits_d06" / "gen0", schedule
 
 
-def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, tmp_path):
-    recipe, accelerator, gen0 = setup(patriarch)
-    wanted = precompute_cache(gen0, recipe, accelerator)
-    assert wanted["top_k"] == 10 and wanted["stored_views"] == 3
-    teacher = CachedTeacher(gen0 / "cache", wanted, torch.device("cpu"))
-    model = last_epoch_model(gen0, recipe, 10, accelerator.device).eval()
-    from fasttt.data import sequential_loader
+def wanted_for(recipe, schedule, teacher_dir: Path) -> dict:
+    """The manifest a cache of `teacher_dir` must have for this recipe's student."""
+    beton = read_manifest(recipe.data.beton_dir)
+    return expected_manifest(teacher_dir / WEIGHTS, beton, train_samples(recipe.data, beton),
+                             schedule, recipe.cache, 10, recipe.generations.temperature)
 
-    batch = next(iter(sequential_loader(recipe.data.beton_dir, split="train", batch_size=192,
-                                        num_workers=1)))
+
+def first_samples(recipe, accelerator):
+    """The run's 192 training samples as one batch, in order."""
+    (batch,) = list(split_loader(recipe.data, accelerator, "train", 192, limit=192))
+    return batch
+
+
+def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, digits):
+    recipe, accelerator, gen0, schedule = setup(patriarch, digits)
+    wanted = ensure_cache(gen0, schedule, recipe, 10, accelerator)
+    assert (wanted["top_k"], wanted["views"], wanted["stored_views"]) == (10, 2, 2)
+    assert wanted["teacher_view"] == "student" and wanted["samples"] == 192
+    teacher = cached_teacher(gen0, schedule, recipe, 10, accelerator)
+    model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
+                             accelerator.device).eval()
+    online = OnlineTeacher(model, schedule, 10, recipe.generations.temperature)
+    batch = first_samples(recipe, accelerator)
     order = torch.randperm(192, generator=torch.Generator().manual_seed(0))[:40]
-    for epoch in (0, 4):  # epoch 4 shows view 1
-        got = teacher(None, batch.index[order], epoch)
-        views = teacher_views(batch.image[order], batch.index[order], epoch % 3, recipe, None)
+    images, index = batch.image[order], batch.index[order]
+    for epoch in range(3):  # epoch 2 shows view 0 again
+        view = schedule.teacher_view(epoch)
+        assert view == epoch % 2
+        # The student's pixels: generation 1's key, view e mod R, that view's size.
+        shown = train_view(images, index, seed=generation_key(recipe.run.seed, 1), view=view,
+                           size=train_size(view, recipe.augment), spec=recipe.augment,
+                           extent=None)
+        assert torch.equal(shown, schedule.student_pixels(images, index, epoch, None))
         with torch.no_grad():
-            want = TopKTeacher.from_logits(model(views), 10)
-        assert torch.equal(got.ids, want.ids)
-        assert torch.allclose(got.values, want.values, atol=1e-4)
-        assert torch.allclose(got.log_partition, want.log_partition, atol=1e-4)
-    assert "bytes per sample per view: 54" in describe(gen0 / "cache")  # 10 * (4 + 1) + 4
+            want = TopKTeacher.from_logits(model(shown), 10)
+        for got in (teacher(index, view), online(index, view, images, None)):
+            assert torch.equal(got.ids, want.ids)
+            assert torch.allclose(got.values, want.values, atol=1e-4)
+            assert torch.allclose(got.log_partition, want.log_partition, atol=1e-4)
+    assert "bytes per sample per view: 54" in describe(gen0 / CACHE)  # 10 * (4 + 1) + 4
 
 
-def test_a_student_from_the_cache_follows_the_online_students_trajectory(patriarch, tmp_path):
-    _, digits = patriarch
+def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch, digits,
+                                                                     tmp_path):
+    recipe, accelerator, gen0, schedule = setup(
+        patriarch, digits, **{"cache.teacher_view": '"unaugmented"'})
+    teacher_dir = tmp_path / "gen0"
+    teacher_dir.mkdir()
+    shutil.copy2(gen0 / WEIGHTS, teacher_dir / WEIGHTS)
+    wanted = ensure_cache(teacher_dir, schedule, recipe, 10, accelerator)
+    assert (wanted["views"], wanted["stored_views"], wanted["teacher_view"]) == (
+        2, 1, "unaugmented")
+    assert [schedule.teacher_view(e) for e in range(3)] == [0, 0, 0]
+    assert [schedule.view(e) for e in range(3)] == [0, 1, 0]  # the student's own views
+    teacher = cached_teacher(teacher_dir, schedule, recipe, 10, accelerator)
+    model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
+                             accelerator.device).eval()
+    batch = first_samples(recipe, accelerator)
+    plain = eval_view(batch.image, size=recipe.augment.eval_size, spec=recipe.augment,
+                      extent=None)
+    with torch.no_grad():
+        want = TopKTeacher.from_logits(model(plain), 10)
+    got = teacher(batch.index, 0)
+    assert torch.equal(got.ids, want.ids)
+    assert torch.allclose(got.values, want.values, atol=1e-4)
+    # The student's pixels are ignored: an online teacher labels the plain view too.
+    shown = schedule.student_pixels(batch.image, batch.index, 1, None)
+    online = OnlineTeacher(model, schedule, 10, 1.0)(batch.index, 0, batch.image, None, shown)
+    assert torch.equal(online.ids, want.ids)
+
+
+def test_a_student_from_the_cache_follows_the_online_students_trajectory(digits, tmp_path):
     losses = {}
     for mode in ("online", "precomputed"):
         run = tmp_path / mode
@@ -83,29 +132,31 @@ def test_a_student_from_the_cache_follows_the_online_students_trajectory(patriar
         train([str(RECIPE), *args, "--runs-dir", str(run)])
         rows = (run / "digits_d06" / "gen1" / "metrics.jsonl").read_text().splitlines()
         losses[mode] = [json.loads(r)["train_loss"] for r in rows]
-    assert len(losses["online"]) == 2
+    assert len(losses["online"]) == 3
     assert np.allclose(losses["online"], losses["precomputed"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("change,what", [
     ({"augment.pad": 3}, "augmentation"),
     ({"run.seed": 5}, "augmentation"),
+    ({"cache.views": 3}, "augmentation"),
+    ({"cache.teacher_view": '"unaugmented"'}, "augmentation"),
     ({"cache.top_k": 5}, "top_k"),
 ])
-def test_a_cache_for_other_settings_is_refused(patriarch, change, what):
-    recipe, accelerator, gen0 = setup(patriarch)
-    precompute_cache(gen0, recipe, accelerator)
-    other, _, _ = setup(patriarch, **change)
-    wanted = expected_manifest(other, gen0 / "last.safetensors", 10)
+def test_a_cache_for_other_settings_is_refused(patriarch, digits, change, what):
+    recipe, accelerator, gen0, schedule = setup(patriarch, digits)
+    ensure_cache(gen0, schedule, recipe, 10, accelerator)
+    other, _, _, other_views = setup(patriarch, digits, **change)
     with pytest.raises(UserError, match=f"built for another {what}.*delete it"):
-        open_arrays(gen0 / "cache", wanted)
+        open_arrays(gen0 / CACHE, wanted_for(other, other_views, gen0))
 
 
-def test_wrong_teacher_beton_incomplete_and_truncated_caches_are_refused(patriarch, tmp_path):
-    recipe, accelerator, gen0 = setup(patriarch)
-    wanted = precompute_cache(gen0, recipe, accelerator)
+def test_wrong_teacher_beton_incomplete_and_truncated_caches_are_refused(patriarch, digits,
+                                                                        tmp_path):
+    recipe, accelerator, gen0, schedule = setup(patriarch, digits)
+    wanted = ensure_cache(gen0, schedule, recipe, 10, accelerator)
     cache = tmp_path / "cache"
-    shutil.copytree(gen0 / "cache", cache)
+    shutil.copytree(gen0 / CACHE, cache)
     for key, what in (("teacher_sha256", "teacher weights"), ("beton_sha256", "beton")):
         with pytest.raises(UserError, match=f"another {what}"):
             open_arrays(cache, {**wanted, key: "0" * 64})
@@ -126,17 +177,15 @@ def _cache_cli(args: list[str], launcher: list[str] | None = None, **kwargs):
                             env=env, **kwargs)
 
 
-def _fresh_run(patriarch, target: Path) -> Path:
-    runs, _ = patriarch
-    shutil.copytree(runs, target)
-    shutil.rmtree(target / "digits_d06" / "gen0" / "cache", ignore_errors=True)
+def _fresh_run(patriarch: Path, target: Path) -> Path:
+    shutil.copytree(patriarch, target)
+    shutil.rmtree(target / "digits_d06" / "gen0" / CACHE, ignore_errors=True)
     return target
 
 
-def test_two_ranks_build_the_same_bytes(patriarch, tmp_path):
+def test_two_ranks_build_the_same_bytes(patriarch, digits, tmp_path):
     # Kills during a cache build: tests/test_faults.py.
-    _, digits = patriarch
-    args = [str(RECIPE), "--generation", "0", *flags(digits, **{"cache.views": 4})]
+    args = [str(RECIPE), "--generation", "0", *flags(digits, **{"cache.views": 3})]
     one = _fresh_run(patriarch, tmp_path / "one")
     solo = _cache_cli([*args, "--runs-dir", str(one)])
     assert solo.wait(timeout=300) == 0, solo.stderr.read()
@@ -146,16 +195,29 @@ def test_two_ranks_build_the_same_bytes(patriarch, tmp_path):
               "--dynamo_backend", "no"]
     pair = _cache_cli([*args, "--runs-dir", str(two)], launch)
     assert pair.wait(timeout=300) == 0, pair.stderr.read()[-2000:]
-    gen = Path("digits_d06") / "gen0" / "cache"
+    gen = Path("digits_d06") / "gen0" / CACHE
+    assert json.loads((one / gen / "manifest.json").read_text())["stored_views"] == 3
     for name in ("values.npy", "ids.npy", "log_partition.npy", "manifest.json"):
         assert (one / gen / name).read_bytes() == (two / gen / name).read_bytes(), name
 
 
-def test_views_that_would_change_size_between_epochs_are_refused(patriarch):
-    ramp = {"augment.min_size": 24, "augment.end_ramp": 2, "schedule.epochs": 3,
-            "cache.views": 1}
-    recipe, _, gen0 = setup(patriarch, **ramp)
+def test_the_cache_cli_refuses_bad_arguments_and_untrained_generations_in_one_line(
+        patriarch, digits, tmp_path):
+    for args, needle in ((["--generation", "0"], "usage: accelerate launch fasttt/cache.py"),
+                         ([str(RECIPE), "--generation", "5", *flags(digits), "--runs-dir",
+                           str(patriarch)], "train generation 5 first")):
+        child = _cache_cli(args, cwd=tmp_path)
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 2, err
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_views_that_would_change_size_between_epochs_are_refused(patriarch, digits):
+    ramp = {"augment.min_size": 24, "augment.end_ramp": 2, "schedule.epochs": 3}
+    recipe, _, gen0, schedule = setup(patriarch, digits, **ramp, **{"cache.views": 3})
+    assert wanted_for(recipe, schedule, gen0)["views"] == 3
+    one_view = tiny_recipe(digits, **{**CACHE_RUN, **ramp, "cache.views": 1})
     with pytest.raises(UserError, match="progressive resizing"):
-        expected_manifest(recipe, gen0 / "last.safetensors", 10)
-    recipe, _, _ = setup(patriarch, **{**ramp, "cache.views": 3})
-    assert expected_manifest(recipe, gen0 / "last.safetensors", 10)["views"] == 3
+        view_schedule(one_view.run.seed, 1, 3, one_view.augment, one_view.cache)
+    # The patriarch sees a fresh view every epoch, whatever the cache keeps.
+    assert view_schedule(one_view.run.seed, 0, 3, one_view.augment, one_view.cache).cycle == 3

@@ -5,21 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from accelerate import Accelerator
+from conftest import tiny_recipe, write_image_folder
 from PIL import Image
 
 from beton_builders.__main__ import main
 from fasttt.canvas import dct_denominator, fit_extent
-from fasttt.data import sequential_loader, shard_indices, train_loader
+from fasttt.data import (
+    generation_loaders,
+    read_manifest,
+    sequential_loader,
+    shard_indices,
+    split_loader,
+    train_loader,
+    train_samples,
+)
 from fasttt.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    """The embedded default, built once for this module."""
-    out = tmp_path_factory.mktemp("betons") / "digits"
-    main(["digits", str(out)])
-    return out
 
 
 def epoch_indices(loader) -> np.ndarray:
@@ -27,19 +28,19 @@ def epoch_indices(loader) -> np.ndarray:
     return np.concatenate([batch.index.numpy().copy() for batch in loader])
 
 
-def test_train_loader_shuffles_drops_last_and_is_seeded(digits_dir):
-    loader = train_loader(digits_dir, batch_size=100, seed=3, num_workers=1)
+def test_train_loader_shuffles_drops_last_and_is_seeded(digits):
+    loader = train_loader(digits, batch_size=100, seed=3, num_workers=1)
     first, second = epoch_indices(loader), epoch_indices(loader)
     assert len(loader) == 1437 // 100 and len(first) == 1400
     assert len(set(first.tolist())) == 1400 and not np.array_equal(first, np.sort(first))
     assert not np.array_equal(first, second)  # a new order every epoch
-    again = train_loader(digits_dir, batch_size=100, seed=3, num_workers=1)
+    again = train_loader(digits, batch_size=100, seed=3, num_workers=1)
     assert np.array_equal(epoch_indices(again), first)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_sequential_shards_cover_every_sample_once(digits_dir, world_size):
-    seen = [epoch_indices(sequential_loader(digits_dir, split="val", batch_size=64,
+def test_sequential_shards_cover_every_sample_once(digits, world_size):
+    seen = [epoch_indices(sequential_loader(digits, split="val", batch_size=64,
                                             num_workers=1, rank=r, world_size=world_size))
             for r in range(world_size)]
     assert np.array_equal(np.concatenate(seen), np.arange(360))
@@ -51,14 +52,16 @@ def test_shard_indices_are_disjoint_and_balanced():
     assert np.array_equal(np.concatenate(shards), np.arange(10))
 
 
-def test_batches_are_channels_last_uint8_and_move_to_a_device(digits_dir):
-    loader = sequential_loader(digits_dir, split="val", batch_size=32, num_workers=1,
+def test_batches_are_channels_last_uint8_and_move_to_a_device(digits):
+    loader = sequential_loader(digits, split="val", batch_size=32, num_workers=1,
                                device=torch.device("cpu"))
     batch = next(iter(loader))
     assert batch.image.shape == (32, 3, 32, 32) and batch.image.dtype == torch.uint8
     assert batch.image.is_contiguous(memory_format=torch.channels_last)
     assert batch.label.shape == (32,) and batch.label.dtype == torch.int64
-    assert batch.size is None
+    assert batch.index.tolist() == list(range(32))
+    assert batch.extent is None  # fixed-size images fill the canvas
+    assert batch._fields == ("image", "label", "index", "extent")
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +87,8 @@ def test_photos_sit_unresampled_on_the_canvas(photo_betons):
     batch = next(iter(sequential_loader(photo_betons / "raw", split="train", batch_size=4,
                                         num_workers=2, canvas_size=80)))
     assert batch.image.shape == (4, 3, 80, 80)
-    assert batch.size.tolist() == [[40, 60], [64, 32], [50, 50], [30, 70]]
-    assert torch.equal(batch.extent, batch.size.to(batch.extent.dtype))
+    # Photos that fit the canvas keep their original size: the extent is (height, width).
+    assert batch.extent.tolist() == [[40, 60], [64, 32], [50, 50], [30, 70]]
     canvas = batch.image[0].permute(1, 2, 0).numpy()
     original = source_pixels(photo_betons / "tree", "train/cat/a.JPEG")
     assert np.array_equal(canvas[:40, :60], original)
@@ -105,8 +108,10 @@ def test_jpeg_photos_decode_close_to_pil(photo_betons):
 def test_photos_larger_than_the_canvas_shrink_to_fit(photo_betons):
     batch = next(iter(sequential_loader(photo_betons / "jpg", split="train", batch_size=4,
                                         num_workers=2, canvas_size=16)))
+    # Shrunk to fit, each at its original aspect ratio (40x60, 64x32, 50x50, 30x70).
     assert batch.extent.tolist() == [[10, 16], [16, 8], [16, 16], [6, 16]]
-    assert batch.size.tolist() == [[40, 60], [64, 32], [50, 50], [30, 70]]
+    assert batch.extent.tolist() == [list(fit_extent(h, w, 16)) for h, w in
+                                     [(40, 60), (64, 32), (50, 50), (30, 70)]]
     tall = batch.image[1].permute(1, 2, 0).numpy()[:16, :8].astype(int)  # 1/4 DCT decode
     original = source_pixels(photo_betons / "tree", "train/cat/b.JPEG")
     expected = np.asarray(Image.fromarray(original).resize((8, 16), Image.BOX)).astype(int)
@@ -124,8 +129,29 @@ def test_missing_beton_dir_is_a_user_error(tmp_path):
         train_loader(tmp_path / "nothing", batch_size=8, seed=0)
 
 
-def test_bad_split_and_oversized_batch_are_user_errors(digits_dir):
+def test_bad_split_and_oversized_batch_are_user_errors(digits):
     with pytest.raises(UserError, match="no 'test' split"):
-        sequential_loader(digits_dir, split="test", batch_size=8)
+        sequential_loader(digits, split="test", batch_size=8)
     with pytest.raises(UserError, match="lower the batch size"):
-        train_loader(digits_dir, split="val", batch_size=512, seed=0)
+        train_loader(digits, split="val", batch_size=512, seed=0)
+
+
+def test_generation_loaders_follow_the_recipe_and_the_generations_key(digits):
+    recipe = tiny_recipe(digits, **{"data.train_limit": 200})
+    accelerator = Accelerator(cpu=True)
+    assert train_samples(recipe.data, read_manifest(digits)) == 200
+    assert train_samples(tiny_recipe(digits, **{"data.train_limit": 0}).data,
+                         read_manifest(digits)) == 1437
+    train, val = generation_loaders(recipe.data, 64, 7, accelerator)
+    assert (len(train), len(val)) == (200 // 64, 3)  # val: batches of 2 x 64, all 360
+    first = epoch_indices(train)
+    assert len(first) == 192 and set(first.tolist()) <= set(range(200))
+    again, _ = generation_loaders(recipe.data, 64, 7, accelerator)
+    other, _ = generation_loaders(recipe.data, 64, 8, accelerator)
+    assert np.array_equal(epoch_indices(again), first)
+    assert not np.array_equal(epoch_indices(other), first)  # another key, another order
+    train.set_epoch(0)
+    assert np.array_equal(epoch_indices(train), first)  # epoch 0 replayed exactly
+    assert np.array_equal(epoch_indices(val), np.arange(360))
+    limited = split_loader(recipe.data, accelerator, "train", 50, limit=120)
+    assert np.array_equal(epoch_indices(limited), np.arange(120))

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RECIPE, ROOT, set_flags
 from PIL import Image
 from rich.console import Console
 
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
 STEP_ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online")
 
 
@@ -40,8 +39,8 @@ synthetic = importlib.import_module("synthetic")
 
 def tiny(**overrides) -> list[str]:
     """--set flags for seconds-long rows: small batches, one loader thread."""
-    values = {"data.num_workers": 1, "optim.batch_size": 16, "cache.batch_size": 32} | overrides
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    return set_flags(**{"data.num_workers": 1, "optim.batch_size": 16, "cache.batch_size": 32,
+                        **overrides})
 
 
 def run(argv: list[str], out: Path, capsys, monkeypatch) -> tuple[dict, str]:
@@ -78,8 +77,7 @@ def check_rows(result: dict, printed: str) -> None:
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
 
 
-def test_digits_recipe_measures_every_row(tmp_path, capsys, monkeypatch):
-    digits = tmp_path / "digits"
+def test_digits_recipe_measures_every_row(digits, tmp_path, capsys, monkeypatch):
     result, printed = run([str(RECIPE), *tiny(**{"data.beton_dir": f'"{digits}"'}),
                            "--repeats", "2"], tmp_path / "out.json", capsys, monkeypatch)
     check_rows(result, printed)

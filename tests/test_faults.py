@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,17 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_cifar_release
+from conftest import RECIPE, ROOT, tiny_run_flags, write_cifar_release
 from safetensors.numpy import load_file
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.checkpoint import sha256_file
 from fasttt.errors import UserError
+from fasttt.files import sha256_file
 from fasttt.rundir import lock_run_dir
 from fasttt.train import main as train
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
 SEED = 20261126
 KILLS = 8  # SIGKILLs per CI run, each at a seeded phase and delay
 
@@ -65,11 +64,9 @@ AUDIT_HOOK = textwrap.dedent("""
 
 def tiny_args(tmp: Path, **overrides) -> list[str]:
     """A three-generation digits run of seconds; the betons are built by the run itself."""
-    values = {"data.beton_dir": f'"{tmp / "data" / "digits"}"', "data.train_limit": 256,
-              "data.num_workers": 1, "optim.batch_size": 64, "schedule.epochs": 2,
-              "schedule.peak_epoch": 1, "generations.students": 2, "cache.views": 2} | overrides
-    return [str(RECIPE), *(a for k, v in values.items() for a in ("--set", f"{k}={v}")),
-            "--runs-dir", str(tmp / "runs")]
+    flags = tiny_run_flags(tmp / "data" / "digits",
+                           **{"generations.students": 2, "cache.views": 2, **overrides})
+    return [str(RECIPE), *flags, "--runs-dir", str(tmp / "runs")]
 
 
 def audited_env(tmp: Path) -> dict:
@@ -172,7 +169,7 @@ def phase_reached(phase: str, tmp: Path, since: float, finished_before: int) -> 
     if phase == "mid-epoch":  # a checkpoint written by this attempt: epochs are under way
         return any(p.stat().st_mtime > since for p in run.glob("gen*/latest.json"))
     if phase == "checkpoint write":
-        return any(run.glob("gen*/.ckpt-*.tmp"))
+        return any(run.glob("gen*/.ckpt-*.partial"))
     if phase == "cache build":
         return any(run.glob("gen*/.cache.partial"))
     if phase == "between generations":
@@ -259,21 +256,10 @@ def test_sigkill_at_seeded_moments_then_rerun_gives_identical_results(tmp_path):
     assert [p.name for p in killed.rglob(".*") if not p.name.endswith(".lock")] == []
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The embedded betons, built once for this module."""
-    out = tmp_path_factory.mktemp("betons") / "digits"
-    build_betons(["digits", str(out)])
-    return out
-
-
 def quick_args(digits: Path, runs: Path, epochs: int = 1) -> list[str]:
     """A one-generation run on `digits` of about a second per epoch."""
-    values = {"data.beton_dir": f'"{digits}"', "data.train_limit": 128, "data.num_workers": 1,
-              "optim.batch_size": 64, "schedule.epochs": epochs, "schedule.peak_epoch": 1,
-              "generations.students": 0}
-    return [str(RECIPE), *(a for k, v in values.items() for a in ("--set", f"{k}={v}")),
-            "--runs-dir", str(runs)]
+    flags = tiny_run_flags(digits, **{"data.train_limit": 128, "schedule.epochs": epochs})
+    return [str(RECIPE), *flags, "--runs-dir", str(runs)]
 
 
 def test_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_no_stale_lock(
@@ -299,7 +285,7 @@ def test_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_no_stale_l
 
 def test_a_beton_that_changed_under_a_run_is_refused(digits, tmp_path):
     betons = tmp_path / "digits"
-    build_betons(["digits", str(betons)])
+    shutil.copytree(digits, betons)  # rebuilt below: a copy, not the shared betons
     args = quick_args(betons, tmp_path / "runs")
     train(args)
     # Other data of the same shape (10 classes, 32x32) rebuilt into the run's beton_dir.

@@ -9,17 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from fasttt.losses import (
-    TopKTeacher,
     cp_loss,
     cross_entropy,
     eta_from_u,
     lsr_loss,
+    patriarch_ce_weight,
+    patriarch_loss_name,
+    patriarch_objective,
     student_loss,
     tsd_loss,
     u_from_eta,
 )
+from fasttt.teachers import TopKTeacher
 
 K = 5
+
+
+def _half(teacher: TopKTeacher) -> TopKTeacher:
+    """The teacher with its kept logits stored as float16, as a float16 cache holds them."""
+    return TopKTeacher(teacher.values.half(), teacher.ids, teacher.log_partition,
+                       teacher.temperature)
 
 
 def _batch(batch=8, classes=10, scale=3.0, seed=0):
@@ -146,6 +155,29 @@ def test_eta_one_is_ce_even_where_the_term_is_infinite():
     assert torch.equal(loss, F.cross_entropy(logits, labels))
 
 
+@pytest.mark.parametrize("kind", ["tsd", "lsr", "cp"])
+def test_the_patriarchs_ce_weight_and_the_loss_it_really_trains_with(kind):
+    # Without eta, the CE weight comes from u by TSD's optimum; u = 1 gives plain CE.
+    assert patriarch_ce_weight(0.6, K) == pytest.approx(eta_from_u(0.6, K))
+    assert patriarch_ce_weight(1.0, K) == 1.0
+    assert patriarch_loss_name(kind, 0.6, K) == kind
+    assert patriarch_loss_name(kind, 1.0, K) == "ce"
+    # An explicit eta wins over u: u = 1 with eta 0.9 still trains with the softened loss.
+    assert patriarch_ce_weight(1.0, K, 0.9) == 0.9
+    assert patriarch_loss_name(kind, 1.0, K, 0.9) == kind
+    assert patriarch_loss_name(kind, 0.6, K, 1.0) == "ce"
+    assert patriarch_loss_name("ce", 0.6, K, 0.9) == "ce"
+    logits, labels = _batch()
+    softened = {"tsd": lambda: tsd_loss(logits, labels, 0.9, K),
+                "lsr": lambda: lsr_loss(logits, labels, 0.9),
+                "cp": lambda: cp_loss(logits, labels, 0.9)}[kind]()
+    loss, _ = patriarch_objective(kind, 1.0, K, 0.9)(logits, labels, None)
+    assert torch.equal(loss, softened[0]) and not torch.equal(loss, F.cross_entropy(logits,
+                                                                                      labels))
+    loss, _ = patriarch_objective(kind, 1.0, K)(logits, labels, None)
+    assert torch.equal(loss, F.cross_entropy(logits, labels))
+
+
 # ---------------------------------------------------------------- student
 
 def test_student_lam_one_is_exactly_ce_even_with_extreme_teacher():
@@ -251,9 +283,9 @@ def test_topk_tail_edges_are_finite():
     confident = torch.randn(8, 10, generator=torch.Generator().manual_seed(9))
     confident[:, :3] += 10.0
     cases = [(logits, TopKTeacher.from_logits(teacher, 1)),
-             (logits, TopKTeacher.from_logits(teacher, 10, dtype=torch.float16)),
+             (logits, _half(TopKTeacher.from_logits(teacher, 10))),
              (student_peaked, TopKTeacher.from_logits(confident, 3)),
-             (student_peaked, TopKTeacher.from_logits(confident, 3, dtype=torch.float16))]
+             (student_peaked, _half(TopKTeacher.from_logits(confident, 3)))]
     for z, t in cases:
         loss, parts = student_loss(z, labels, t, 0.5)
         assert torch.isfinite(loss) and parts["kl"] >= -1e-6
@@ -282,12 +314,16 @@ def test_topk_teacher_temperature_mismatch_and_shapes_rejected():
 
 def test_topk_teacher_from_logits_probabilities_are_exact():
     teacher, _ = _batch(classes=30, seed=7)
-    tk = TopKTeacher.from_logits(teacher, 4, temperature=2.0, dtype=torch.float16)
-    assert tk.values.dtype == torch.float16 and tk.log_partition.dtype == torch.float32
-    kept = (tk.values.float() / 2.0 - tk.log_partition[:, None]).exp()
-    reference = (teacher / 2.0).softmax(dim=1).gather(1, tk.ids)
-    torch.testing.assert_close(kept, reference, rtol=2e-3, atol=1e-6)
-    assert tk.to("cpu").ids.equal(tk.ids)
+    exact = TopKTeacher.from_logits(teacher, 4, temperature=2.0)
+    assert exact.values.dtype == teacher.dtype and exact.log_partition.dtype == torch.float32
+    assert exact.ids.equal(teacher.topk(4, dim=1).indices) and exact.temperature == 2.0
+    for tk, rtol in ((exact, 1e-5), (_half(exact), 2e-3)):
+        kept = (tk.values.float() / 2.0 - tk.log_partition[:, None]).exp()
+        reference = (teacher / 2.0).softmax(dim=1).gather(1, tk.ids)
+        torch.testing.assert_close(kept, reference, rtol=rtol, atol=1e-6)
+    # bf16 logits (autocast): values keep their dtype, the log-partition is float32.
+    low = TopKTeacher.from_logits(teacher.bfloat16(), 4, temperature=2.0)
+    assert low.values.dtype == torch.bfloat16 and low.log_partition.dtype == torch.float32
 
 
 # ---------------------------------------------------------------- low precision
@@ -305,9 +341,9 @@ def test_all_losses_have_finite_gradients_under_bf16_autocast():
         "cp": lambda z: cp_loss(z, labels, 0.4),
         "kd_full": lambda z: student_loss(z, labels, teacher.half(), 0.6, 2.0),
         "kd_topk": lambda z: student_loss(
-            z, labels, TopKTeacher.from_logits(teacher, 4, 2.0, dtype=torch.float16), 0.6, 2.0),
+            z, labels, _half(TopKTeacher.from_logits(teacher, 4, 2.0)), 0.6, 2.0),
         "kd_topk_all": lambda z: student_loss(
-            z, labels, TopKTeacher.from_logits(teacher, 10, dtype=torch.float16), 0.6),
+            z, labels, _half(TopKTeacher.from_logits(teacher, 10)), 0.6),
     }
     for name, fn in losses.items():
         model.zero_grad()

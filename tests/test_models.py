@@ -9,9 +9,15 @@ import timm
 import torch
 from torch import nn
 
-from fasttt.engine import build_model
+from fasttt.checkpoint import save_weights
 from fasttt.errors import UserError
-from fasttt.models import CIFAR_MODELS, create_model, penultimate_features
+from fasttt.models import (
+    CIFAR_MODELS,
+    build_model,
+    create_model,
+    last_epoch_model,
+    penultimate_features,
+)
 from fasttt.recipe import build_recipe
 
 FAST_MODELS = [name for name in CIFAR_MODELS if name != "cifar_densenet_bc190"]
@@ -139,10 +145,31 @@ def test_weight_init():
 
 
 def test_run_compile_compiles_in_place_and_keeps_checkpoint_keys():
-    plain = build_model(build_recipe({}, "defaults"), 10, seed=0)
-    compiled = build_model(build_recipe({"run": {"compile": True}}, "defaults"), 10, seed=0)
+    defaults, compiling = build_recipe({}, "defaults"), build_recipe({"run": {"compile": True}},
+                                                                      "defaults")
+    plain = build_model(defaults.model, defaults.run, 10, seed=0)
+    compiled = build_model(compiling.model, compiling.run, 10, seed=0)
     # nn.Module.compile: the forward is compiled lazily, the module and its keys stay.
     assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(compiled.state_dict().values(),
                                                  plain.state_dict().values(), strict=True))
+
+
+def test_build_model_is_seeded_and_last_epoch_model_loads_saved_weights(tmp_path):
+    recipe = build_recipe({"model": {"name": "cifar_resnet20"}}, "defaults")
+    first, again, other = (build_model(recipe.model, recipe.run, 10, seed=s) for s in (1, 1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 again.state_dict().values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                     other.state_dict().values(), strict=True))
+    assert first.stem[0].weight.is_contiguous(memory_format=torch.channels_last) == \
+        recipe.run.channels_last
+    save_weights(other, tmp_path / "last.safetensors")
+    loaded = last_epoch_model(tmp_path / "last.safetensors", recipe.model, recipe.run, 10,
+                              torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 other.state_dict().values(), strict=True))
+    with pytest.raises(UserError, match="holds weights of another model"):
+        last_epoch_model(tmp_path / "last.safetensors", recipe.model, recipe.run, 7,
+                         torch.device("cpu"))

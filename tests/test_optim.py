@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasttt.optim import lr_at, make_optimizer, peak_lr
+from fasttt.optim import lr_at, lr_schedule, make_optimizer, peak_lr
 from fasttt.recipe import OptimConfig, ScheduleConfig
 
 
@@ -36,3 +36,14 @@ def test_norm_and_bias_can_be_spared_weight_decay():
     assert decays == [(0.0, 3), (0.1, 1)]  # conv bias, BN weight and bias vs conv kernel
     group = make_optimizer(model, OptimConfig()).param_groups[0]
     assert group["nesterov"] and group["momentum"] == 0.9 and len(group["params"]) == 4
+
+
+def test_lr_schedule_is_lr_at_as_a_function_of_the_step_alone():
+    optim = OptimConfig(lr=0.5, batch_size=1024, reference_batch_size=256, lr_scaling="linear")
+    schedule = ScheduleConfig(epochs=10, kind="linear", peak_epoch=2, end_lr_ratio=0.1)
+    lr = lr_schedule(optim, schedule, steps_per_epoch=100)
+    assert [lr(step) for step in range(0, 1001, 50)] == [
+        lr_at(step, 100, optim, schedule) for step in range(0, 1001, 50)]
+    assert lr(200) == pytest.approx(2.0) and lr(1000) == pytest.approx(0.2)
+    assert lr_schedule(optim, schedule, steps_per_epoch=50)(200) == pytest.approx(
+        2.0 * (1 - 0.9 * 2 / 8))  # epoch 4 of 10 with 50 steps an epoch

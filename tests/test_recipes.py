@@ -8,16 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_cifar_release
+from conftest import tiny_run_flags, write_cifar_release
 from PIL import Image
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.augment import train_size
 from fasttt.cache import array_specs, expected_manifest
+from fasttt.data import read_manifest, train_samples
 from fasttt.errors import UserError
 from fasttt.losses import eta_from_u
 from fasttt.optim import peak_lr
 from fasttt.recipe import load_recipe
+from fasttt.teachers import view_schedule
 from fasttt.train import main as train
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -59,11 +61,18 @@ def family(name: str) -> str:
     return next(f for f in PAPER if name.startswith(f))
 
 
+def student_views(recipe):
+    """The view schedule of the recipe's first student (generation 1)."""
+    return view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
+                         recipe.cache)
+
+
 def cache_bytes(recipe, samples: int, classes: int) -> int:
     """Bytes of one teacher's cache for this recipe on the full training set."""
     cache = recipe.cache
-    manifest = {"stored_views": max(cache.views, 1), "samples": samples, "classes": classes,
-                "top_k": min(cache.top_k or classes, classes), "dtype": cache.dtype}
+    manifest = {"stored_views": student_views(recipe).teacher_views, "samples": samples,
+                "classes": classes, "top_k": min(cache.top_k or classes, classes),
+                "dtype": cache.dtype}
     return sum(math.prod(shape) * dtype.itemsize
                for shape, dtype in array_specs(manifest).values())
 
@@ -121,10 +130,14 @@ def test_paper_recipe_matches_the_paper(name):
 def test_teachers_label_the_students_own_views_and_fit_on_disk(name):
     recipe = load_recipe(RECIPES / f"{name}.toml")
     paper = PAPER[family(name)]
-    assert recipe.cache.mode == "precomputed"
+    assert recipe.cache.mode == "precomputed" and recipe.cache.teacher_view == "student"
     # A fresh keyed view every student epoch, so the teacher labels the very pixels the
     # student sees at every epoch, at that epoch's size.
-    assert recipe.cache.views == recipe.schedule.epochs
+    assert recipe.cache.views in (0, recipe.schedule.epochs)
+    views = student_views(recipe)
+    assert views.cycle == views.teacher_views == recipe.schedule.epochs
+    assert [views.teacher_view(e) for e in range(recipe.schedule.epochs)] == list(
+        range(recipe.schedule.epochs))
     size = cache_bytes(recipe, paper["train_images"], paper["classes"])
     assert round(size / 1e9, 2) == CACHE_GB.get(name, CACHE_GB[family(name)])
     if name.startswith("cifar100"):
@@ -147,7 +160,8 @@ def test_fast_imagenet_recipe_is_ffcvs_schedule_with_the_papers_method():
     sizes = [train_size(e, augment) for e in range(schedule.epochs)]
     assert sizes[0] == 160 and sizes[-1] == 192 and sizes == sorted(sizes)
     assert augment.eval_size in (224, 256) and augment.eval_crop_ratio * 256 == 224
-    assert fast.cache.views == schedule.epochs  # progressive resizing: one view per epoch
+    # progressive resizing: one view per epoch
+    assert student_views(fast).cycle == schedule.epochs
 
 
 # ---------------------------------------------------------------- one tiny run per family
@@ -191,10 +205,9 @@ def tiny(betons: Path, **overrides) -> list[str]:
 
     The teacher cache keeps the recipes' rule, one view per student epoch.
     """
-    values = {"data.beton_dir": f'"{betons}"', "data.num_workers": 1, "data.train_limit": 4,
-              "optim.batch_size": 2, "schedule.epochs": 1, "schedule.milestones": "[1]",
-              "schedule.peak_epoch": 1, "cache.views": 1} | overrides
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    return tiny_run_flags(betons, **{"data.train_limit": 4, "optim.batch_size": 2,
+                                     "schedule.epochs": 1, "schedule.milestones": "[1]",
+                                     "cache.views": 1, **overrides})
 
 
 PHOTO_SIZES = {"data.canvas_size": 48, "augment.min_size": 32, "augment.max_size": 32,
@@ -227,16 +240,19 @@ def test_one_tiny_run_per_family(name, request, tmp_path):
     assert not (run / f"gen{generations}").exists()
     if generations > 1:
         cache = json.loads((run / "gen0" / "cache" / "manifest.json").read_text())
-        assert cache["complete"] and cache["views"] == load_recipe(
-            run / "recipe.toml").cache.views
+        assert cache["complete"] and cache["views"] == cache["stored_views"] == epochs
 
 
 def test_fast_recipes_progressive_resizing_is_accepted_by_the_teacher_cache(photos, tmp_path):
     weights = tmp_path / "last.safetensors"
     weights.write_bytes(b"teacher")
-    recipe = RECIPES / "imagenet_r18_d06_fast.toml"
-    on_photos = [f'data.beton_dir="{photos}"']
-    wanted = expected_manifest(load_recipe(recipe, on_photos), weights, num_classes=6)
-    assert wanted["views"] == 16 and wanted["top_k"] == 6
+    recipe = load_recipe(RECIPES / "imagenet_r18_d06_fast.toml", [f'data.beton_dir="{photos}"'])
+    beton = read_manifest(photos)
+    wanted = expected_manifest(weights, beton, train_samples(recipe.data, beton),
+                               student_views(recipe), recipe.cache, 6,
+                               recipe.generations.temperature)
+    assert (wanted["views"], wanted["stored_views"], wanted["top_k"]) == (16, 16, 6)
+    fewer = load_recipe(RECIPES / "imagenet_r18_d06_fast.toml",
+                        [f'data.beton_dir="{photos}"', "cache.views=8"])
     with pytest.raises(UserError, match="progressive resizing"):  # one view for two sizes
-        expected_manifest(load_recipe(recipe, [*on_photos, "cache.views=8"]), weights, 6)
+        student_views(fewer)

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RECIPE, ROOT
 from matplotlib.image import imread
 from rich.console import Console
 
 from fasttt.errors import UserError
-from fasttt.paper import PAPER_SETTINGS, match_paper, our_series
+from fasttt.paper import PAPER_SETTINGS, match_paper, our_series, paper_patriarch
 from fasttt.recipe import load_recipe, write_recipe
 from fasttt.report import load_run, main, write_report
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUIET = Console(quiet=True)
 
@@ -109,6 +108,9 @@ def test_summary_md_holds_every_table_with_errors_converted(run):
     assert "| gen | caltech256 (60/class) |" in transfer and "| 1 | 83.40 |" in transfer
     assert "No setting of the paper matches this run" in section(md, "The paper's numbers")
     assert "Best student by that measure: gen 1, 1.50 % (-2.25 points against the patriarch)" in md
+    # schedule.epochs = 3 caps the recipe's 12 views: a fresh view every epoch.
+    assert ("\nTeacher views: the teacher labels the student's own view, a fresh one every "
+            "epoch (precomputed teacher).\n") in md
     assert "## Notes" not in md
 
 
@@ -140,6 +142,9 @@ def test_summary_json_holds_the_same_numbers_and_is_byte_identical_on_a_rerun(ru
     assert summary["analysis"][1]["val"]["dist_s"] == 29.0
     assert summary["transfer"][0]["generations"][1]["accuracy"] == 83.4
     assert summary["paper"]["matched"] == []
+    assert summary["method"]["teacher_views"] == (
+        "the teacher labels the student's own view, a fresh one every epoch (precomputed "
+        "teacher)")
     assert "images_per_s" not in first.decode() and "seconds" not in first.decode()
     assert summary["curves"][0]["epochs"][2]["val_top1"] == 96.25
 
@@ -196,6 +201,13 @@ def test_paper_setting_matches_densenet100_on_100_classes(tmp_path):
     (["model.name=cifar_resnet110", "generations.u=1.0", "generations.lam=0.6"],  # u = 1 is CE
      ["CIFAR-100, ResNet-110, born-again (CE patriarch)"]),
     (["model.name=cifar_resnet110"], ["CIFAR-100, ResNet-110, TSD-0.6 patriarch"]),
+    # An LSR or CP patriarch with an explicit eta is softened whatever u says.
+    (["model.name=cifar_resnet110", "generations.patriarch_loss=lsr", "generations.u=1.0",
+      "generations.eta=0.9"], ["CIFAR-100, ResNet-110, LSR patriarch"]),
+    (["model.name=cifar_resnet110", "generations.patriarch_loss=cp", "generations.u=1.0",
+      "generations.eta=0.9"], ["CIFAR-100, ResNet-110, CP patriarch"]),
+    (["model.name=cifar_resnet110", "generations.patriarch_loss=lsr", "generations.u=1.0"],
+     ["CIFAR-100, ResNet-110, born-again (CE patriarch)"]),
     (["model.name=cifar_resnet110", "generations.lam=0.5"], []),
     (["model.name=cifar_densenet_bc190", "generations.u=0.7"],
      ["CIFAR-100, DenseNet-BC-190, D(0.7, 0.6)"]),
@@ -233,9 +245,40 @@ def test_a_run_without_finished_generations_exits_2_with_one_line(tmp_path):
     assert not (run / "summary.json").exists()
 
 
-def test_a_directory_without_recipe_is_refused(tmp_path):
+def test_a_directory_without_recipe_and_bad_arguments_are_refused(tmp_path):
     with pytest.raises(UserError, match="no recipe.toml"):
         main([str(tmp_path)])
+    with pytest.raises(UserError, match=r"unrecognized arguments: --fast \(usage: python -m "
+                                        r"fasttt.report RUN_DIR\)"):
+        main([str(tmp_path), "--fast"])
+
+
+@pytest.mark.parametrize("extra, views", [
+    (("cache.views=2", 'cache.mode="online"'),
+     "the teacher labels the student's views, 2 per sample for 3 epochs (epoch e shows view "
+     "e mod 2) (online teacher)"),
+    (('cache.teacher_view="unaugmented"',),
+     "the teacher labels the un-augmented image; the student sees its own views (precomputed "
+     "teacher)"),
+    (("generations.students=0",), None),
+])
+def test_the_method_names_what_the_teachers_label(tmp_path, extra, views):
+    run = fake_run(tmp_path / "run", write_beton_manifest(tmp_path / "betons", 10), extra=extra)
+    md = write_report(run, QUIET).read_text()
+    assert json.loads((run / "summary.json").read_text())["method"]["teacher_views"] == views
+    assert (f"\nTeacher views: {views}.\n" in md) if views else "Teacher views" not in md
+
+
+def test_the_paper_names_the_loss_the_patriarch_trains_with():
+    def patriarch(*overrides):
+        return paper_patriarch(load_recipe(RECIPE, list(overrides)))
+
+    assert patriarch() == "tsd"
+    assert patriarch("generations.u=1.0") == "ce"
+    assert patriarch("generations.patriarch_loss=lsr", "generations.u=1.0") == "ce"
+    assert patriarch("generations.patriarch_loss=lsr", "generations.u=1.0",
+                     "generations.eta=0.9") == "lsr"
+    assert patriarch("generations.patriarch_loss=cp", "generations.eta=0.9") == "cp"
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -12,32 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPE, ROOT, tiny_run_flags
 from safetensors.torch import load_file
 
+import fasttt.cache as cache_module
 import fasttt.engine as engine
 import fasttt.train as train_module
-from beton_builders.__main__ import main as build_betons
 from fasttt.errors import UserError
 from fasttt.train import main as train
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "digits_d06.toml"
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The embedded betons, built once for this module."""
-    out = tmp_path_factory.mktemp("betons") / "digits"
-    build_betons(["digits", str(out)])
-    return out
-
 
 def tiny(digits: Path, **overrides) -> list[str]:
-    """--set flags for a run of seconds: few samples, few epochs."""
-    values = {"data.beton_dir": f'"{digits}"', "data.train_limit": 256, "data.num_workers": 1,
-              "optim.batch_size": 64, "schedule.epochs": 2, "generations.students": 1,
-              "schedule.peak_epoch": 1} | overrides
-    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    """--set flags for a run of seconds: few samples, few epochs, one student."""
+    return tiny_run_flags(digits, **{"generations.students": 1, **overrides})
 
 
 def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
@@ -64,7 +51,9 @@ def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
         return model
 
     monkeypatch.setattr(engine, "save_checkpoint", keep_every_epoch)
+    # The teacher is loaded by train.py (online) or by the cache build (precomputed).
     monkeypatch.setattr(train_module, "last_epoch_model", spy_teacher)
+    monkeypatch.setattr(cache_module, "last_epoch_model", spy_teacher)
     train([str(RECIPE), *tiny(digits), "--runs-dir", str(tmp_path)])
 
     run = tmp_path / "digits_d06"

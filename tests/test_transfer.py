@@ -7,27 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RECIPE, set_pairs
 from PIL import Image
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.checkpoint import save_weights, write_json
-from fasttt.engine import build_model
+from fasttt.checkpoint import save_weights
 from fasttt.errors import UserError, exit_on_user_error
+from fasttt.files import write_json
+from fasttt.models import build_model
 from fasttt.recipe import load_recipe, write_recipe
-from fasttt.transfer import main, open_target, pooled_labels, split_indices
+from fasttt.rundir import EVAL, WEIGHTS, generation_dir
+from fasttt.transfer import main, open_target, pooled_labels, split_indices, trained_generations
 
-ROOT = Path(__file__).resolve().parent.parent
 COLOURS = {"blue": (30, 40, 210), "green": (40, 190, 50), "red": (210, 40, 30)}
 PER_CLASS = {"train": 6, "val": 2}
 CANVAS = 48
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """The embedded digits betons: the run's training data."""
-    out = tmp_path_factory.mktemp("betons") / "digits"
-    build_betons(["digits", str(out)])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +47,14 @@ def run_dir(digits, tmp_path_factory) -> Path:
     """A finished two-generation run of randomly initialised ResNet-20s on the digits."""
     run = tmp_path_factory.mktemp("runs") / "digits_d06"
     run.mkdir()
-    recipe = load_recipe(ROOT / "recipes" / "digits_d06.toml",
-                         [f'data.beton_dir="{digits}"', "data.num_workers=1"])
+    recipe = load_recipe(RECIPE, set_pairs(**{"data.beton_dir": f'"{digits}"',
+                                              "data.num_workers": 1}))
     write_recipe(recipe, run / "recipe.toml")
     for m in range(2):
-        (run / f"gen{m}").mkdir()
-        save_weights(build_model(recipe, 10, seed=m), run / f"gen{m}" / "last.safetensors")
-        write_json(run / f"gen{m}" / "eval.json", {"best": {}, "last": {}})
+        generation_dir(run, m).mkdir()
+        save_weights(build_model(recipe.model, recipe.run, 10, seed=m),
+                     generation_dir(run, m) / WEIGHTS)
+        write_json(generation_dir(run, m) / EVAL, {"best": {}, "last": {}})
     return run
 
 
@@ -121,8 +116,16 @@ def test_bad_runs_and_targets_are_one_line_errors(run_dir, photos, digits, tmp_p
     assert status == 2 and err.count("\n") == 1 and "no manifest.json" in err
     status, _, err = run_cli([str(run_dir), str(photos), "--train-per-class", "2"], capsys)
     assert status == 2 and "--canvas-size" in err
+    status, _, err = run_cli([str(run_dir), str(photos)], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "--train-per-class" in err and "usage: python -m fasttt.transfer" in err
     unfinished = tmp_path / "unfinished"
     (unfinished / "gen0").mkdir(parents=True)
     (unfinished / "recipe.toml").write_text((run_dir / "recipe.toml").read_text())
     with pytest.raises(UserError, match="no finished generation"):
         main([str(unfinished), str(digits), "--train-per-class", "2"])
+    # A finished generation whose weights are gone is named, not skipped.
+    (unfinished / "gen0" / "eval.json").write_text("{}")
+    with pytest.raises(UserError, match="gen0/last.safetensors is missing: retrain generation 0"):
+        trained_generations(unfinished)
+    assert trained_generations(run_dir) == [0, 1]

@@ -28,10 +28,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.cache import array_specs, open_arrays
-from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint, write_json
+from fasttt.cache import FORMAT_VERSION, array_specs, open_arrays
+from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
+from fasttt.files import write_json
 
 
 class Call:
@@ -272,9 +273,10 @@ def test_weights_that_are_pickles_or_another_model_are_refused(checkpoint, tmp_p
 
 # ------------------------------------------------------------------------ teacher cache
 
-WANTED = {"format_version": 1, "teacher_sha256": "1" * 64, "beton_sha256": "2" * 64,
-          "augment_sha256": "3" * 64, "samples": 8, "classes": 10, "views": 2,
-          "stored_views": 2, "top_k": 3, "dtype": "float16", "temperature": 1.0}
+WANTED = {"format_version": FORMAT_VERSION, "teacher_sha256": "1" * 64,
+          "beton_sha256": "2" * 64, "augment_sha256": "3" * 64, "samples": 8, "classes": 10,
+          "views": 2, "stored_views": 2, "teacher_view": "student", "top_k": 3,
+          "dtype": "float16", "temperature": 1.0}
 
 
 def test_cache_arrays_holding_pickles_are_refused(tmp_path):

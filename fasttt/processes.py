@@ -1,0 +1,50 @@
+"""The processes of a run: the Accelerator, a console only the main process prints to, and
+work done once on the main process whose refusal every process sees."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from rich.console import Console
+
+from fasttt.errors import UserError
+
+
+def make_accelerator(mixed_precision: str, console: Console) -> Accelerator:
+    """Accelerate with the recipe's precision; on a CPU, full precision (bf16 there is slow)."""
+    gpu = torch.cuda.is_available()
+    # cpu=True is what lets Accelerate join several CPU processes with gloo (MULTI_CPU);
+    # without it, processes started by torchrun each train alone.
+    accelerator = Accelerator(mixed_precision=mixed_precision if gpu else "no", cpu=not gpu)
+    if gpu:  # fixed shapes: let cuDNN pick its fastest kernels; TF32 for float32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if not gpu and mixed_precision != "no" and accelerator.is_main_process:
+        console.print(f"no GPU: training in float32 instead of {mixed_precision}")
+    return accelerator
+
+
+def accelerator_and_console(mixed_precision: str) -> tuple[Accelerator, Console]:
+    """The run's Accelerator, and a console that only the main process prints to."""
+    console = Console()
+    accelerator = make_accelerator(mixed_precision, console)
+    return accelerator, console if accelerator.is_main_process else Console(quiet=True)
+
+
+def on_main_process(accelerator: Accelerator, work, *args):
+    """Run `work` on the main process only; its refusal is raised on every process.
+
+    A refusal seen by one rank alone would leave the others waiting for it forever.
+    """
+    result, refusal = None, [None]
+    if accelerator.is_main_process:
+        try:
+            result = work(*args)
+        except UserError as err:
+            refusal = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise UserError(refusal[0])
+    return result

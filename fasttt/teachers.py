@@ -1,0 +1,151 @@
+"""Teachers and the views they label: one view schedule, two ways to ask a teacher.
+
+A generation's *view schedule* says which keyed view of every sample each of its epochs
+shows: epoch e shows view e mod R (R = one per epoch unless the recipe stores fewer),
+with the generation in the key, so each generation draws its own views. The student's
+loop, the cache build and the online teacher all read it, so a teacher labels exactly
+the pixels its student sees (or, by explicit choice, the un-augmented image).
+
+Both teachers answer one question, "the teacher's output for these samples on view v",
+in one format, a `TopKTeacher`: the k largest logits, their class ids and the
+log-partition at the student's temperature (k = C keeps everything). The online
+teacher runs its model on the view's pixels; the cached teacher looks the rows up in a
+cache the online teacher filled (fasttt/cache.py), with no model in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fasttt.augment import eval_view, generation_key, train_size, train_view
+from fasttt.errors import UserError
+from fasttt.recipe import AugmentConfig, CacheConfig
+
+CACHE_ARRAYS = ("values", "ids", "log_partition")  # a cache's arrays, as TopKTeacher's fields
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """A teacher's k largest logits per sample, their class ids and log-partition at temperature."""
+
+    values: Tensor  # (B, k) teacher logits, float16 or float32, not divided by T
+    ids: Tensor  # (B, k) integer class ids of `values`
+    log_partition: Tensor  # (B,) float32 logsumexp(full teacher logits / temperature)
+    temperature: float = 1.0  # the T log_partition was computed at; the student must match it
+
+    def __post_init__(self):
+        if self.values.dim() != 2 or self.values.shape != self.ids.shape:
+            raise ValueError(f"values {tuple(self.values.shape)} and ids "
+                             f"{tuple(self.ids.shape)} must be the same (B, k) shape")
+        if self.log_partition.shape != self.values.shape[:1]:
+            raise ValueError(f"log_partition {tuple(self.log_partition.shape)} must be "
+                             f"({self.values.shape[0]},)")
+        if self.ids.is_floating_point():
+            raise ValueError(f"ids must be integer, got {self.ids.dtype}")
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> TopKTeacher:
+        """Keep the k largest of full (B, C) teacher logits."""
+        if not 1 <= k <= logits.shape[1]:
+            raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
+        logits = logits.detach()
+        values, ids = logits.topk(k, dim=1)
+        log_partition = torch.logsumexp(logits.float() / temperature, dim=1)
+        return cls(values, ids, log_partition, float(temperature))
+
+
+@dataclass(frozen=True)
+class ViewSchedule:
+    """Which keyed view each epoch of one generation shows, and the pixels of a view."""
+
+    key: int  # generation_key(run seed, generation): keys the views and the batch order
+    epochs: int
+    cycle: int  # R: epoch e shows view e mod R
+    augment: AugmentConfig
+    unaugmented_teacher: bool = False  # the teacher labels one un-augmented view instead
+
+    def view(self, epoch: int) -> int:
+        """The student's view at `epoch`."""
+        return epoch % self.cycle
+
+    def teacher_view(self, epoch: int) -> int:
+        """The stored teacher view that goes with the student's view at `epoch`."""
+        return 0 if self.unaugmented_teacher else self.view(epoch)
+
+    @property
+    def teacher_views(self) -> int:
+        """How many views a teacher labels for this schedule (a cache's stored views)."""
+        return 1 if self.unaugmented_teacher else self.cycle
+
+    def student_pixels(self, images: Tensor, index: Tensor, epoch: int,
+                       extent: Tensor | None) -> Tensor:
+        """What the student sees at `epoch`: view e mod R, at that view's size."""
+        view = self.view(epoch)
+        return train_view(images, index, seed=self.key, view=view,
+                          size=train_size(view, self.augment), spec=self.augment, extent=extent)
+
+    def teacher_pixels(self, images: Tensor, index: Tensor, view: int,
+                       extent: Tensor | None) -> Tensor:
+        """What the teacher labels for stored view `view`."""
+        if self.unaugmented_teacher:
+            return eval_view(images, size=self.augment.eval_size, spec=self.augment,
+                             extent=extent)
+        return train_view(images, index, seed=self.key, view=view,
+                          size=train_size(view, self.augment), spec=self.augment, extent=extent)
+
+    def describe(self) -> str:
+        """The teacher's views in words, for the run's log and report."""
+        if self.unaugmented_teacher:
+            return "the teacher labels the un-augmented image; the student sees its own views"
+        if self.cycle >= self.epochs:
+            return "the teacher labels the student's own view, a fresh one every epoch"
+        return (f"the teacher labels the student's views, {self.cycle} per sample for "
+                f"{self.epochs} epochs (epoch e shows view e mod {self.cycle})")
+
+
+def view_schedule(seed: int, generation: int, epochs: int, augment: AugmentConfig,
+                  cache: CacheConfig) -> ViewSchedule:
+    """Generation m's schedule: the patriarch sees a fresh view every epoch, students R views."""
+    cycle = epochs if generation == 0 or cache.views == 0 else min(cache.views, epochs)
+    unaugmented = generation > 0 and cache.teacher_view == "unaugmented"
+    if any(train_size(e, augment) != train_size(e % cycle, augment) for e in range(epochs)):
+        raise UserError(f"progressive resizing gives view v other sizes in later epochs: set "
+                        f"cache.views = 0 (one view per epoch) or {epochs}")
+    return ViewSchedule(generation_key(seed, generation), epochs, cycle, augment, unaugmented)
+
+
+class OnlineTeacher:
+    """A frozen model labelling the schedule's views of each batch, one forward pass a batch."""
+
+    def __init__(self, model: torch.nn.Module, schedule: ViewSchedule, top_k: int,
+                 temperature: float):
+        self.model = model.eval().requires_grad_(False)
+        self.schedule, self.top_k, self.temperature = schedule, top_k, temperature
+
+    @torch.no_grad()
+    def __call__(self, index: Tensor, view: int, images: Tensor, extent: Tensor | None,
+                 shown: Tensor | None = None) -> TopKTeacher:
+        """Outputs on view `view`; `shown`, the student's pixels of it, saves augmenting again."""
+        if shown is None or self.schedule.unaugmented_teacher:
+            shown = self.schedule.teacher_pixels(images, index, view, extent)
+        return TopKTeacher.from_logits(self.model(shown).float(), self.top_k, self.temperature)
+
+
+class CachedTeacher:
+    """The teacher as a lookup: rows (view, sample) of verified cache arrays, host to device."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], temperature: float, device: torch.device):
+        self.arrays, self.temperature, self.device = arrays, temperature, device
+
+    def __call__(self, index: Tensor, view: int, images: Tensor | None = None,
+                 extent: Tensor | None = None, shown: Tensor | None = None) -> TopKTeacher:
+        """Outputs on view `view`, read from the cache by the samples' host `index`."""
+        rows = index.cpu().numpy()
+        values, ids, log_partition = (
+            torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows]))
+            .to(self.device, non_blocking=True) for name in CACHE_ARRAYS)
+        return TopKTeacher(values, ids.long(), log_partition, self.temperature)
