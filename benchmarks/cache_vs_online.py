@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.cache import build_cache, expected_manifest, open_arrays
+from fasttt.cache import build_cache, expected_manifest, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import generation_loaders, read_manifest, split_loader, train_samples
 from fasttt.engine import GenerationSpec, Learner, train_epoch
@@ -36,7 +36,7 @@ from fasttt.optim import lr_schedule, make_optimizer
 from fasttt.processes import make_accelerator
 from fasttt.progress import progress_bar
 from fasttt.recipe import load_recipe
-from fasttt.teachers import CachedTeacher, OnlineTeacher, view_schedule
+from fasttt.teachers import OnlineTeacher, view_schedule
 
 
 def epoch_seconds(spec, recipe, accelerator, num_classes, epochs: int) -> float:
@@ -79,8 +79,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     start = time.perf_counter()
     build_cache(work / "cache", online, wanted, loader, accelerator)
     build = time.perf_counter() - start
-    cached = CachedTeacher(open_arrays(work / "cache", wanted), method.temperature,
-                           accelerator.device)
+    cached = open_teacher(work / "cache", wanted, accelerator.device)
     student = student_objective(method.lam, method.temperature)
     specs = {
         "patriarch epoch": GenerationSpec(0, work, patriarch_objective(

@@ -53,7 +53,7 @@ from rich.table import Table
 
 from beton_builders.imagefolder import default_workers
 from fasttt.augment import train_size
-from fasttt.cache import build_cache, expected_manifest, open_arrays
+from fasttt.cache import build_cache, expected_manifest, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import (
     ensure_betons,
@@ -71,7 +71,7 @@ from fasttt.optim import lr_schedule, make_optimizer
 from fasttt.processes import accelerator_and_console
 from fasttt.progress import progress_bar as steps_bar
 from fasttt.recipe import Recipe, load_recipe
-from fasttt.teachers import CachedTeacher, OnlineTeacher, view_schedule
+from fasttt.teachers import OnlineTeacher, view_schedule
 
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
 PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
@@ -318,8 +318,8 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
         timings["cache_build"].append(cache_build(cache_dir, teacher, views, wanted, bench,
                                                   accelerator))
         students = students or {
-            "student_step_cache": GenerationSpec(1, work, student, views, CachedTeacher(
-                open_arrays(cache_dir, wanted), method.temperature, device)),
+            "student_step_cache": GenerationSpec(1, work, student, views, open_teacher(
+                cache_dir, wanted, device)),
             "student_step_online": GenerationSpec(1, work, student, views, OnlineTeacher(
                 teacher, views, num_classes, method.temperature))}
         for name, spec in students.items():

@@ -33,9 +33,10 @@ from fasttt.rundir import (
     ANALYSIS,
     ENSEMBLE,
     SECOND_CLASS,
-    WEIGHTS,
     finished_generations,
     generation_dir,
+    generation_weights,
+    read_eval,
 )
 
 CONFIDENCE_RANKS = 4  # Tables 1 and 3: the top-1 .. top-4 classes of each sample
@@ -244,10 +245,10 @@ def ensemble_accuracies(models: list, loader, augment: AugmentConfig,
 # ---------------------------------------------------------------- the run directory
 
 
-def _ensemble_size(path: Path) -> int | None:
-    """How many generations ensemble.json covers; None when it is missing or unreadable."""
+def _ensemble_members(path: Path) -> list | None:
+    """The weights checksums ensemble.json was computed from; None when missing or unreadable."""
     try:
-        return len(json.loads(path.read_text())["generations"])
+        return json.loads(path.read_text())["weights_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -260,8 +261,11 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
     """
     run_dir = Path(run_dir)
     finished = finished_generations(run_dir)
-    todo = [m for m in finished if not (generation_dir(run_dir, m) / ANALYSIS).is_file()]
-    redo_ensemble = bool(finished) and _ensemble_size(run_dir / ENSEMBLE) != len(finished)
+    todo = [m for m in finished if not all((generation_dir(run_dir, m) / name).is_file()
+                                           for name in (ANALYSIS, SECOND_CLASS))]
+    # Redone when a generation was added or retrained: the members' weights name it.
+    members = [read_eval(run_dir, m)["weights_sha256"] for m in finished]
+    redo_ensemble = bool(finished) and _ensemble_members(run_dir / ENSEMBLE) != members
     accelerator.wait_for_everyone()  # every process has decided before any file appears
     if not todo and not redo_ensemble:
         return
@@ -278,7 +282,7 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
               "val": split_loader(recipe.data, accelerator, "val", batch)}
 
     def model_of(m: int):
-        return last_epoch_model(generation_dir(run_dir, m) / WEIGHTS, recipe.model, recipe.run,
+        return last_epoch_model(generation_weights(run_dir, m), recipe.model, recipe.run,
                                 num_classes, accelerator.device)
 
     for m in todo:
@@ -296,7 +300,7 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
         rows = ensemble_accuracies([model_of(m) for m in finished], splits["val"],
                                    recipe.augment, accelerator)
         if main:
-            write_json(run_dir / ENSEMBLE, {"generations": rows})
+            write_json(run_dir / ENSEMBLE, {"generations": rows, "weights_sha256": members})
             console.print(f"ensemble of gen0..gen{finished[-1]}: val top-1 "
                           f"{rows[-1]['val_top1']:.2f}%")
         accelerator.wait_for_everyone()

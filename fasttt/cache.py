@@ -23,6 +23,9 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/cache.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fasttt.errors import exit_at_once_on_interrupt
+
+    exit_at_once_on_interrupt()  # a signal during the imports below is no traceback
 
 import numpy as np
 import torch
@@ -31,16 +34,31 @@ from accelerate import Accelerator
 from fasttt.augment import train_size
 from fasttt.data import read_manifest, split_loader, train_samples
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
-from fasttt.files import publish_dir, sha256_file, staging_dir, staging_path, write_json
+from fasttt.files import (
+    preallocate,
+    publish_dir,
+    sha256_array,
+    sha256_file,
+    staging_dir,
+    staging_path,
+    write_json,
+)
 from fasttt.models import last_epoch_model
-from fasttt.processes import accelerator_and_console
+from fasttt.processes import accelerator_and_console, on_main_process
 from fasttt.progress import progress_bar
 from fasttt.recipe import CacheConfig, Recipe, load_recipe
-from fasttt.rundir import CACHE, WEIGHTS, generation_dir
+from fasttt.rundir import (
+    CACHE,
+    generation_dir,
+    generation_weights,
+    is_finished,
+    lock_run_dir,
+)
 from fasttt.teachers import CACHE_ARRAYS, CachedTeacher, OnlineTeacher, ViewSchedule, view_schedule
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
 USAGE = ("accelerate launch fasttt/cache.py RECIPE.toml --generation M [--set S.K=V] "
          "[--runs-dir DIR] | python -m fasttt.cache info CACHE_DIR")
 
@@ -96,7 +114,8 @@ def read_cache_manifest(cache_dir: Path) -> dict:
     except (OSError, ValueError, RecursionError):
         found = None
     if not isinstance(found, dict):
-        raise UserError(f"{cache_dir} has no readable {MANIFEST}: delete it to rebuild")
+        raise UserError(f"{cache_dir} has no readable {MANIFEST}: delete {cache_dir} and "
+                        "rerun the same command to rebuild it")
     return found
 
 
@@ -104,21 +123,24 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     """The cache's arrays, memory-mapped read-only, after checking it matches `wanted`."""
     found = read_cache_manifest(cache_dir)
     if found.get("complete") is not True:
-        raise UserError(f"{cache_dir} is an incomplete cache: delete it to rebuild")
+        raise UserError(f"{cache_dir} is an incomplete cache: delete {cache_dir} and rerun the "
+                        "same command to rebuild it")
     differ = _differences(found, wanted)
     if differ:
-        raise UserError(f"{cache_dir} was built for another {', '.join(differ)}: delete it "
-                        "to rebuild it for this run")
+        raise UserError(f"{cache_dir} was built for another {', '.join(differ)}: delete "
+                        f"{cache_dir} and rerun the same command to rebuild it for this run")
     arrays = {}
     for name, (shape, dtype) in array_specs(wanted).items():
         try:
             array = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
         except Exception as err:  # a damaged header fails with several exception types
             raise UserError(f"{cache_dir / name}.npy is damaged or truncated ({one_line(err)}): "
-                            "delete the cache to rebuild it") from None
+                            f"delete {cache_dir} and rerun the same command to rebuild "
+                            "it") from None
         if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous:
             raise UserError(f"{cache_dir / name}.npy holds {array.dtype}{array.shape}, "
-                            f"expected {dtype}{shape}: delete the cache to rebuild it")
+                            f"expected {dtype}{shape}: delete {cache_dir} and rerun the same "
+                            "command to rebuild it")
         arrays[name] = array
     return arrays
 
@@ -159,7 +181,12 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
     if main:  # a killed build's leftovers are never used: start again
         staging = staging_dir(cache_dir)
         for name, (shape, dtype) in array_specs(wanted).items():
-            np.lib.format.open_memmap(staging / f"{name}.npy", "w+", dtype, shape).flush()
+            path = staging / f"{name}.npy"
+            try:
+                np.lib.format.open_memmap(path, "w+", dtype, shape).flush()
+            except OSError as err:  # numpy's message names no file
+                raise OSError(err.errno, err.strerror, str(path)) from None
+            preallocate(path)
     accelerator.wait_for_everyone()
     staging = staging_path(cache_dir)
     arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in CACHE_ARRAYS}
@@ -169,34 +196,49 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
     del arrays
     accelerator.wait_for_everyone()
     if main:
-        write_json(staging / MANIFEST, {**wanted, "complete": True})
+        arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
+        checksums = {name: [sha256_array(view) for view in array]
+                     for name, array in arrays.items()}
+        write_json(staging / MANIFEST, {**wanted, CHECKSUMS: checksums, "complete": True})
         publish_dir(staging, cache_dir)
     accelerator.wait_for_everyone()
 
 
-def ensure_cache(teacher_dir: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
+def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
                  accelerator: Accelerator) -> dict:
-    """Build (or verify) teacher_dir/cache for the student of `schedule`; its manifest."""
+    """Build (or verify) the cache beside a teacher's verified weights; its manifest."""
     beton = read_manifest(recipe.data.beton_dir)
     samples = train_samples(recipe.data, beton)
-    wanted = expected_manifest(teacher_dir / WEIGHTS, beton, samples, schedule, recipe.cache,
-                               num_classes, recipe.generations.temperature)
-    if not (teacher_dir / CACHE / MANIFEST).is_file():
-        model = last_epoch_model(teacher_dir / WEIGHTS, recipe.model, recipe.run, num_classes,
+    wanted = expected_manifest(weights, beton, samples, schedule, recipe.cache, num_classes,
+                               recipe.generations.temperature)
+    if not (weights.parent / CACHE / MANIFEST).is_file():
+        model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                  accelerator.device)
         teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperature"])
         loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
                               limit=samples)
-        build_cache(teacher_dir / CACHE, teacher, wanted, loader, accelerator)
+        build_cache(weights.parent / CACHE, teacher, wanted, loader, accelerator)
     return wanted
 
 
-def cached_teacher(teacher_dir: Path, schedule: ViewSchedule, recipe: Recipe,
-                   num_classes: int, accelerator: Accelerator) -> CachedTeacher:
-    """Generation teacher_dir as a lookup into its cache, built first if needed."""
-    wanted = ensure_cache(teacher_dir, schedule, recipe, num_classes, accelerator)
-    return CachedTeacher(open_arrays(teacher_dir / CACHE, wanted), wanted["temperature"],
-                         accelerator.device)
+def cached_teacher(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
+                   accelerator: Accelerator) -> CachedTeacher:
+    """The teacher of these verified weights as a lookup into its cache, built if needed."""
+    wanted = ensure_cache(weights, schedule, recipe, num_classes, accelerator)
+    return open_teacher(weights.parent / CACHE, wanted, accelerator.device)
+
+
+def open_teacher(cache_dir: Path, wanted: dict, device: torch.device) -> CachedTeacher:
+    """A verified cache as a teacher; each view's checksums are checked on its first use."""
+    arrays = open_arrays(cache_dir, wanted)
+    checksums = read_cache_manifest(cache_dir).get(CHECKSUMS)
+    views = wanted["stored_views"]
+    if not (isinstance(checksums, dict) and all(
+            isinstance(checksums.get(name), list) and len(checksums[name]) == views
+            for name in CACHE_ARRAYS)):
+        raise UserError(f"{cache_dir}/{MANIFEST} has no checksums of its views: delete "
+                        f"{cache_dir} and rerun the same command to rebuild it")
+    return CachedTeacher(arrays, checksums, wanted["temperature"], device, cache_dir)
 
 
 def describe(cache_dir: Path) -> str:
@@ -205,7 +247,7 @@ def describe(cache_dir: Path) -> str:
     try:
         specs = array_specs(manifest)
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{cache_dir}/{MANIFEST} is damaged: delete the cache to rebuild "
+        raise UserError(f"{cache_dir}/{MANIFEST} is damaged: delete {cache_dir} to rebuild "
                         "it") from None
     per_row = sum(np.prod(shape[2:], dtype=np.int64) * dtype.itemsize
                   for shape, dtype in specs.values())
@@ -215,7 +257,9 @@ def describe(cache_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _cli(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Build or verify one generation's cache, or describe a cache (`info`)."""
+    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["info"]:
         if len(argv) != 2 or not (Path(argv[1]) / MANIFEST).is_file():
             raise UserError(f"usage: python -m fasttt.cache info CACHE_DIR (a directory "
@@ -231,17 +275,25 @@ def _cli(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)
     accelerator, _ = accelerator_and_console(recipe.run.mixed_precision)
-    gen_dir = generation_dir(args.runs_dir / recipe.run.name, args.generation)
-    if not (gen_dir / WEIGHTS).is_file():
-        raise UserError(f"{gen_dir} has no {WEIGHTS}: train generation "
-                        f"{args.generation} first")
-    num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
-    schedule = view_schedule(recipe.run.seed, args.generation + 1, recipe.schedule.epochs,
-                             recipe.augment, recipe.cache)
-    ensure_cache(gen_dir, schedule, recipe, num_classes, accelerator)
+    run_dir = args.runs_dir / recipe.run.name
+    gen_dir = generation_dir(run_dir, args.generation)
+    if not is_finished(gen_dir):
+        raise UserError(f"{gen_dir} has not finished training: train generation "
+                        f"{args.generation} first (fasttt/train.py builds its cache too)")
+    # The same lock as training: two builders would write one staging directory.
+    lock = on_main_process(accelerator, lock_run_dir, run_dir)
+    try:
+        weights = generation_weights(run_dir, args.generation)
+        num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
+        schedule = view_schedule(recipe.run.seed, args.generation + 1, recipe.schedule.epochs,
+                                 recipe.augment, recipe.cache)
+        ensure_cache(weights, schedule, recipe, num_classes, accelerator)
+    finally:
+        if lock is not None:
+            lock.close()
     if accelerator.is_main_process:
         print(describe(gen_dir / CACHE))
 
 
 if __name__ == "__main__":
-    exit_on_user_error(lambda: _cli(sys.argv[1:]))
+    exit_on_user_error(main)

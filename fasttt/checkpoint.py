@@ -8,24 +8,29 @@ load with `weights_only=True`, the train state is JSON.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
-from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
 from fasttt.errors import UserError, one_line
-from fasttt.files import remove_dir, staged_dir, write_atomically, write_json
+from fasttt.files import remove_dir, sha256_file, staged_dir, write_atomically, write_json
 
 LATEST = "latest.json"
+MODEL, STATE, TRAIN_STATE = "model.safetensors", "state.pt", "train_state.json"
+SHA256 = "sha256"  # train_state.json's record of what the checkpoint's files hold
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The model's state (parameters and buffers) as safetensors, written atomically."""
+def save_weights(model: torch.nn.Module, path: Path) -> str:
+    """The model's state (parameters and buffers) as safetensors, written atomically; sha256."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomically(path, lambda f: f.write(save(state)))
+    data = save(state)
+    write_atomically(path, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -34,26 +39,30 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except Exception as err:  # safetensors reports damage with several exception types
         raise UserError(f"{path} is not a readable safetensors file ({one_line(err)}): "
-                        "delete it and rerun to retrain that generation") from None
+                        f"delete {path.parent} and rerun the same command") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"{path} holds weights of another model ({one_line(err)}): "
-                        "delete it and rerun to retrain that generation") from None
+                        f"delete {path.parent} and rerun the same command") from None
 
 
 def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_state: dict):
     """Write ckpt-<epoch>/ completely, point latest.json at it, then drop older ones."""
     final = gen_dir / f"ckpt-{epoch:04d}"
     with staged_dir(final) as staging:
-        save_weights(model, staging / "model.safetensors")
+        checksums = {MODEL: save_weights(model, staging / MODEL)}
         extra = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
         if torch.cuda.is_available():
             extra["cuda_rng"] = torch.cuda.get_rng_state()
-        write_atomically(staging / "state.pt", partial(torch.save, extra))
-        write_json(staging / "train_state.json", train_state)
+        # Serialised in memory first: torch.save reports a full disk as a RuntimeError.
+        buffer = io.BytesIO()
+        torch.save(extra, buffer)
+        write_atomically(staging / STATE, lambda f: f.write(buffer.getbuffer()))
+        checksums[STATE] = hashlib.sha256(buffer.getbuffer()).hexdigest()
+        write_json(staging / TRAIN_STATE, {**train_state, SHA256: checksums})
     write_json(gen_dir / LATEST, {"epoch": epoch, "dir": final.name})
     for old in gen_dir.glob("ckpt-*"):
         if old != final:
@@ -74,17 +83,23 @@ def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
     pointer = gen_dir / LATEST
     if not pointer.is_file():
         return None
-    redo = f"delete {gen_dir} and rerun to retrain that generation"
+    redo = (f"delete {gen_dir} and rerun the same command (that generation trains again "
+            "from its first epoch)")
     try:
         name = json.loads(pointer.read_bytes())["dir"]
         ckpt = gen_dir / name
         if not (isinstance(name, str) and name.startswith("ckpt-") and ckpt.name == name):
             raise ValueError(name)
-        train_state = json.loads((ckpt / "train_state.json").read_bytes())
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        train_state = json.loads((ckpt / TRAIN_STATE).read_bytes())
+        checksums = train_state.pop(SHA256)
+        damaged = [f for f in (MODEL, STATE) if sha256_file(ckpt / f) != checksums[f]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise UserError(f"{pointer} or the checkpoint it names is damaged: {redo}") from None
-    load_weights(model, ckpt / "model.safetensors")
-    state = ckpt / "state.pt"
+    if damaged:
+        raise UserError(f"{ckpt / damaged[0]} is damaged (its sha256 differs from the one "
+                        f"recorded when it was written): {redo}")
+    load_weights(model, ckpt / MODEL)
+    state = ckpt / STATE
     try:  # weights_only: a pickle that would build anything but plain tensors is refused
         extra = torch.load(state, map_location="cpu", weights_only=True)
     except Exception as err:  # torch reports damage and refusals with several types

@@ -12,7 +12,9 @@ next few.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
+from ffcv.loader import Loader, OrderOption, epoch_iterator
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.types import (
@@ -35,12 +37,13 @@ from ffcv.types import (
 )
 
 from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
-from fasttt.errors import UserError
+from fasttt.errors import UserError, raise_if_interrupted
 from fasttt.processes import on_main_process
-from fasttt.recipe import DataConfig
+from fasttt.recipe import AugmentConfig, DataConfig
 
 BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
 MANIFEST = "manifest.json"
+READER_POLL_S = 0.5  # how often a wait for FFCV's reader thread checks that it still runs
 
 
 class Batch(NamedTuple):
@@ -241,12 +244,51 @@ class BetonLoader:
     def __iter__(self):
         epoch = iter(self.loader)
         try:
-            for fields in epoch:
+            while (fields := _next_batch(epoch)) is not None:
+                raise_if_interrupted()
                 yield Batch(*fields)
         finally:
-            # An epoch left half way would leak FFCV's reader thread (ffcv #345, #393).
-            epoch.close()
-            epoch.join()
+            _stop(epoch)
+
+
+def _next_batch(epoch) -> tuple | None:
+    """The reader thread's next batch, or None at the end of the epoch.
+
+    As FFCV's own `__next__`, but never waiting forever on a reader thread that died.
+    """
+    while True:
+        alive = epoch.is_alive()  # before the wait: a reader that ends meanwhile left its item
+        try:
+            item = epoch.output_queue.get(timeout=READER_POLL_S)
+        except queue.Empty:
+            if alive:
+                continue
+            raise UserError("FFCV's reader thread stopped without finishing the epoch (its "
+                            "error is printed above): check the beton, or rebuild it with "
+                            f"--force ({BUILD_HINT})") from None
+        if item is None:
+            return None
+        slot, fields = item
+        if epoch_iterator.IS_CUDA:  # the batch's copy ran on the reader's stream
+            epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
+        return fields
+
+
+def _stop(epoch) -> None:
+    """Stop the reader thread of an epoch left at any point, whatever it is waiting on.
+
+    FFCV's reader ends an epoch with a `put` that has no timeout: left at a full queue (an
+    exception or a signal in the consumer), it would wait forever, and so would a plain
+    `join` (ffcv #345, #393). Draining the queue while joining lets it finish.
+    """
+    epoch.close()
+    # A reader between batches sees the close within its put's 0.5 s timeout; draining
+    # earlier would let it decode more batches into buffers the caller may still hold.
+    epoch.join(timeout=2 * READER_POLL_S)
+    while epoch.is_alive():
+        with contextlib.suppress(queue.Empty):
+            epoch.output_queue.get_nowait()
+        epoch.join(timeout=READER_POLL_S / 10)
 
 
 def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
@@ -351,3 +393,19 @@ def ensure_betons(data: DataConfig, accelerator: Accelerator) -> dict:
 
         on_main_process(accelerator, build, ["digits", str(beton_dir)])
     return read_manifest(beton_dir)
+
+
+def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, k: int) -> None:
+    """Refuse, before anything is written, a recipe that cannot work on these betons."""
+    classes = len(manifest["class_names"])
+    if is_photo(manifest) and augment.kind == "pad_crop":
+        raise UserError(f"{data.beton_dir} holds photos of many sizes: augment.kind = "
+                        "\"pad_crop\" is for fixed-size images; set augment.kind = "
+                        "\"resized_crop\" (and data.canvas_size)")
+    if is_photo(manifest) and not data.canvas_size:
+        resolution = manifest["image_policy"].get("max_resolution", "its max resolution")
+        raise UserError(f"{data.beton_dir} holds photos: set data.canvas_size to at least "
+                        f"{resolution}")
+    if k > classes:
+        raise UserError(f"generations.k = {k} exceeds the {classes} classes of "
+                        f"{data.beton_dir}: set generations.k to at most {classes}")

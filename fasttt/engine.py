@@ -34,6 +34,7 @@ from fasttt.recipe import AugmentConfig, Recipe
 from fasttt.rundir import EVAL, METRICS, WEIGHTS
 from fasttt.teachers import TopKTeacher, ViewSchedule
 
+DIVERGED_LOSS = 100  # x ln C, chance level: a mean epoch loss above it has diverged
 # (logits, labels, teacher output or None) -> (loss, parts)
 Objective = Callable[[torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, dict]]
 # (host sample index, view, canvases, extent, the student's pixels) -> teacher output
@@ -113,12 +114,31 @@ def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
                           torch.tensor(count, dtype=torch.float64, device=correct.device)])
     loss_sum, correct, count = accelerator.reduce(totals, reduction="sum").tolist()
     seconds = time.perf_counter() - start  # after the reduce, which waits for the device
-    if not math.isfinite(loss_sum):
-        raise UserError(f"gen{spec.index}: the loss became non-finite in epoch {epoch + 1}: "
-                        "lower optim.lr or use mixed_precision = \"no\"")
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / count,
             "train_top1": 100 * correct / count, "images_per_s": count / seconds,
             "seconds": seconds}
+
+
+def check_converging(row: dict, model: torch.nn.Module, num_classes: int, generation: int,
+                     lr: float) -> None:
+    """Stop a diverged generation before its epoch is checkpointed or it is marked finished.
+
+    Divergence: a non-finite loss, a loss far above chance (ln C; the TSD, LSR and CP
+    terms are bounded), or a non-finite parameter or buffer (BatchNorm's running
+    variance overflows while the loss can still look finite).
+    """
+    broken = [name for name, value in model.state_dict().items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    loss = row["train_loss"]
+    if math.isfinite(loss) and loss <= DIVERGED_LOSS * math.log(num_classes) and not broken:
+        return
+    what = (f"{len(broken)} non-finite parameters or buffers (first: {broken[0]})" if broken
+            else f"the training loss reached {loss:.3g}")
+    raise UserError(f"gen{generation} diverged in epoch {row['epoch']}: {what}; nothing of "
+                    f"that epoch was saved. Rerun the same command with --set "
+                    f"optim.lr={lr / 10:g} and another --set run.name (the learning rate is "
+                    "part of the run's recipe), or mixed_precision = \"no\" if it diverged "
+                    "only in low precision")
 
 
 def _summary(history: list[dict]) -> dict:
@@ -149,6 +169,8 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
         for epoch in range(state["epoch"], recipe.schedule.epochs):
             train.set_epoch(epoch)
             row = train_epoch(learner, train, spec, epoch, accelerator, progress)
+            check_converging(row, accelerator.unwrap_model(model), num_classes, spec.index,
+                             recipe.optim.lr)
             # Unwrapped: DDP's forward would broadcast buffers, a collective per eval batch.
             row |= evaluate(accelerator.unwrap_model(model), val, recipe.augment, accelerator)
             state = {"epoch": epoch + 1, "history": [*state["history"], row]}
@@ -163,7 +185,8 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
             accelerator.wait_for_everyone()
     summary = _summary(state["history"])
     if main:
-        save_weights(accelerator.unwrap_model(model), spec.directory / WEIGHTS)
+        summary["weights_sha256"] = save_weights(accelerator.unwrap_model(model),
+                                                 spec.directory / WEIGHTS)
         write_json(spec.directory / EVAL, summary)
         drop_checkpoints(spec.directory)
     accelerator.wait_for_everyone()

@@ -1,8 +1,12 @@
 """The one exception type that reaches the user as a single line, and CLIs built on it."""
 
 import argparse
+import errno
+import os
 import re
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -34,17 +38,56 @@ def one_line(err: Exception) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: stop where we are; what is written stays whole."""
+
+
+_signals_received: list[int] = []
+RESUME_HINT = "interrupted: rerun the same command to resume"
+
+
+def _interrupt(signum, frame):
+    _signals_received.append(signum)
+    raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise again a signal whose exception was swallowed (a numba callback ignores it)."""
+    if _signals_received:
+        raise Interrupted(_signals_received[0])
+
+
+def exit_at_once_on_interrupt() -> None:
+    """Until `exit_on_user_error` takes over (imports), a signal ends the process quietly."""
+    def leave(signum, frame):
+        print(RESUME_HINT, file=sys.stderr)
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, leave)
+
+
 def exit_on_user_error(main):
-    """Run `main()`; a UserError or an OS error becomes `error: ...` on stderr and exit 2."""
+    """Run `main()`; a UserError or an OS error becomes `error: ...` on stderr and exit 2.
+
+    SIGINT and SIGTERM become `interrupted: ...` and exit 130 or 143, wherever they land.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _interrupt)
     try:
-        return main()
+        result = main()
+        raise_if_interrupted()
+        return result
     except UserError as err:
         message = str(err)
     except OSError as err:  # disk full, permissions, a path that is a file: the user's to fix
         where = f": {err.filename}" if err.filename else ""
         message = f"{err.strerror or err}{where}"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            message += " (free space on that disk, then rerun the same command)"
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        print(RESUME_HINT, file=sys.stderr)
+        raise SystemExit(128 + (_signals_received or [signal.SIGINT])[0]) from None
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in 8 MiB blocks."""
@@ -26,6 +28,11 @@ def sha256_file(path: Path) -> str:
         while block := f.read(1 << 23):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_array(array: np.ndarray) -> str:
+    """Hex sha256 of a C-contiguous array's bytes (a memory-mapped slab is read, not copied)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -38,14 +45,37 @@ def fsync_path(path: Path) -> None:
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Let `write` fill a hidden temporary file, fsync it, then rename it to `path`."""
+    """Let `write` fill a hidden temporary file, fsync it, then rename it to `path`.
+
+    A failure (a full disk, a signal) removes the temporary file; an OS error is raised
+    again naming `path`, so the one-line message says which file could not be written.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
+
+
+def preallocate(path: Path) -> None:
+    """Give a file all its blocks now, so a full disk fails here rather than on a later write.
+
+    Pages of a sparse memory-mapped file are allocated when first written; on a full disk
+    that is a SIGBUS that kills the process without a word.
+    """
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def write_text(path: Path, text: str) -> None:

@@ -48,3 +48,15 @@ def on_main_process(accelerator: Accelerator, work, *args):
     if refusal[0] is not None:
         raise UserError(refusal[0])
     return result
+
+
+def finish(accelerator: Accelerator) -> None:
+    """End the run's processes cleanly: trackers closed, the process group destroyed.
+
+    A process group left to the interpreter's exit can abort one rank (`terminate called
+    without an active exception`) after the run finished, and a scheduler marks it failed.
+    """
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

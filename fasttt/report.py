@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from fasttt.data import MANIFEST, read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.figures import generation_label, write_figures
 from fasttt.files import write_json, write_text
@@ -32,14 +33,17 @@ from fasttt.rundir import (
     ENSEMBLE,
     EVAL,
     FIGURES,
+    INPUTS,
     METRICS,
     RECIPE,
     SECOND_CLASS,
     SUMMARY_JSON,
     SUMMARY_MD,
     TRANSFER,
+    check_inputs,
     finished_generations,
     generation_dir,
+    retrain_hint,
 )
 from fasttt.teachers import view_schedule
 
@@ -52,15 +56,23 @@ def _error(accuracy: float) -> float:
     return round(100.0 - float(accuracy), 4)
 
 
-def _read(path: Path, parse):
+REANALYSE = ("delete it and rerun the training command: finished generations are kept and "
+             "what is missing of the analysis is computed again")
+ADVICE = {ANALYSIS: REANALYSE, SECOND_CLASS: REANALYSE, ENSEMBLE: REANALYSE,
+          METRICS: "delete it: the report then leaves that generation's learning curves out"}
+
+
+def _read(path: Path, parse, advice: str | None = None):
     """parse(JSON of path), with a damaged or unexpected file as one line naming it."""
     try:
         text = path.read_text()
         return parse([json.loads(line) for line in text.splitlines() if line.strip()]
                      if path.suffix == ".jsonl" else json.loads(text))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        raise UserError(f"{path}: unexpected content ({type(err).__name__}: {err}); "
-                        "rerun the step that writes it") from None
+        advice = advice or ADVICE.get(path.name, "delete it and rerun python -m "
+                                                 "fasttt.transfer for that target")
+        raise UserError(f"{path}: unexpected content ({type(err).__name__}: {one_line(err)}); "
+                        f"{advice}") from None
 
 
 def _generation(m: int, e: dict) -> dict:
@@ -113,12 +125,18 @@ def _transfer(name: str, finished: int, data: dict) -> dict:
                             for g in data["generations"] if g["generation"] < finished]}
 
 
-def _dataset(recipe: Recipe) -> tuple[str, list[str] | None]:
-    """The dataset's name and class names, from the beton manifest when it is still there."""
-    manifest = Path(recipe.data.beton_dir) / "manifest.json"
-    if manifest.is_file():
-        return _read(manifest, lambda d: (d["source"]["name"], [str(c) for c in d["class_names"]]))
-    return Path(recipe.data.beton_dir).name, None
+def _dataset(run_dir: Path, recipe: Recipe) -> tuple[str, list[str] | None]:
+    """The dataset's name and class names, from the betons the run trained on if still there.
+
+    Betons rebuilt since (another dataset, other images) would mislabel every number.
+    """
+    beton_dir = Path(recipe.data.beton_dir)
+    if not (beton_dir / MANIFEST).is_file():
+        return beton_dir.name, None
+    if (run_dir / INPUTS).is_file():
+        check_inputs(run_dir, beton_dir, read_manifest(beton_dir))
+    return _read(beton_dir / MANIFEST,
+                 lambda d: (d["source"]["name"], [str(c) for c in d["class_names"]]))
 
 
 def _label(x: float) -> str:
@@ -143,11 +161,11 @@ def _matrix(path: Path) -> np.ndarray:
     try:
         matrix = np.load(path, allow_pickle=False)
     except Exception as err:  # a damaged header raises SyntaxError or TokenError, too
-        raise UserError(f"{path}: not a readable .npy file ({one_line(err)}); delete it and "
-                        "rerun the analysis") from None
+        raise UserError(f"{path}: not a readable .npy file ({one_line(err)}); "
+                        f"{REANALYSE}") from None
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise UserError(f"{path}: expected a square class x class matrix, got shape "
-                        f"{matrix.shape}; rerun the analysis")
+                        f"{matrix.shape}; {REANALYSE}")
     return matrix
 
 
@@ -189,7 +207,7 @@ def _results(run_dir: Path, gen: list[Path]) -> dict:
     ensemble = run_dir / ENSEMBLE
     transfer = sorted((run_dir / TRANSFER).glob("*.json"))
     return {
-        "generations": [_read(gen[m] / EVAL, partial(_generation, m))
+        "generations": [_read(gen[m] / EVAL, partial(_generation, m), retrain_hint(run_dir, m))
                         for m in range(finished)],
         "ensemble": _read(ensemble, partial(_ensemble, finished))
         if ensemble.is_file() else None,
@@ -214,7 +232,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | No
     gen = [generation_dir(run_dir, m) for m in range(finished)]
     matrices = {m: _matrix(gen[m] / SECOND_CLASS) for m in range(finished)
                 if (gen[m] / SECOND_CLASS).is_file()}
-    dataset, class_names = _dataset(recipe)
+    dataset, class_names = _dataset(run_dir, recipe)
     classes = len(class_names) if class_names else next(
         (len(x) for x in matrices.values()), None)
     summary = {"run": recipe.run.name, "title": method_title(recipe, dataset),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from fasttt.errors import UserError
-from fasttt.files import write_json
+from fasttt.files import sha256_file, write_json
 from fasttt.recipe import Recipe, recipe_to_toml, write_recipe
 
 LOCK, RECIPE, INPUTS = ".lock", "recipe.toml", "inputs.json"
@@ -49,6 +49,41 @@ def finished_generations(run_dir: Path, planned: int | None = None) -> list[int]
     """Generations 0, 1, ... that have finished, in order (at most `planned` of them)."""
     count = itertools.count() if planned is None else range(planned)
     return list(itertools.takewhile(lambda m: is_finished(generation_dir(run_dir, m)), count))
+
+
+def retrain_hint(run_dir: Path, m: int) -> str:
+    """Advice that works for a damaged generation m: remove it and what it taught, rerun."""
+    doomed = list(itertools.takewhile(Path.exists, (generation_dir(run_dir, k)
+                                                    for k in itertools.count(m))))
+    paths = " ".join(str(p) for p in doomed) or str(generation_dir(run_dir, m))
+    return f"delete {paths} and rerun the same command to train generation {m} on again"
+
+
+def read_eval(run_dir: Path, m: int) -> dict:
+    """Generation m's eval.json (best and last epoch, the weights' checksum), checked."""
+    path = generation_dir(run_dir, m) / EVAL
+    try:
+        found = json.loads(path.read_bytes())
+        valid = (isinstance(found["weights_sha256"], str)
+                 and all(isinstance(found[k]["val_top1"], float) for k in ("best", "last")))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        valid = False
+    if not valid:
+        raise UserError(f"{path} is damaged or from another version: "
+                        f"{retrain_hint(run_dir, m)}")
+    return found
+
+
+def generation_weights(run_dir: Path, m: int) -> Path:
+    """Finished generation m's last.safetensors, once its checksum matches eval.json's."""
+    path = generation_dir(run_dir, m) / WEIGHTS
+    recorded = read_eval(run_dir, m)["weights_sha256"]
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {retrain_hint(run_dir, m)}")
+    if sha256_file(path) != recorded:
+        raise UserError(f"{path} is damaged (its sha256 differs from the one in {EVAL}): "
+                        f"{retrain_hint(run_dir, m)}")
+    return path
 
 
 def lock_run_dir(run_dir: Path) -> IO:

@@ -16,6 +16,7 @@ cache the online teacher filled (fasttt/cache.py), with no model in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from fasttt.augment import eval_view, generation_key, train_size, train_view
 from fasttt.errors import UserError
+from fasttt.files import sha256_array
 from fasttt.recipe import AugmentConfig, CacheConfig
 
 CACHE_ARRAYS = ("values", "ids", "log_partition")  # a cache's arrays, as TopKTeacher's fields
@@ -136,14 +138,32 @@ class OnlineTeacher:
 
 
 class CachedTeacher:
-    """The teacher as a lookup: rows (view, sample) of verified cache arrays, host to device."""
+    """The teacher as a lookup: rows (view, sample) of verified cache arrays, host to device.
 
-    def __init__(self, arrays: dict[str, np.ndarray], temperature: float, device: torch.device):
-        self.arrays, self.temperature, self.device = arrays, temperature, device
+    Each view's slabs are checked against the checksums recorded at build the first time
+    the view is used, so a damaged cache is refused rather than taught from, and the
+    cost is one pass over the slab an epoch reads anyway, once per open.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], checksums: dict[str, list[str]],
+                 temperature: float, device: torch.device, source: Path):
+        self.arrays, self.checksums, self.source = arrays, checksums, source
+        self.temperature, self.device = temperature, device
+        self.verified: set[int] = set()
+
+    def _verify(self, view: int) -> None:
+        for name in CACHE_ARRAYS:
+            if sha256_array(self.arrays[name][view]) != self.checksums[name][view]:
+                raise UserError(f"{self.source / name}.npy is damaged (view {view} differs "
+                                f"from its checksum): delete {self.source} and rerun the same "
+                                "command to rebuild it from the teacher's verified weights")
+        self.verified.add(view)
 
     def __call__(self, index: Tensor, view: int, images: Tensor | None = None,
                  extent: Tensor | None = None, shown: Tensor | None = None) -> TopKTeacher:
         """Outputs on view `view`, read from the cache by the samples' host `index`."""
+        if view not in self.verified:
+            self._verify(view)
         rows = index.cpu().numpy()
         values, ids, log_partition = (
             torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows]))

@@ -15,12 +15,14 @@ where a run stopped; a finished generation is never retrained.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fasttt.errors import exit_at_once_on_interrupt
+
+    exit_at_once_on_interrupt()  # a signal during the imports below is no traceback
 
 from accelerate import Accelerator
 from rich.console import Console
@@ -29,22 +31,22 @@ from rich.table import Table
 from fasttt.analysis import analyze_run
 from fasttt.cache import cached_teacher
 from fasttt.checkpoint import drop_checkpoints
-from fasttt.data import ensure_betons
+from fasttt.data import check_fits, ensure_betons
 from fasttt.engine import GenerationSpec, train_generation
 from fasttt.errors import OneLineParser, exit_on_user_error
 from fasttt.losses import patriarch_objective, student_objective
 from fasttt.models import last_epoch_model
-from fasttt.processes import accelerator_and_console, on_main_process
+from fasttt.processes import accelerator_and_console, finish, on_main_process
 from fasttt.recipe import Recipe, load_recipe
 from fasttt.report import write_report
 from fasttt.rundir import (
-    EVAL,
-    WEIGHTS,
     check_inputs,
     generation_dir,
+    generation_weights,
     is_finished,
     lock_run_dir,
     prepare_run_dir,
+    read_eval,
 )
 from fasttt.teachers import OnlineTeacher, ViewSchedule, view_schedule
 
@@ -60,14 +62,14 @@ def parse_args(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def teacher_for(views: ViewSchedule, teacher_dir: Path, recipe: Recipe, num_classes: int,
+def teacher_for(views: ViewSchedule, weights: Path, recipe: Recipe, num_classes: int,
                 accelerator: Accelerator):
     """Generation m-1 as its student's teacher: a lookup into its cache, or the model itself."""
     if recipe.cache.mode == "online":
-        model = last_epoch_model(teacher_dir / WEIGHTS, recipe.model, recipe.run, num_classes,
+        model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                  accelerator.device)
         return OnlineTeacher(model, views, num_classes, recipe.generations.temperature)
-    return cached_teacher(teacher_dir, views, recipe, num_classes, accelerator)
+    return cached_teacher(weights, views, recipe, num_classes, accelerator)
 
 
 def print_generations(results: list[dict], console: Console) -> None:
@@ -81,25 +83,18 @@ def print_generations(results: list[dict], console: Console) -> None:
     console.print(table)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Train the patriarch and its students, then analyse the run and write its report."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    recipe = load_recipe(args.recipe, args.set)
-    accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
-    run_dir = args.runs_dir / recipe.run.name
-    lock = on_main_process(accelerator, lock_run_dir, run_dir)  # held until the process ends
-    on_main_process(accelerator, prepare_run_dir, run_dir, recipe)
-    manifest = ensure_betons(recipe.data, accelerator)
-    on_main_process(accelerator, check_inputs, run_dir, Path(recipe.data.beton_dir), manifest)
-    num_classes = len(manifest["class_names"])
+def train_generations(run_dir: Path, recipe: Recipe, num_classes: int,
+                      accelerator: Accelerator, console: Console) -> None:
+    """The patriarch, then each student taught by the generation before; finished ones kept."""
     method = recipe.generations
     results = []
     for m in range(method.students + 1):
         directory = generation_dir(run_dir, m)
         if is_finished(directory):
             console.print(f"gen{m}: finished earlier, kept")
+            generation_weights(run_dir, m)  # there and whole, or a one-line refusal
             on_main_process(accelerator, drop_checkpoints, directory)  # a kill's leftovers
-            results.append(json.loads((directory / EVAL).read_text()))
+            results.append(read_eval(run_dir, m))
             continue
         views = view_schedule(recipe.run.seed, m, recipe.schedule.epochs, recipe.augment,
                               recipe.cache)
@@ -108,16 +103,35 @@ def main(argv: list[str] | None = None) -> None:
                 method.patriarch_loss, method.u, method.k, method.eta), views)
         else:  # a student learns from labels and generation m-1's last epoch, on its views
             console.print(f"gen{m}: {views.describe()}")
-            teacher = teacher_for(views, generation_dir(run_dir, m - 1), recipe, num_classes,
-                                  accelerator)
+            teacher = teacher_for(views, generation_weights(run_dir, m - 1), recipe,
+                                  num_classes, accelerator)
             spec = GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
                                   views, teacher)
         results.append(train_generation(spec, recipe, num_classes, accelerator, console))
         print_generations(results, console)
-    analyze_run(run_dir, recipe, accelerator, console)
-    report = on_main_process(accelerator, write_report, run_dir, console)
-    console.print(f"report: {report}")
-    del lock
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train the patriarch and its students, then analyse the run and write its report."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    recipe = load_recipe(args.recipe, args.set)
+    accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
+    manifest = ensure_betons(recipe.data, accelerator)
+    check_fits(manifest, recipe.data, recipe.augment, recipe.generations.k)
+    run_dir = args.runs_dir / recipe.run.name
+    lock = on_main_process(accelerator, lock_run_dir, run_dir)
+    try:
+        on_main_process(accelerator, prepare_run_dir, run_dir, recipe)
+        on_main_process(accelerator, check_inputs, run_dir, Path(recipe.data.beton_dir),
+                        manifest)
+        train_generations(run_dir, recipe, len(manifest["class_names"]), accelerator, console)
+        analyze_run(run_dir, recipe, accelerator, console)
+        report = on_main_process(accelerator, write_report, run_dir, console)
+        console.print(f"report: {report}")
+        finish(accelerator)
+    finally:
+        if lock is not None:  # held by the main process until the run ends, however it ends
+            lock.close()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from fasttt.files import write_json
 from fasttt.models import last_epoch_model, penultimate_features
 from fasttt.progress import progress_bar
 from fasttt.recipe import AugmentConfig, DataConfig, Recipe, load_recipe
-from fasttt.rundir import RECIPE, TRANSFER, WEIGHTS, finished_generations, generation_dir
+from fasttt.rundir import RECIPE, TRANSFER, finished_generations, generation_weights
 
 SVM_SEED = 0  # LinearSVC's random_state: liblinear's coordinate-descent order
 USAGE = ("python -m fasttt.transfer RUN_DIR TARGET_BETON_DIR --train-per-class N [--seed S] "
@@ -91,9 +91,7 @@ def trained_generations(run_dir: Path) -> list[int]:
     """The run's finished generations, each with its weights, or a one-line refusal."""
     generations = finished_generations(run_dir)
     for m in generations:
-        weights = generation_dir(run_dir, m) / WEIGHTS
-        if not weights.is_file():
-            raise UserError(f"{weights} is missing: retrain generation {m}")
+        generation_weights(run_dir, m)  # there and whole, or a one-line refusal
     if not generations:
         raise UserError(f"{run_dir} has no finished generation (no gen0/eval.json): "
                         "train one with fasttt/train.py first")
@@ -214,7 +212,7 @@ def transfer(run_dir: Path, target_dir: Path, options: TransferOptions,
     name, rows = target_dir.resolve().name, []
     with progress_bar(True) as progress:
         for m in generations:
-            model = last_epoch_model(generation_dir(run_dir, m) / WEIGHTS, recipe.model,
+            model = last_epoch_model(generation_weights(run_dir, m), recipe.model,
                                      recipe.run, num_classes, device)
             features = extract_features(model, loaders, len(labels), recipe.augment, device,
                                         progress, f"gen{m} features")

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import pickle
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.errors import UserError
+from fasttt.files import sha256_file, write_json
 from fasttt.recipe import Recipe, load_recipe
+from fasttt.rundir import EVAL, WEIGHTS
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core: each keeps to one thread
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the runs the tests start as subprocesses
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_d06.toml"  # the embedded demo recipe
@@ -71,6 +82,13 @@ def tiny_run_flags(betons: Path, **overrides) -> list[str]:
 def tiny_recipe(betons: Path, recipe: Path = RECIPE, **overrides) -> Recipe:
     """`recipe` loaded with the tiny run's overrides on `betons`, as train.py would."""
     return load_recipe(recipe, set_pairs(**tiny_run_values(betons, **overrides)))
+
+
+def mark_finished(gen_dir: Path, top1: float = 50.0) -> None:
+    """Write eval.json of a finished generation whose last.safetensors is already there."""
+    row = {"epoch": 1, "val_top1": float(top1), "val_top5": 100.0}
+    write_json(gen_dir / EVAL, {"best": row, "last": row,
+                                "weights_sha256": sha256_file(gen_dir / WEIGHTS)})
 
 
 def write_cifar_release(root: Path, source: str, per_file: int = 6, seed: int = 0) -> Path:
@@ -175,3 +193,19 @@ def snapshot(root: Path) -> dict:
     """Every path under `root` with its kind, size and modification time."""
     return {str(p.relative_to(root)): (p.is_dir(), p.lstat().st_size, p.lstat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` for the block; skips the test where it cannot be."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root and mount(8) (CI runs as root)")
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_recipe
+from conftest import mark_finished, tiny_recipe
 from rich.console import Console
 
 from fasttt.analysis import (
@@ -28,9 +28,8 @@ from fasttt.analysis import (
 from fasttt.checkpoint import save_weights
 from fasttt.data import read_manifest, sequential_loader, split_loader
 from fasttt.errors import UserError
-from fasttt.files import write_json
 from fasttt.models import create_model
-from fasttt.rundir import EVAL, WEIGHTS, generation_dir
+from fasttt.rundir import WEIGHTS, generation_dir
 
 COARSE = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
@@ -155,7 +154,7 @@ def fake_generation(run: Path, m: int, finished: bool = True) -> None:
     generation_dir(run, m).mkdir(parents=True)
     save_weights(create_model("cifar_resnet20", 10), generation_dir(run, m) / WEIGHTS)
     if finished:
-        write_json(generation_dir(run, m) / EVAL, {"best": {}, "last": {}})
+        mark_finished(generation_dir(run, m))
 
 
 def analyse(run: Path, recipe) -> str:
@@ -181,7 +180,7 @@ def test_analyze_run_analyses_each_finished_generation_once(digits, tmp_path):
     assert len(json.loads((run / "ensemble.json").read_text())["generations"]) == 1
 
     before = stamps(run)
-    write_json(run / "gen1" / "eval.json", {"best": {}, "last": {}})
+    mark_finished(run / "gen1")
     analyse(run, recipe)
     after = stamps(run)
     assert {name for name in after if after[name] != before.get(name)} == {

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from conftest import cifar_images, write_image_folder
+from conftest import cifar_images, small_disk, write_image_folder
 from ffcv.fields.basics import IntDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.reader import Reader
@@ -191,6 +195,63 @@ main(["cifar10", {str(cifar10_release)!r}, {str(out)!r}])
     assert rerun.returncode == 0, rerun.stderr
     assert not (tmp_path / ".cifar10.partial").exists()
     assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["count"] == 6
+
+
+def group_ends(group: int, within: float) -> bool:
+    """Whether process group `group` is empty within `within` seconds.
+
+    Not at once: multiprocessing's resource tracker exits only once it sees its parent gone,
+    and then waits for init to reap it.
+    """
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# The CLI with the last page of each beton written half a second late: after FFCV has seen
+# every sample counted, so it is waiting for the workers' allocations, not on its counter.
+LATE_LAST_PAGE = """
+import sys, time
+from ffcv.memory_allocator import MemoryAllocator
+from beton_builders.__main__ import main
+from fasttt.errors import exit_on_user_error
+write_last_page = MemoryAllocator.__exit__
+def late(self, *exc):
+    time.sleep(0.5)
+    return write_last_page(self, *exc)
+MemoryAllocator.__exit__ = late
+exit_on_user_error(lambda: main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("size", "command", "beton"), [
+    ("1m", ["-m", "beton_builders"], "train.beton"),  # full part way through the train beton
+    ("10m", ["-c", LATE_LAST_PAGE], "val.beton"),  # the train beton fits, val's one page not
+])
+def test_full_disk_is_one_line_not_a_hang(tmp_path, size, command, beton):
+    with small_disk(tmp_path / "disk", size) as disk:
+        # Its own session, so that every process it starts can be found, and killed, by group.
+        cli = subprocess.Popen([sys.executable, *command, "digits", str(disk / "digits")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            _, err = cli.communicate(timeout=30)
+            assert group_ends(cli.pid, within=5), "a process of the build outlived it"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+        assert cli.returncode == 2, err
+        *bars, line = err.strip().splitlines()
+        assert all("digits " in bar for bar in bars), err  # only the progress bars, then
+        assert line.startswith(f"error: cannot write {disk / '.digits.partial' / beton}: "
+                               "No space left on device: free space on that disk")
+        assert [p.name for p in disk.iterdir()] == [".digits.lock"]  # no betons, no staging
 
 
 def test_unknown_source_via_real_cli(tmp_path):

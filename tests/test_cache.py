@@ -68,10 +68,10 @@ def first_samples(recipe, accelerator):
 
 def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, digits):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    wanted = ensure_cache(gen0, schedule, recipe, 10, accelerator)
+    wanted = ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
     assert (wanted["top_k"], wanted["views"], wanted["stored_views"]) == (10, 2, 2)
     assert wanted["teacher_view"] == "student" and wanted["samples"] == 192
-    teacher = cached_teacher(gen0, schedule, recipe, 10, accelerator)
+    teacher = cached_teacher(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
     model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
                              accelerator.device).eval()
     online = OnlineTeacher(model, schedule, 10, recipe.generations.temperature)
@@ -102,12 +102,12 @@ def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch,
     teacher_dir = tmp_path / "gen0"
     teacher_dir.mkdir()
     shutil.copy2(gen0 / WEIGHTS, teacher_dir / WEIGHTS)
-    wanted = ensure_cache(teacher_dir, schedule, recipe, 10, accelerator)
+    wanted = ensure_cache(teacher_dir / WEIGHTS, schedule, recipe, 10, accelerator)
     assert (wanted["views"], wanted["stored_views"], wanted["teacher_view"]) == (
         2, 1, "unaugmented")
     assert [schedule.teacher_view(e) for e in range(3)] == [0, 0, 0]
     assert [schedule.view(e) for e in range(3)] == [0, 1, 0]  # the student's own views
-    teacher = cached_teacher(teacher_dir, schedule, recipe, 10, accelerator)
+    teacher = cached_teacher(teacher_dir / WEIGHTS, schedule, recipe, 10, accelerator)
     model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
                              accelerator.device).eval()
     batch = first_samples(recipe, accelerator)
@@ -145,16 +145,16 @@ def test_a_student_from_the_cache_follows_the_online_students_trajectory(digits,
 ])
 def test_a_cache_for_other_settings_is_refused(patriarch, digits, change, what):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    ensure_cache(gen0, schedule, recipe, 10, accelerator)
+    ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
     other, _, _, other_views = setup(patriarch, digits, **change)
-    with pytest.raises(UserError, match=f"built for another {what}.*delete it"):
+    with pytest.raises(UserError, match=f"built for another {what}.*rerun the same command"):
         open_arrays(gen0 / CACHE, wanted_for(other, other_views, gen0))
 
 
 def test_wrong_teacher_beton_incomplete_and_truncated_caches_are_refused(patriarch, digits,
                                                                         tmp_path):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    wanted = ensure_cache(gen0, schedule, recipe, 10, accelerator)
+    wanted = ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
     cache = tmp_path / "cache"
     shutil.copytree(gen0 / CACHE, cache)
     for key, what in (("teacher_sha256", "teacher weights"), ("beton_sha256", "beton")):

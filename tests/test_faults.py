@@ -75,7 +75,9 @@ def audited_env(tmp: Path) -> dict:
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(AUDIT_HOOK)
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([str(hook_dir), str(ROOT)]),
+            # Extended, not replaced: a caller's own path (the GPU kit's FFCV) must stay.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])),
             "FASTTT_AUDIT_ROOT": str(tmp.resolve()), "FASTTT_AUDIT_LOG": str(tmp / "audit.log")}
 
 

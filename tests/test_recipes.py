@@ -234,7 +234,7 @@ def test_one_tiny_run_per_family(name, request, tmp_path):
     epochs = load_recipe(run / "recipe.toml").schedule.epochs
     for m in range(generations):
         result = json.loads((run / f"gen{m}" / "eval.json").read_text())
-        assert set(result) == {"best", "last"}
+        assert set(result) == {"best", "last", "weights_sha256"}
         assert 0 <= result["last"]["val_top1"] <= 100
         assert len((run / f"gen{m}" / "metrics.jsonl").read_text().splitlines()) == epochs
     assert not (run / f"gen{generations}").exists()

@@ -292,3 +292,16 @@ def test_a_damaged_input_is_one_line_naming_the_file(tmp_path, damage, message):
     with pytest.raises(UserError, match=message) as err:
         write_report(run, QUIET)
     assert "\n" not in str(err.value) and "rerun" in str(err.value)
+
+
+def test_a_damaged_learning_curve_is_refused_and_deleting_it_as_advised_works(tmp_path):
+    run = fake_run(tmp_path / "run", tmp_path / "betons")
+    metrics = run / "gen1" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])  # cut short, as a full disk would leave it
+    with pytest.raises(UserError, match="metrics.jsonl: unexpected.*delete it: the report "
+                                        "then leaves that generation's learning curves out"):
+        write_report(run, QUIET)
+    metrics.unlink()
+    write_report(run, QUIET)
+    assert "- No metrics.jsonl in gen1: their learning curves are left out." in (
+        run / "summary.md").read_text()

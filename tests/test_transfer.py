@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RECIPE, set_pairs
+from conftest import RECIPE, mark_finished, set_pairs
 from PIL import Image
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.checkpoint import save_weights
 from fasttt.errors import UserError, exit_on_user_error
-from fasttt.files import write_json
 from fasttt.models import build_model
 from fasttt.recipe import load_recipe, write_recipe
-from fasttt.rundir import EVAL, WEIGHTS, generation_dir
+from fasttt.rundir import WEIGHTS, generation_dir
 from fasttt.transfer import main, open_target, pooled_labels, split_indices, trained_generations
 
 COLOURS = {"blue": (30, 40, 210), "green": (40, 190, 50), "red": (210, 40, 30)}
@@ -54,7 +54,7 @@ def run_dir(digits, tmp_path_factory) -> Path:
         generation_dir(run, m).mkdir()
         save_weights(build_model(recipe.model, recipe.run, 10, seed=m),
                      generation_dir(run, m) / WEIGHTS)
-        write_json(generation_dir(run, m) / EVAL, {"best": {}, "last": {}})
+        mark_finished(generation_dir(run, m))
     return run
 
 
@@ -125,7 +125,9 @@ def test_bad_runs_and_targets_are_one_line_errors(run_dir, photos, digits, tmp_p
     with pytest.raises(UserError, match="no finished generation"):
         main([str(unfinished), str(digits), "--train-per-class", "2"])
     # A finished generation whose weights are gone is named, not skipped.
-    (unfinished / "gen0" / "eval.json").write_text("{}")
-    with pytest.raises(UserError, match="gen0/last.safetensors is missing: retrain generation 0"):
+    shutil.copytree(run_dir / "gen0", unfinished / "gen0", dirs_exist_ok=True)
+    (unfinished / "gen0" / "last.safetensors").unlink()
+    with pytest.raises(UserError, match="gen0/last.safetensors is missing: delete .*gen0 and "
+                                        "rerun the same command"):
         trained_generations(unfinished)
     assert trained_generations(run_dir) == [0, 1]

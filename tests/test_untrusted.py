@@ -32,7 +32,7 @@ from fasttt.cache import FORMAT_VERSION, array_specs, open_arrays
 from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
-from fasttt.files import write_json
+from fasttt.files import sha256_file, write_json
 
 
 class Call:
@@ -211,6 +211,13 @@ def torch_file(obj) -> bytes:
     return buffer.getvalue()
 
 
+def reseal(ckpt: Path) -> None:
+    """Record the checkpoint's files' current checksums, as an attacker who edits it could."""
+    state = json.loads((ckpt / "train_state.json").read_text())
+    state["sha256"] = {name: sha256_file(ckpt / name) for name in state["sha256"]}
+    (ckpt / "train_state.json").write_text(json.dumps(state))
+
+
 def test_checkpoint_state_that_runs_code_is_refused(checkpoint, tmp_path):
     gen, model, optimizer = checkpoint
     marker = tmp_path / "pwned"
@@ -220,6 +227,9 @@ def test_checkpoint_state_that_runs_code_is_refused(checkpoint, tmp_path):
         for layout, data in (("zip", torch_file({**legit, "optimizer": obj})),
                              ("legacy pickle", pickle.dumps({**legit, "cpu_rng": obj}, 2))):
             state.write_bytes(data)
+            one_line_refusal(lambda: load_checkpoint(gen, model, optimizer, None),
+                             f"{state} is damaged (its sha256 differs")
+            reseal(state.parent)  # past the checksum, the weights-only loader still refuses
             if layout == "zip":  # a plain torch.load runs it
                 torch.load(state, weights_only=False)
                 assert marker.exists()
@@ -237,11 +247,15 @@ def test_damaged_checkpoints_and_pointers_are_one_line(checkpoint, tmp_path):
     ckpt = gen / "ckpt-0003"
     original = (ckpt / "state.pt").read_bytes()
     (ckpt / "state.pt").write_bytes(original[: len(original) // 2])
+    one_line_refusal(lambda: load_checkpoint(gen, model, optimizer, None), "is damaged")
+    reseal(ckpt)
     one_line_refusal(lambda: load_checkpoint(gen, model, optimizer, None), "refusing")
     (ckpt / "state.pt").write_bytes(torch_file({"optimizer": {"state": 3}}))
+    reseal(ckpt)
     one_line_refusal(lambda: load_checkpoint(gen, model, optimizer, None),
                      "does not match this run's optimizer")
     (ckpt / "state.pt").write_bytes(original)
+    reseal(ckpt)
     outside = tmp_path / "ckpt-0001"
     outside.mkdir()
     for pointer in (b'{"dir": "../ckpt-0001"}', b'{"dir": 7}', b'{"dir": "/etc"}', b"[1",
@@ -296,6 +310,6 @@ def test_cache_arrays_holding_pickles_are_refused(tmp_path):
         marker.unlink()
         before = snapshot(cache)
         one_line_refusal(lambda: open_arrays(cache, WANTED), f"{name}.npy is damaged",
-                         "delete the cache")
+                         "and rerun the same command to rebuild it")
         assert not marker.exists() and snapshot(cache) == before
         (cache / f"{name}.npy").write_bytes(original)

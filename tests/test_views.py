@@ -15,7 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from fasttt.cache import build_cache, expected_manifest, open_arrays
+from fasttt.cache import build_cache, expected_manifest, open_arrays, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import generation_loaders, read_manifest, sequential_loader, train_samples
 from fasttt.errors import UserError
@@ -23,7 +23,7 @@ from fasttt.models import build_model
 from fasttt.paper import match_paper, paper_patriarch
 from fasttt.recipe import CacheConfig, load_recipe
 from fasttt.report import method_title
-from fasttt.teachers import CachedTeacher, OnlineTeacher, view_schedule
+from fasttt.teachers import OnlineTeacher, view_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_d06.toml"
@@ -125,7 +125,7 @@ def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views
     loader = sequential_loader(digits, split="train", batch_size=50, num_workers=1,
                                limit=samples)
     build_cache(tmp_path / "cache", online, wanted, loader, accelerator)
-    cached = CachedTeacher(open_arrays(tmp_path / "cache", wanted), 1.0, torch.device("cpu"))
+    cached = open_teacher(tmp_path / "cache", wanted, torch.device("cpu"))
     batch = first_batch(digits)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:24]
     for epoch in range(recipe.schedule.epochs):  # epoch 3 shows view 0 again
