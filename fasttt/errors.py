@@ -72,9 +72,10 @@ def exit_on_user_error(main):
 
     SIGINT and SIGTERM become `interrupted: ...` and exit 130 or 143, wherever they land.
     """
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _interrupt)
+        previous = {signum: signal.signal(signum, _interrupt) for signum in handled}
     try:
         result = main()
         raise_if_interrupted()
@@ -89,5 +90,8 @@ def exit_on_user_error(main):
     except KeyboardInterrupt:
         print(RESUME_HINT, file=sys.stderr)
         raise SystemExit(128 + (_signals_received or [signal.SIGINT])[0]) from None
+    finally:
+        for signum, handler in previous.items():  # a caller in this process gets its own back
+            signal.signal(signum, handler)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

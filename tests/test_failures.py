@@ -29,6 +29,7 @@ from conftest import (
 )
 
 import fasttt.engine as engine
+import fasttt.errors as errors
 from beton_builders.__main__ import main as build_betons
 from fasttt.cache import main as cache_cli
 from fasttt.data import sequential_loader
@@ -373,3 +374,20 @@ def test_two_machines_of_one_process_each_both_exit_cleanly(digits, tmp_path):
             assert machine.returncode == 0, (attempt, rank, stderr[-2000:])
             assert "terminate called" not in stderr and "DistNetworkError" not in stderr
         assert (tmp_path / f"runs{attempt}" / NAME / "summary.md").is_file()
+
+
+def test_a_signal_swallowed_by_a_callback_is_raised_at_the_next_batch(digits, monkeypatch,
+                                                                      capsys):
+    # numba prints an exception raised inside its callbacks as "ignored" and goes on: the
+    # signal handler's record is what raises it again.
+    monkeypatch.setattr(errors, "_signals_received", [])
+    loader = sequential_loader(digits, split="val", batch_size=64, num_workers=1)
+    batches = iter(loader)
+    next(batches)
+    errors._signals_received.append(signal.SIGTERM)  # as the handler records one
+    with pytest.raises(errors.Interrupted):
+        next(batches)
+    with pytest.raises(SystemExit) as stop:  # a main that ends normally still stops with it
+        exit_on_user_error(lambda: None)
+    assert stop.value.code == 143
+    assert capsys.readouterr().err.strip() == "interrupted: rerun the same command to resume"
