@@ -152,10 +152,11 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerato
         task = progress.add_task("teacher cache", total=len(loader) * views, info="views")
         for batch in loader:
             images = batch.image.to(accelerator.device, non_blocking=True)
+            index = batch.index.to(accelerator.device, non_blocking=True)  # once for every view
             rows = batch.index.numpy()
             for v in range(views):
                 with torch.inference_mode(), accelerator.autocast():
-                    top = teacher(batch.index, v, images, batch.extent)
+                    top = teacher(index, v, images, batch.extent)
                 with np.errstate(over="ignore"):  # an overflow is refused just below
                     values = top.values.cpu().numpy().astype(arrays["values"].dtype)
                 if not np.isfinite(values).all():

@@ -127,8 +127,10 @@ def check_converging(row: dict, model: torch.nn.Module, num_classes: int, genera
     terms are bounded), or a non-finite parameter or buffer (BatchNorm's running
     variance overflows while the loss can still look finite).
     """
-    broken = [name for name, value in model.state_dict().items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
+    floats = {name: value for name, value in model.state_dict().items()
+              if value.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist()  # 1 sync
+    broken = [name for name, ok in zip(floats, finite, strict=True) if not ok]
     loss = row["train_loss"]
     if math.isfinite(loss) and loss <= DIVERGED_LOSS * math.log(num_classes) and not broken:
         return
@@ -137,8 +139,8 @@ def check_converging(row: dict, model: torch.nn.Module, num_classes: int, genera
     raise UserError(f"gen{generation} diverged in epoch {row['epoch']}: {what}; nothing of "
                     f"that epoch was saved. Rerun the same command with --set "
                     f"optim.lr={lr / 10:g} and another --set run.name (the learning rate is "
-                    "part of the run's recipe), or mixed_precision = \"no\" if it diverged "
-                    "only in low precision")
+                    "part of the run's recipe), or with --set run.mixed_precision=no if it "
+                    "diverged only in low precision")
 
 
 def _summary(history: list[dict]) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from fasttt.data import MANIFEST, read_manifest
+from fasttt.data import BUILD_HINT, MANIFEST, read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.figures import generation_label, write_figures
 from fasttt.files import write_json, write_text
@@ -58,6 +58,7 @@ def _error(accuracy: float) -> float:
 
 REANALYSE = ("delete it and rerun the training command: finished generations are kept and "
              "what is missing of the analysis is computed again")
+RETRANSFER = "delete it and rerun python -m fasttt.transfer for that target"
 ADVICE = {ANALYSIS: REANALYSE, SECOND_CLASS: REANALYSE, ENSEMBLE: REANALYSE,
           METRICS: "delete it: the report then leaves that generation's learning curves out"}
 
@@ -69,10 +70,8 @@ def _read(path: Path, parse, advice: str | None = None):
         return parse([json.loads(line) for line in text.splitlines() if line.strip()]
                      if path.suffix == ".jsonl" else json.loads(text))
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        advice = advice or ADVICE.get(path.name, "delete it and rerun python -m "
-                                                 "fasttt.transfer for that target")
         raise UserError(f"{path}: unexpected content ({type(err).__name__}: {one_line(err)}); "
-                        f"{advice}") from None
+                        f"{advice or ADVICE[path.name]}") from None
 
 
 def _generation(m: int, e: dict) -> dict:
@@ -136,7 +135,8 @@ def _dataset(run_dir: Path, recipe: Recipe) -> tuple[str, list[str] | None]:
     if (run_dir / INPUTS).is_file():
         check_inputs(run_dir, beton_dir, read_manifest(beton_dir))
     return _read(beton_dir / MANIFEST,
-                 lambda d: (d["source"]["name"], [str(c) for c in d["class_names"]]))
+                 lambda d: (d["source"]["name"], [str(c) for c in d["class_names"]]),
+                 f"rebuild the betons with --force ({BUILD_HINT})")
 
 
 def _label(x: float) -> str:
@@ -213,7 +213,8 @@ def _results(run_dir: Path, gen: list[Path]) -> dict:
         if ensemble.is_file() else None,
         "analysis": [_read(gen[m] / ANALYSIS, partial(_analysis, m))
                      for m in range(finished) if (gen[m] / ANALYSIS).is_file()] or None,
-        "transfer": [_read(p, partial(_transfer, p.stem, finished)) for p in transfer] or None,
+        "transfer": [_read(p, partial(_transfer, p.stem, finished), RETRANSFER)
+                     for p in transfer] or None,
         "curves": [_read(gen[m] / METRICS, partial(_curve, m))
                    for m in range(finished) if (gen[m] / METRICS).is_file()],
     }

@@ -55,7 +55,10 @@ class TopKTeacher:
         if not 1 <= k <= logits.shape[1]:
             raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
         logits = logits.detach()
-        values, ids = logits.topk(k, dim=1)
+        if k == logits.shape[1]:  # everything kept: no sort, class c sits in column c
+            values, ids = logits, torch.arange(k, device=logits.device).expand_as(logits)
+        else:
+            values, ids = logits.topk(k, dim=1)
         log_partition = torch.logsumexp(logits.float() / temperature, dim=1)
         return cls(values, ids, log_partition, float(temperature))
 

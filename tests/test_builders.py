@@ -252,6 +252,10 @@ def test_full_disk_is_one_line_not_a_hang(tmp_path, size, command, beton):
         assert line.startswith(f"error: cannot write {disk / '.digits.partial' / beton}: "
                                "No space left on device: free space on that disk")
         assert [p.name for p in disk.iterdir()] == [".digits.lock"]  # no betons, no staging
+        # The advice works: with space freed, the same command builds the betons.
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        main(["digits", str(disk / "digits")])
+        assert read_manifest(disk / "digits")["splits"]["val"]["count"] == 360
 
 
 def test_unknown_source_via_real_cli(tmp_path):
