@@ -17,7 +17,7 @@ from beton_builders.cifar import build_cifar
 from beton_builders.digits import build_digits
 from beton_builders.imagefolder import PhotoOptions, build_imagefolder, default_workers
 from beton_builders.writing import finish_manifest, print_summary, staged_output
-from fasttt.data import MANIFEST, read_manifest
+from fasttt.data import MANIFEST, PHOTO_OPTIONS, read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 
 SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -44,11 +44,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     photo.add_argument("--compress-probability", type=float,
                        help=f"default {defaults.compress_probability}")
     args = parser.parse_args(argv)
-    photo_flags = ("max_resolution", "jpeg_quality", "write_mode", "compress_probability")
-    given = [f"--{f.replace('_', '-')}" for f in photo_flags if getattr(args, f) is not None]
+    given = [f"--{f.replace('_', '-')}" for f in PHOTO_OPTIONS if getattr(args, f) is not None]
     if given and args.source != "imagefolder":
         raise UserError(f"{', '.join(given)} only apply to imagefolder, not {args.source}")
-    for name in photo_flags:
+    for name in PHOTO_OPTIONS:
         if getattr(args, name) is None:
             setattr(args, name, getattr(defaults, name))
     if args.source not in SOURCES:

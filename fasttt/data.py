@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import shlex
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,13 +38,30 @@ from ffcv.types import (
 )
 
 from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
-from fasttt.errors import UserError, raise_if_interrupted
+from fasttt.errors import UserError, raise_if_interrupted, signals_deferred
 from fasttt.processes import on_main_process
 from fasttt.recipe import AugmentConfig, DataConfig
 
 BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
 MANIFEST = "manifest.json"
 READER_POLL_S = 0.5  # how often a wait for FFCV's reader thread checks that it still runs
+PHOTO_OPTIONS = ("max_resolution", "jpeg_quality", "write_mode", "compress_probability")
+
+
+def rebuild_hint(beton_dir: Path, manifest: dict) -> str:
+    """Advice that rebuilds `beton_dir` from the source its manifest records, as one command."""
+    try:
+        source = manifest["source"]
+        name = source["name"]
+        command = ["python", "-m", "beton_builders", name,
+                   *([] if name == "digits" else [source["path"]]), str(beton_dir), "--force"]
+        if name == "imagefolder":
+            policy = manifest["image_policy"]
+            for option in PHOTO_OPTIONS:
+                command += [f"--{option.replace('_', '-')}", str(policy[option])]
+        return f"rebuild it with `{shlex.join(command)}`"
+    except (KeyError, TypeError):
+        return f"rebuild it with --force ({BUILD_HINT})"
 
 
 class Batch(NamedTuple):
@@ -79,7 +97,7 @@ def read_manifest(beton_dir: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         valid = False
     if not valid:
-        raise UserError(f"{path} is damaged: rebuild with --force ({BUILD_HINT})")
+        raise UserError(f"{path} is damaged: rebuild it with --force ({BUILD_HINT})")
     return manifest
 
 
@@ -105,7 +123,7 @@ def beton_fields(path: Path, manifest: dict, count: int) -> list[str]:
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror})") from None
     if problem:
-        raise UserError(f"{path} is damaged ({problem}): rebuild with --force ({BUILD_HINT})")
+        raise UserError(f"{path} is damaged ({problem}): {rebuild_hint(path.parent, manifest)}")
     return _field_names(descriptors)
 
 
@@ -242,13 +260,18 @@ class BetonLoader:
         self.loader.next_epoch = epoch
 
     def __iter__(self):
-        epoch = iter(self.loader)
+        epoch = None
         try:
+            with signals_deferred():
+                epoch = iter(self.loader)
+            raise_if_interrupted()
             while (fields := _next_batch(epoch)) is not None:
                 raise_if_interrupted()
                 yield Batch(*fields)
         finally:
-            _stop(epoch)
+            if epoch is not None:
+                with signals_deferred():  # raised at the next batch, or as the process ends
+                    _stop(epoch)
 
 
 def _next_batch(epoch) -> tuple | None:
@@ -298,7 +321,7 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
         raise UserError(f"{beton_dir} has no {split!r} split: it has {list(manifest['splits'])}")
     path = Path(beton_dir) / manifest["splits"][split]["file"]
     if not path.is_file():
-        raise UserError(f"{path} is missing or not a file: rebuild with --force ({BUILD_HINT})")
+        raise UserError(f"{path} is missing or not a file: {rebuild_hint(beton_dir, manifest)}")
     count = manifest["splits"][split]["count"]
     field_names = beton_fields(path, manifest, count)
     if callable(indices):

@@ -1,6 +1,7 @@
 """The one exception type that reaches the user as a single line, and CLIs built on it."""
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -43,12 +44,29 @@ class Interrupted(KeyboardInterrupt):
 
 
 _signals_received: list[int] = []
+_deferring: list[bool] = []
 RESUME_HINT = "interrupted: rerun the same command to resume"
 
 
 def _interrupt(signum, frame):
     _signals_received.append(signum)
-    raise Interrupted(signum)
+    if not _deferring:
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Only record a signal during the block; `raise_if_interrupted` raises it afterwards.
+
+    An object a signal leaves half built (FFCV's epoch iterator) fails again in its own
+    cleanup, after the resume line; a cleanup a second signal cuts short can leave a thread
+    waiting.
+    """
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
 
 
 def raise_if_interrupted() -> None:
@@ -76,6 +94,13 @@ def exit_on_user_error(main):
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, _interrupt) for signum in handled}
+    print_unraisable = sys.unraisablehook
+
+    def unless_interrupted(unraisable):  # swallowed, recorded, and raised again: no traceback
+        if not isinstance(unraisable.exc_value, Interrupted):
+            print_unraisable(unraisable)
+
+    sys.unraisablehook = unless_interrupted
     try:
         result = main()
         raise_if_interrupted()
@@ -91,6 +116,7 @@ def exit_on_user_error(main):
         print(RESUME_HINT, file=sys.stderr)
         raise SystemExit(128 + (_signals_received or [signal.SIGINT])[0]) from None
     finally:
+        sys.unraisablehook = print_unraisable
         for signum, handler in previous.items():  # a caller in this process gets its own back
             signal.signal(signum, handler)
     print(f"error: {message}", file=sys.stderr)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -358,7 +359,8 @@ def test_truncated_betons_are_always_refused(digits, scratch, fraction):
     work = val_copy(digits, scratch / "truncated")
     data = (work / "val.beton").read_bytes()
     (work / "val.beton").write_bytes(data[:int(len(data) * fraction)])
-    refused_without_writes(work, str(work / "val.beton"), "rebuild with --force")
+    refused_without_writes(work, str(work / "val.beton"), "rebuild it with `python -m "
+                           f"beton_builders digits {work} --force`")
 
 
 @fuzz(30)
@@ -375,7 +377,7 @@ def test_bit_flipped_betons_read_every_sample_or_are_refused(digits, scratch, fl
     try:
         index = within(60, lambda: read_val(work))
     except UserError as err:
-        assert str(err).isprintable() and "rebuild with --force" in str(err)
+        assert str(err).isprintable() and "rebuild it with" in str(err)
     else:  # the flips hit pixels or bytes FFCV never reads: every sample, once, in order
         assert np.array_equal(index, np.arange(360))
     assert snapshot(work) == before
@@ -487,6 +489,36 @@ def test_photo_betons_with_lying_sizes_are_refused(photos, tmp_path):
     manifest["image_policy"]["max_resolution"] = 48
     (work / "manifest.json").write_text(json.dumps(manifest))
     refused_unchanged(work, "larger than the manifest's max_resolution")
+
+
+def rebuild_advised(message: str) -> None:
+    """Run the beton build a refusal advises (`python -m beton_builders ...`), in-process."""
+    command = shlex.split(message.split("`")[1])
+    assert command[:3] == ["python", "-m", "beton_builders"], message
+    build_betons(command[3:])
+
+
+def test_the_advice_for_a_damaged_digits_beton_rebuilds_it(digits, tmp_path):
+    work = val_copy(digits, tmp_path / "work")
+    (work / "val.beton").write_bytes((work / "val.beton").read_bytes()[:5000])
+    rebuild_advised(one_line_refusal(lambda: read_val(work), "val.beton is damaged"))
+    assert np.array_equal(read_val(work), np.arange(360))
+    (work / "val.beton").unlink()
+    rebuild_advised(one_line_refusal(lambda: read_val(work), "val.beton is missing"))
+    assert (work / "val.beton").read_bytes() == (digits / "val.beton").read_bytes()
+
+
+def test_the_advice_for_a_damaged_photo_beton_rebuilds_it_as_it_was(photos, tmp_path):
+    work = tmp_path / "raw"
+    shutil.copytree(photos, work)
+    (work / "train.beton").write_bytes((work / "train.beton").read_bytes()[:3000])
+    message = one_line_refusal(
+        lambda: sequential_loader(work, split="train", batch_size=4, num_workers=1,
+                                  canvas_size=64), "train.beton is damaged", "--write-mode raw")
+    rebuild_advised(message)
+    assert read_manifest(work)["image_policy"] == read_manifest(photos)["image_policy"]
+    assert len(sequential_loader(work, split="train", batch_size=4, num_workers=1,
+                                 canvas_size=64)) > 0
 
 
 # ---------------------------------------------------------------------- teacher cache
