@@ -42,6 +42,8 @@ MAX_SIDE = 16_384  # pixels, of canvases and views
 MAX_WORKERS = 1024
 MAX_STUDENTS = 100
 MAX_BASE_DEPTH = 32  # `base =` links followed from one recipe
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
+            "swanlab", "trackio")  # Accelerate's LoggerType names
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,16 @@ class RunConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # "no" on the CPU
     compile: bool = False  # torch.compile the model's forward (GPU: faster after warm-up)
     channels_last: bool = True
+    # experiment trackers, by Accelerate's names (tensorboard, wandb, mlflow, comet_ml,
+    # aim, clearml, dvclive, swanlab, trackio); [] logs to metrics.jsonl only
+    log_with: tuple[str, ...] = ("tensorboard",)
 
     def check(self) -> None:
         _require(self.name.strip() not in ("", ".", "..") and "/" not in self.name, "name",
                  "must be a non-empty directory name without '/'")
         _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}")
+        unknown = [name for name in self.log_with if name not in TRACKERS]
+        _require(not unknown, "log_with", f"must name trackers among {', '.join(TRACKERS)}")
 
 
 @dataclass(frozen=True)
@@ -223,6 +230,9 @@ class CacheConfig:
     top_k: int = 0  # logits kept per sample and view; 0 keeps all classes
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = 512  # teacher inference batch, per process
+    # "last": delete a teacher's cache once its student has finished (frees disk; only
+    # the newest teacher's cache stays); "all" keeps every cache
+    keep: Literal["all", "last"] = "all"
 
     def check(self) -> None:
         _require(self.views >= 0, "views", "must be >= 0")
