@@ -51,7 +51,7 @@ def epoch_seconds(spec, recipe, accelerator, num_classes, epochs: int) -> float:
         for epoch in range(epochs + 1):
             train.set_epoch(epoch)
             start = time.perf_counter()
-            train_epoch(learner, train, spec, epoch, accelerator, progress)
+            train_epoch(learner, train, spec, epoch, accelerator, progress, f"epoch {epoch + 1}")
             times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 

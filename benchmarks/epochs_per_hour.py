@@ -260,7 +260,7 @@ def training_steps(spec: GenerationSpec, train, args, recipe: Recipe, num_classe
                         accelerator.device)
     learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule, len(train)))
     with steps_bar(accelerator.is_main_process) as progress:
-        train_epoch(learner, timed, spec, 0, accelerator, progress)
+        train_epoch(learner, timed, spec, 0, accelerator, progress, "timed epoch")
     accelerator.free_memory()
     return timed.timing, accelerator.unwrap_model(model)
 

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/cache.py`
@@ -30,6 +31,7 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/ca
 import numpy as np
 import torch
 from accelerate import Accelerator
+from rich.console import Console
 
 from fasttt.augment import train_size
 from fasttt.data import read_manifest, split_loader, train_samples
@@ -37,15 +39,17 @@ from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.files import (
     preallocate,
     publish_dir,
+    remove_dir,
     sha256_array,
     sha256_file,
     staging_dir,
     staging_path,
+    tree_bytes,
     write_json,
 )
 from fasttt.models import last_epoch_model
 from fasttt.processes import accelerator_and_console, on_main_process
-from fasttt.progress import progress_bar
+from fasttt.progress import duration, log_line, progress_bar
 from fasttt.recipe import CacheConfig, Recipe, load_recipe
 from fasttt.rundir import (
     CACHE,
@@ -53,12 +57,14 @@ from fasttt.rundir import (
     generation_weights,
     is_finished,
     lock_run_dir,
+    used_caches,
 )
 from fasttt.teachers import CACHE_ARRAYS, CachedTeacher, OnlineTeacher, ViewSchedule, view_schedule
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
+QUIET = Console(quiet=True)  # for callers that want no progress lines (tests, benchmarks)
 USAGE = ("accelerate launch fasttt/cache.py RECIPE.toml --generation M [--set S.K=V] "
          "[--runs-dir DIR] | python -m fasttt.cache info CACHE_DIR")
 
@@ -145,11 +151,18 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerator) -> None:
-    """Fill this rank's rows of the arrays with the teacher's answers on every stored view."""
-    views = arrays["values"].shape[0]
-    with progress_bar(accelerator.is_main_process) as progress:
-        task = progress.add_task("teacher cache", total=len(loader) * views, info="views")
+def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerator,
+           console: Console) -> None:
+    """Fill this rank's rows of the arrays with the teacher's answers on every stored view.
+
+    Batch by batch, every view of a batch at once (its pixels are decoded once); progress
+    counts views x batches, and off a terminal a line marks each view's worth of work.
+    """
+    views, batches = arrays["values"].shape[0], len(loader)
+    started, done = time.perf_counter(), 0
+    with progress_bar(accelerator.is_main_process, console) as progress:
+        task = progress.add_task("teacher cache (views x batches)", total=batches * views,
+                                 info="")
         for batch in loader:
             images = batch.image.to(accelerator.device, non_blocking=True)
             index = batch.index.to(accelerator.device, non_blocking=True)  # once for every view
@@ -167,10 +180,16 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerato
                 arrays["ids"][v, rows] = top.ids.cpu().numpy()
                 arrays["log_partition"][v, rows] = top.log_partition.cpu().numpy()
                 progress.advance(task)
+                done += 1
+                if done % batches == 0 and not console.is_terminal:
+                    seconds = time.perf_counter() - started
+                    log_line(console, f"teacher cache: {done // batches}/{views} views' worth "
+                                      f"labelled in {duration(seconds)}, ETA "
+                                      f"{duration(seconds * (views * batches / done - 1))}")
 
 
 def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
-                accelerator: Accelerator) -> None:
+                accelerator: Accelerator, console: Console = QUIET) -> None:
     """Build the cache at `cache_dir` unless a matching one is there; every rank calls this.
 
     `loader` is this rank's in-order slice of the training split.
@@ -191,7 +210,7 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
     accelerator.wait_for_everyone()
     staging = staging_path(cache_dir)
     arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in CACHE_ARRAYS}
-    _label(teacher, loader, arrays, accelerator)
+    _label(teacher, loader, arrays, accelerator, console)
     for array in arrays.values():
         array.flush()
     del arrays
@@ -206,7 +225,7 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
 
 
 def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
-                 accelerator: Accelerator) -> dict:
+                 accelerator: Accelerator, console: Console = QUIET) -> dict:
     """Build (or verify) the cache beside a teacher's verified weights; its manifest."""
     beton = read_manifest(recipe.data.beton_dir)
     samples = train_samples(recipe.data, beton)
@@ -218,14 +237,14 @@ def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_clas
         teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperature"])
         loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
                               limit=samples)
-        build_cache(weights.parent / CACHE, teacher, wanted, loader, accelerator)
+        build_cache(weights.parent / CACHE, teacher, wanted, loader, accelerator, console)
     return wanted
 
 
 def cached_teacher(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
-                   accelerator: Accelerator) -> CachedTeacher:
+                   accelerator: Accelerator, console: Console = QUIET) -> CachedTeacher:
     """The teacher of these verified weights as a lookup into its cache, built if needed."""
-    wanted = ensure_cache(weights, schedule, recipe, num_classes, accelerator)
+    wanted = ensure_cache(weights, schedule, recipe, num_classes, accelerator, console)
     return open_teacher(weights.parent / CACHE, wanted, accelerator.device)
 
 
@@ -275,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     args = parser.parse_args(argv)
     recipe = load_recipe(args.recipe, args.set)
-    accelerator, _ = accelerator_and_console(recipe.run.mixed_precision)
+    accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
     run_dir = args.runs_dir / recipe.run.name
     gen_dir = generation_dir(run_dir, args.generation)
     if not is_finished(gen_dir):
@@ -288,12 +307,21 @@ def main(argv: list[str] | None = None) -> None:
         num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
         schedule = view_schedule(recipe.run.seed, args.generation + 1, recipe.schedule.epochs,
                                  recipe.augment, recipe.cache)
-        ensure_cache(weights, schedule, recipe, num_classes, accelerator)
+        ensure_cache(weights, schedule, recipe, num_classes, accelerator, console)
     finally:
         if lock is not None:
             lock.close()
     if accelerator.is_main_process:
         print(describe(gen_dir / CACHE))
+
+
+def drop_used_caches(run_dir: Path) -> int:
+    """Delete the caches no one reads again (cache.keep = "last", rundir.used_caches); bytes."""
+    freed = 0
+    for cache_dir in used_caches(run_dir):
+        freed += tree_bytes(cache_dir)
+        remove_dir(cache_dir)
+    return freed
 
 
 if __name__ == "__main__":

@@ -314,14 +314,20 @@ def _stop(epoch) -> None:
         epoch.join(timeout=READER_POLL_S / 10)
 
 
-def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
-          **loader_args) -> BetonLoader:
-    manifest = read_manifest(beton_dir)
+def split_path(beton_dir: Path, manifest: dict, split: str) -> Path:
+    """The beton file of one split, or a one-line refusal when the split or its file is missing."""
     if split not in manifest["splits"]:
         raise UserError(f"{beton_dir} has no {split!r} split: it has {list(manifest['splits'])}")
     path = Path(beton_dir) / manifest["splits"][split]["file"]
     if not path.is_file():
         raise UserError(f"{path} is missing or not a file: {rebuild_hint(beton_dir, manifest)}")
+    return path
+
+
+def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
+          **loader_args) -> BetonLoader:
+    manifest = read_manifest(beton_dir)
+    path = split_path(beton_dir, manifest, split)
     count = manifest["splits"][split]["count"]
     field_names = beton_fields(path, manifest, count)
     if callable(indices):
@@ -393,14 +399,20 @@ def split_loader(data: DataConfig, accelerator: Accelerator, split: str, batch_s
                              **_loader_settings(data, accelerator))
 
 
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """Each process's share of optim.batch_size, or a one-line refusal when it is uneven."""
+    if batch_size % processes:
+        raise UserError(f"optim.batch_size = {batch_size} does not divide evenly over "
+                        f"{processes} processes: set optim.batch_size to a multiple of "
+                        f"{processes}, e.g. {max(batch_size - batch_size % processes, processes)}")
+    return batch_size // processes
+
+
 def generation_loaders(data: DataConfig, batch_size: int, seed: int,
                        accelerator: Accelerator) -> tuple[BetonLoader, BetonLoader]:
     """This process's train loader (its shard, ordered by `seed`) and val loader (its slice)."""
     processes = accelerator.num_processes
-    if batch_size % processes:
-        raise UserError(f"optim.batch_size {batch_size} must divide evenly over "
-                        f"{processes} processes")
-    per_process = batch_size // processes
+    per_process = per_process_batch(batch_size, processes)
     train = train_loader(data.beton_dir, batch_size=per_process, seed=seed,
                          distributed=processes > 1, limit=data.train_limit,
                          **_loader_settings(data, accelerator))
@@ -418,8 +430,21 @@ def ensure_betons(data: DataConfig, accelerator: Accelerator) -> dict:
     return read_manifest(beton_dir)
 
 
-def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, k: int) -> None:
+def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, *, k: int,
+               batch_size: int, processes: int) -> None:
     """Refuse, before anything is written, a recipe that cannot work on these betons."""
+    for split in ("train", "val"):
+        split_path(data.beton_dir, manifest, split)
+    per_process_batch(batch_size, processes)
+    samples = train_samples(data, manifest)
+    if batch_size > samples:
+        limited = data.train_limit and samples == data.train_limit
+        limit = f" (data.train_limit = {data.train_limit})" if limited else ""
+        fits = samples - samples % processes
+        advice = (f"set optim.batch_size to at most {fits}" if fits else
+                  f"train on at least {processes} samples, one per process")
+        raise UserError(f"optim.batch_size = {batch_size} exceeds the {samples} training "
+                        f"samples of {data.beton_dir}{limit}: {advice}")
     classes = len(manifest["class_names"])
     if is_photo(manifest) and augment.kind == "pad_crop":
         raise UserError(f"{data.beton_dir} holds photos of many sizes: augment.kind = "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import Progress
@@ -29,12 +30,15 @@ from fasttt.errors import UserError
 from fasttt.files import write_json, write_text
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer, set_lr
-from fasttt.progress import progress_bar
+from fasttt.progress import Position, log_line, progress_bar
 from fasttt.recipe import AugmentConfig, Recipe
 from fasttt.rundir import EVAL, METRICS, WEIGHTS
 from fasttt.teachers import TopKTeacher, ViewSchedule
 
 DIVERGED_LOSS = 100  # x ln C, chance level: a mean epoch loss above it has diverged
+PERCENT = ("train_top1", "teacher_agreement")  # counts shown as % of the samples
+# a metrics row's wall-clock fields: they differ from run to run, the others never do (CPU)
+TIMINGS = ("images_per_s", "seconds", "loader_wait_s", "step_s")
 # (logits, labels, teacher output or None) -> (loss, parts)
 Objective = Callable[[torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, dict]]
 # (host sample index, view, canvases, extent, the student's pixels) -> teacher output
@@ -62,34 +66,57 @@ class Learner:
 
 
 def evaluate(model, loader, augment: AugmentConfig, accelerator: Accelerator) -> dict:
-    """Top-1 and top-5 accuracy (%) over the whole split, summed over every process."""
+    """Loss, top-1 and top-5 accuracy (%) over the whole split, summed over every process."""
     model.eval()
-    top1 = top5 = torch.zeros((), device=accelerator.device)
+    loss = top1 = top5 = torch.zeros((), device=accelerator.device)
     count = 0
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             logits = model(eval_images(batch, augment, accelerator.device)).float()
             labels = batch.label.to(accelerator.device, non_blocking=True)
+            loss = loss + F.cross_entropy(logits, labels, reduction="sum")
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             top1, top5 = top1 + hits[:, 0].sum(), top5 + hits.any(dim=1).sum()
             count += len(labels)
-    totals = torch.stack([top1, top5, torch.tensor(count, device=top1.device)]).double()
-    top1, top5, count = accelerator.reduce(totals, reduction="sum").tolist()
-    return {"val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
+    totals = torch.stack([loss.double(), top1.double(), top5.double(),
+                          torch.tensor(count, dtype=torch.float64, device=top1.device)])
+    loss, top1, top5, count = accelerator.reduce(totals, reduction="sum").tolist()
+    return {"val_loss": loss / count, "val_top1": 100 * top1 / count,
+            "val_top5": 100 * top5 / count}
+
+
+def _step_sums(loss: torch.Tensor, parts: dict, logits: torch.Tensor, labels: torch.Tensor,
+               target: TopKTeacher | None) -> dict:
+    """One batch's contributions to the epoch's sums, as device tensors (no host sync)."""
+    n = len(labels)
+    predicted = logits.detach().argmax(dim=1)
+    sums = {"train_loss": loss.detach().float() * n,
+            **{f"train_{name}": part.float() * n for name, part in parts.items()},
+            "train_top1": (predicted == labels).sum()}
+    if target is not None:  # does the student follow its teacher, and how sure is the teacher
+        ids, probability = target.top1()
+        sums["teacher_agreement"] = (predicted == ids).sum()
+        sums["teacher_top1_prob"] = probability.float().sum()
+    return sums
 
 
 def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
-                accelerator: Accelerator, progress: Progress) -> dict:
-    """One pass over the training loader; returns the epoch's metrics (all ranks summed)."""
+                accelerator: Accelerator, progress: Progress, label: str) -> dict:
+    """One pass over the training loader; the epoch's metrics, summed over every process.
+
+    Each loss part the objective returns, accuracy and the teacher diagnostics are summed
+    on the device and reduced once at the end. `loader_wait_s` is the host's time blocked
+    on the loader; `step_s` the rest, which on a GPU includes the final wait for the device.
+    """
     model, optimizer, device = learner.model, learner.optimizer, accelerator.device
     model.train()
     steps = len(loader)
-    loss_sum = correct = torch.zeros((), device=device)
-    count = 0
+    sums, count, waited = {}, 0, 0.0
     teacher_view = spec.views.teacher_view(epoch)
-    task = progress.add_task(f"gen{spec.index} epoch {epoch + 1}", total=steps, info="")
-    start = time.perf_counter()
+    task = progress.add_task(label, total=steps, info="")
+    start = ready = time.perf_counter()
     for i, batch in enumerate(loader):
+        waited += time.perf_counter() - ready
         lr = learner.lr(epoch * steps + i)
         set_lr(optimizer, lr)
         images = batch.image.to(device, non_blocking=True)
@@ -100,23 +127,26 @@ def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
             logits = model(shown)
             target = (spec.teacher(batch.index, teacher_view, images, batch.extent, shown)
                       if spec.teacher else None)
-            loss, _ = spec.objective(logits, labels, target)
+            loss, parts = spec.objective(logits, labels, target)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # Sums stay on the device: no host synchronisation inside the step loop.
-        loss_sum = loss_sum + loss.detach().float() * len(labels)
-        correct = correct + (logits.detach().argmax(dim=1) == labels).sum()
+        for name, value in _step_sums(loss, parts, logits, labels, target).items():
+            sums[name] = sums[name] + value if name in sums else value
         count += len(labels)
         progress.update(task, advance=1, info=f"lr {lr:.4g}")
+        ready = time.perf_counter()
     progress.remove_task(task)
-    totals = torch.stack([loss_sum.double(), correct.double(),
-                          torch.tensor(count, dtype=torch.float64, device=correct.device)])
-    loss_sum, correct, count = accelerator.reduce(totals, reduction="sum").tolist()
+    names = list(sums)
+    totals = torch.stack([*(sums[name].double() for name in names),
+                          torch.tensor(count, dtype=torch.float64, device=device)])
+    *totals, count = accelerator.reduce(totals, reduction="sum").tolist()
     seconds = time.perf_counter() - start  # after the reduce, which waits for the device
-    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / count,
-            "train_top1": 100 * correct / count, "images_per_s": count / seconds,
-            "seconds": seconds}
+    row = {"epoch": epoch + 1, "lr": lr}
+    for name, total in zip(names, totals, strict=True):
+        row[name] = total / count * (100 if name in PERCENT else 1)
+    return row | {"images_per_s": count / seconds, "seconds": seconds,
+                  "loader_wait_s": waited, "step_s": seconds - waited}
 
 
 def check_converging(row: dict, model: torch.nn.Module, num_classes: int, generation: int,
@@ -165,12 +195,18 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
     state = load_checkpoint(spec.directory, accelerator.unwrap_model(model), optimizer,
                             accelerator.scaler) or {"epoch": 0, "history": []}
     if state["epoch"]:
-        console.print(f"gen{spec.index}: resuming after epoch {state['epoch']}")
+        log_line(console, f"gen{spec.index}: resuming after epoch {state['epoch']}")
     main = accelerator.is_main_process
-    with progress_bar(main) as progress:
-        for epoch in range(state["epoch"], recipe.schedule.epochs):
+    epochs = recipe.schedule.epochs
+    with progress_bar(main, console) as progress:
+        for epoch in range(state["epoch"], epochs):
+            position = Position(spec.index, recipe.generations.students, epoch + 1, epochs)
+            label = position.label()
+            if state["history"]:  # the bar also shows the time left, from the epochs so far
+                done = Position(spec.index, recipe.generations.students, epoch, epochs)
+                label += f" ({done.eta(mean_epoch_seconds(state['history']))})"
             train.set_epoch(epoch)
-            row = train_epoch(learner, train, spec, epoch, accelerator, progress)
+            row = train_epoch(learner, train, spec, epoch, accelerator, progress, label)
             check_converging(row, accelerator.unwrap_model(model), num_classes, spec.index,
                              recipe.optim.lr)
             # Unwrapped: DDP's forward would broadcast buffers, a collective per eval batch.
@@ -181,9 +217,9 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                 save_checkpoint(spec.directory, epoch + 1, accelerator.unwrap_model(model),
                                 optimizer, accelerator.scaler, state)
                 _write_metrics(spec.directory, state["history"])
-                console.print(f"gen{spec.index} epoch {row['epoch']}: loss {row['train_loss']:.4f}"
-                              f" train {row['train_top1']:.2f}% val {row['val_top1']:.2f}%"
-                              f" ({row['images_per_s']:.0f} img/s)")
+                log_line(console, f"{position.label()}: {epoch_summary(row)}; "
+                                  f"{position.eta(mean_epoch_seconds(state['history']))}")
+            accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             accelerator.wait_for_everyone()
     summary = _summary(state["history"])
     if main:
@@ -194,6 +230,23 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # let this generation's model and optimizer go
     return summary
+
+
+def mean_epoch_seconds(history: list[dict]) -> float:
+    """The mean time of the epochs in `history`, the ETA's pace."""
+    return sum(row["seconds"] for row in history) / len(history)
+
+
+def epoch_summary(row: dict) -> str:
+    """An epoch's metrics row in a few words: loss, its parts, accuracies, teacher, speed."""
+    parts = " + ".join(f"{k[6:]} {v:.3f}" for k, v in row.items()
+                       if k.startswith("train_") and k not in ("train_loss", "train_top1"))
+    teacher = (f", agrees with teacher {row['teacher_agreement']:.1f}% (teacher top-1 "
+               f"p {row['teacher_top1_prob']:.2f})" if "teacher_agreement" in row else "")
+    return (f"loss {row['train_loss']:.4f} ({parts}), train {row['train_top1']:.2f}%, val "
+            f"{row['val_top1']:.2f}% (loss {row['val_loss']:.3f}){teacher}, "
+            f"{row['seconds']:.1f} s ({row['loader_wait_s']:.1f} s waiting for data, "
+            f"{row['images_per_s']:.0f} img/s)")
 
 
 def _write_metrics(directory: Path, history: list[dict]) -> None:

@@ -3,11 +3,13 @@
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -75,6 +77,18 @@ def raise_if_interrupted() -> None:
         raise Interrupted(_signals_received[0])
 
 
+def _numba_finalizer(unraisable) -> bool:
+    """True for the KeyError numba's dispatcher finalizer raises as FFCV's compiled pipelines
+    are collected (numba 0.6x): harmless, yet printed as a traceback after every photo run."""
+    frame = unraisable.exc_traceback
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return (isinstance(unraisable.exc_value, KeyError) and frame is not None
+            and frame.tb_frame.f_code.co_name == "finalizer"
+            and Path(frame.tb_frame.f_code.co_filename).parts[-3:] == ("numba", "core",
+                                                                        "dispatcher.py"))
+
+
 def exit_at_once_on_interrupt() -> None:
     """Until `exit_on_user_error` takes over (imports), a signal ends the process quietly."""
     def leave(signum, frame):
@@ -96,11 +110,12 @@ def exit_on_user_error(main):
         previous = {signum: signal.signal(signum, _interrupt) for signum in handled}
     print_unraisable = sys.unraisablehook
 
-    def unless_interrupted(unraisable):  # swallowed, recorded, and raised again: no traceback
-        if not isinstance(unraisable.exc_value, Interrupted):
+    def unless_known(unraisable):
+        # A signal swallowed by a callback is recorded and raised again: no traceback.
+        if not isinstance(unraisable.exc_value, Interrupted) and not _numba_finalizer(unraisable):
             print_unraisable(unraisable)
 
-    sys.unraisablehook = unless_interrupted
+    sys.unraisablehook = unless_known
     try:
         result = main()
         raise_if_interrupted()
@@ -116,6 +131,7 @@ def exit_on_user_error(main):
         print(RESUME_HINT, file=sys.stderr)
         raise SystemExit(128 + (_signals_received or [signal.SIGINT])[0]) from None
     finally:
+        gc.collect()  # loaders die now, while their finalizers' noise is still dropped
         sys.unraisablehook = print_unraisable
         for signum, handler in previous.items():  # a caller in this process gets its own back
             signal.signal(signum, handler)

@@ -22,7 +22,8 @@ from fasttt.rundir import FIGURES
 
 FIGURE_DPI = 150
 FIGURE_NAMES = ("error_per_generation.png", "confidence.png", "dist.png",
-                "val_top1_per_epoch.png")
+                "val_top1_per_epoch.png", "loss_components.png")
+SOFT_TERMS = ("tsd", "lsr", "cp", "kl")  # the objective's part beside CE, by generation
 
 
 def generation_label(m: int) -> str:
@@ -151,6 +152,28 @@ def _curves_figure(summary: dict) -> Figure:
     return fig
 
 
+def _loss_components_figure(summary: dict) -> Figure:
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    fig.suptitle(f"Loss components per epoch\n{summary['title']}", fontsize=10)
+    panels = [("train_ce", "train CE"), ("soft", "train soft term (TSD/LSR/CP; KL for students)"),
+              ("val_loss", "val CE")]
+    for position, (key, title) in enumerate(panels, start=131):
+        ax = _axes(fig, title, "epoch", "loss", position)
+        for curve in summary["curves"]:
+            rows = curve["epochs"]
+            soft = next((t for t in SOFT_TERMS if f"train_{t}" in (rows or [{}])[0]), None)
+            column = f"train_{soft}" if key == "soft" else key
+            points = [(r["epoch"], r[column]) for r in rows if r.get(column) is not None]
+            if points:
+                label = f"gen {generation_label(curve['generation'])}" + (
+                    f" ({soft})" if key == "soft" else "")
+                ax.plot(*zip(*points, strict=True), label=label,
+                        marker="." if len(points) < 40 else "")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
 def write_figures(run_dir: Path, summary: dict, matrices: dict[int, np.ndarray],
                   names: list[str] | None) -> list[str]:
     """Write figures/*.png for what the run holds; return their names in reading order."""
@@ -166,6 +189,8 @@ def write_figures(run_dir: Path, summary: dict, matrices: dict[int, np.ndarray],
         figures[f"second_class_gen{m}.png"] = partial(_second_class_figure, m, matrix, names, vmax)
     if summary["curves"]:
         figures["val_top1_per_epoch.png"] = partial(_curves_figure, summary)
+    if any("train_ce" in row for curve in summary["curves"] for row in curve["epochs"]):
+        figures["loss_components.png"] = partial(_loss_components_figure, summary)
     folder = run_dir / FIGURES
     folder.mkdir(exist_ok=True)
     for name, draw in figures.items():

@@ -88,6 +88,19 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def tree_bytes(path: Path) -> int:
+    """Bytes of the file at `path`, or of every file under it; 0 if absent."""
+    if not path.is_dir():
+        return path.lstat().st_size if path.is_file() else 0
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            # A live run replaces checkpoints as it goes: a file gone meanwhile holds nothing.
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 def remove_dir(path: Path) -> None:
     """Delete a directory by first renaming it to a hidden name, in one atomic step.
 

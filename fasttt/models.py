@@ -36,10 +36,21 @@ _TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _TIMM_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
 
+def check_model_name(name: str) -> None:
+    """Refuse, in one line naming the closest known names, a model timm cannot build."""
+    if name.startswith(_TIMM_SOURCE_PREFIXES) or timm.is_model(name):
+        return
+    # timm's registry holds our CIFAR networks too: importing this module registered them
+    closest = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = (f" (closest: {', '.join(closest)}; e.g. --set model.name={closest[0]})"
+            if closest else "")
+    raise UserError(f"unknown model {name!r}{hint}: set model.name to a timm name "
+                    f"(timm.list_models()) or one of {', '.join(CIFAR_MODELS)}")
+
+
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """A timm model (our CIFAR networks included) with a `num_classes`-way linear head."""
-    if not (name.startswith(_TIMM_SOURCE_PREFIXES) or timm.is_model(name)):
-        raise UserError(_unknown_model_message(name))
+    check_model_name(name)
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
@@ -65,13 +76,6 @@ def last_epoch_model(weights: Path, model: ModelConfig, run: RunConfig, num_clas
 def penultimate_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pooled features that feed the classifier, shape (B, model.num_features)."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
-
-
-def _unknown_model_message(name: str) -> str:
-    guess = difflib.get_close_matches(name, list(CIFAR_MODELS) + timm.list_models(), n=1)
-    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
-    return (f"unknown model {name!r}{hint}: use a timm name (timm.list_models()) "
-            f"or one of {', '.join(CIFAR_MODELS)}")
 
 
 # ---------------------------------------------------------------- shared pieces

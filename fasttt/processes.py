@@ -3,20 +3,34 @@ work done once on the main process whose refusal every process sees."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
 
 from fasttt.errors import UserError
+from fasttt.tracking import check_trackers
 
 
-def make_accelerator(mixed_precision: str, console: Console) -> Accelerator:
-    """Accelerate with the recipe's precision; on a CPU, full precision (bf16 there is slow)."""
+def make_accelerator(mixed_precision: str, console: Console, log_with: tuple[str, ...] = (),
+                     run_dir: Path | None = None) -> Accelerator:
+    """Accelerate with the recipe's precision (on a CPU, full precision: bf16 there is slow)
+    and the run's trackers (fasttt/tracking.py opens them per generation)."""
+    check_trackers(log_with)
     gpu = torch.cuda.is_available()
     # cpu=True is what lets Accelerate join several CPU processes with gloo (MULTI_CPU);
     # without it, processes started by torchrun each train alone.
-    accelerator = Accelerator(mixed_precision=mixed_precision if gpu else "no", cpu=not gpu)
+    accelerator = Accelerator(mixed_precision=mixed_precision if gpu else "no", cpu=not gpu,
+                              log_with=list(log_with) or None, project_dir=run_dir)
+    asked = launched_processes()
+    if asked > accelerator.num_processes == 1:
+        raise UserError(f"accelerate launch was asked for {asked} processes, but on a machine "
+                        "without GPUs it starts one unless told --multi_gpu: run `accelerate "
+                        f"launch --multi_gpu --num_processes {asked} --num_machines 1 "
+                        "--mixed_precision no --dynamo_backend no fasttt/train.py RECIPE.toml`")
     if gpu:  # fixed shapes: let cuDNN pick its fastest kernels; TF32 for float32 matmuls
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -25,10 +39,28 @@ def make_accelerator(mixed_precision: str, console: Console) -> Accelerator:
     return accelerator
 
 
-def accelerator_and_console(mixed_precision: str) -> tuple[Accelerator, Console]:
+def launched_processes() -> int:
+    """The --num_processes `accelerate launch` was given, read from the parent process; 0 if
+    the parent is not accelerate's launcher (Linux /proc; elsewhere 0)."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):
+        return 0
+    if not any(a.endswith(("accelerate", "accelerate.commands.launch")) for a in argv[:3]):
+        return 0
+    for i, arg in enumerate(argv[:-1]):
+        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
+            argv[i + 1] if arg == "--num_processes" else "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def accelerator_and_console(mixed_precision: str, log_with: tuple[str, ...] = (),
+                            run_dir: Path | None = None) -> tuple[Accelerator, Console]:
     """The run's Accelerator, and a console that only the main process prints to."""
     console = Console()
-    accelerator = make_accelerator(mixed_precision, console)
+    accelerator = make_accelerator(mixed_precision, console, log_with, run_dir)
     return accelerator, console if accelerator.is_main_process else Console(quiet=True)
 
 

@@ -44,6 +44,17 @@ MAX_STUDENTS = 100
 MAX_BASE_DEPTH = 32  # `base =` links followed from one recipe
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
             "swanlab", "trackio")  # Accelerate's LoggerType names
+# Keys that change how fast a run goes or what it logs, never what it trains on or computes:
+# a resumed or rerun run may change them (fasttt/rundir.py records each change). Every
+# other key defines the result, and a run directory holds the result of one recipe.
+BOOKKEEPING = frozenset({
+    "data.num_workers",  # FFCV's decoding threads; each epoch's order comes from the seed
+    # (not data.os_cache: on one process it switches FFCV's shuffle between RANDOM and
+    # QUASI_RANDOM, so a resume would no longer replay the uninterrupted run's batches)
+    "cache.batch_size",  # teacher inference batch: outputs are per sample (BatchNorm in eval)
+    "cache.keep",  # whether a used teacher's cache is deleted; each student reads only its own
+    "run.log_with",  # trackers receive copies of metrics.jsonl's rows
+})
 
 
 @dataclass(frozen=True)
@@ -405,14 +416,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return build_recipe(tables, where)
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """One value as TOML writes it (strings quoted), as recipe.toml and messages show it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ("nan" if value != value else
                                                          ("inf" if value > 0 else "-inf"))
     if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):  # JSON string escapes are TOML's, but for a raw DEL
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return str(value)
@@ -424,7 +436,7 @@ def recipe_to_toml(recipe: Recipe) -> str:
     for section in dataclasses.fields(recipe):
         lines.append(f"[{section.name}]")
         for key, value in dataclasses.asdict(getattr(recipe, section.name)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -432,3 +444,11 @@ def recipe_to_toml(recipe: Recipe) -> str:
 def write_recipe(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe to `path` atomically."""
     write_text(Path(path), recipe_to_toml(recipe))
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> dict[str, tuple]:
+    """`section.key` -> (old value, new value) of each key the two recipes set differently."""
+    return {f"{section.name}.{key}": (value, getattr(getattr(new, section.name), key))
+            for section in dataclasses.fields(old)
+            for key, value in dataclasses.asdict(getattr(old, section.name)).items()
+            if value != getattr(getattr(new, section.name), key)}

@@ -85,7 +85,9 @@ def _generation(m: int, e: dict) -> dict:
 
 
 def _curve(m: int, rows: list[dict]) -> dict:
-    keep = ("epoch", "lr", "train_loss", "train_top1", "val_top1", "val_top5")
+    keep = ("epoch", "lr", "train_loss", "train_ce", "train_tsd", "train_lsr", "train_cp",
+            "train_kl", "train_top1", "teacher_agreement", "teacher_top1_prob", "val_loss",
+            "val_top1", "val_top5")  # no timings: the same run gives the same summary
     return {"generation": m, "epochs": [{k: _round(r[k]) if k != "epoch" else r[k]
                                          for k in keep if k in r} for r in rows]}
 

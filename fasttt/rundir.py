@@ -1,7 +1,7 @@
 """The run directory: its layout, which generations are finished, and its guards.
 
     runs/<name>/
-      recipe.toml  inputs.json  .lock
+      recipe.toml  inputs.json  history.jsonl  .lock
       gen<m>/  last.safetensors  eval.json  metrics.jsonl  ckpt-*/  latest.json
                analysis.json  second_class.npy  cache/  (generation m's outputs)
       ensemble.json  summary.json  summary.md  figures/  transfer/
@@ -10,9 +10,13 @@ Every other module asks this one where a file lives. A generation is finished on
 eval.json exists (written after last.safetensors). A second process on a run would
 interleave checkpoints, so the main process holds an exclusive `flock` on
 `runs/<name>/.lock` while it runs; the kernel drops it when the process dies, so a
-SIGKILLed or preempted run never leaves a stale lock. A resumed run must see the
-recipe (`recipe.toml`) and the betons (`inputs.json`) that it started with; anything
-else would silently mix two experiments in one run.
+SIGKILLed or preempted run never leaves a stale lock.
+
+A run directory is claimed by the first run that trains in it (a generation finished or
+an epoch checkpointed); until then any recipe may take it over. A claimed run must see
+the recipe (`recipe.toml`) and the betons (`inputs.json`) that it started with, but for
+bookkeeping keys (recipe.BOOKKEEPING) and more students; anything else would silently
+mix two experiments in one run. Each accepted change is one line of `history.jsonl`.
 """
 
 from __future__ import annotations
@@ -20,16 +24,29 @@ from __future__ import annotations
 import fcntl
 import itertools
 import json
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from fasttt.checkpoint import LATEST
 from fasttt.errors import UserError
-from fasttt.files import sha256_file, write_json
-from fasttt.recipe import Recipe, recipe_to_toml, write_recipe
+from fasttt.files import remove_dir, sha256_file, write_json, write_text
+from fasttt.recipe import (
+    BOOKKEEPING,
+    MAX_STUDENTS,
+    Recipe,
+    load_recipe,
+    recipe_differences,
+    toml_value,
+    write_recipe,
+)
 
-LOCK, RECIPE, INPUTS = ".lock", "recipe.toml", "inputs.json"
+LOCK, RECIPE, INPUTS, HISTORY = ".lock", "recipe.toml", "inputs.json", "history.jsonl"
 ENSEMBLE, SUMMARY_JSON, SUMMARY_MD = "ensemble.json", "summary.json", "summary.md"
 FIGURES, TRANSFER = "figures", "transfer"
+# May grow on a run that trained: the new generations train, the finished ones stay.
+STUDENTS = "generations.students"
 # inside gen<m>/
 WEIGHTS, EVAL, METRICS = "last.safetensors", "eval.json", "metrics.jsonl"
 ANALYSIS, SECOND_CLASS, CACHE = "analysis.json", "second_class.npy", "cache"
@@ -38,6 +55,17 @@ ANALYSIS, SECOND_CLASS, CACHE = "analysis.json", "second_class.npy", "cache"
 def generation_dir(run_dir: Path, m: int) -> Path:
     """Where generation m of a run lives."""
     return Path(run_dir) / f"gen{m}"
+
+
+def generation_dirs(run_dir: Path) -> list[Path]:
+    """The generation directories a run holds, finished or not."""
+    return [d for d in map(generation_dir, itertools.repeat(run_dir), range(MAX_STUDENTS + 1))
+            if d.is_dir()]
+
+
+def has_trained(run_dir: Path) -> bool:
+    """True once a generation of the run finished or checkpointed an epoch: the run's claim."""
+    return any(is_finished(d) or (d / LATEST).is_file() for d in generation_dirs(run_dir))
 
 
 def is_finished(gen_dir: Path) -> bool:
@@ -99,17 +127,73 @@ def lock_run_dir(run_dir: Path) -> IO:
     return handle
 
 
-def check_recipe(run_dir: Path, recipe: Recipe) -> bool:
-    """True if `run_dir` already holds this recipe; a different recipe there is an error."""
-    saved = run_dir / RECIPE
-    if not saved.is_file():
+def is_held(run_dir: Path) -> bool:
+    """True while a process (a trainer, a cache builder) holds the run's writer lock."""
+    try:  # read-only: a missing lock file is not created, so nothing holds it
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    old, new = saved.read_text().splitlines(), recipe_to_toml(recipe).splitlines()
-    if old != new:
-        first = next((n for o, n in zip(old, new, strict=False) if o != n), "its length")
-        raise UserError(f"{run_dir} was made by a different recipe (first difference: "
-                        f"{first}): pick another run.name or delete {run_dir}")
-    return True
+    try:  # shared and released at once: probes never refuse each other
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def used_caches(run_dir: Path) -> list[Path]:
+    """The caches no one will read again: generation m's, once its student m+1 finished.
+
+    A student deleted to train again gets its teacher's cache rebuilt from the verified
+    weights.
+    """
+    used = itertools.takewhile(lambda m: is_finished(generation_dir(run_dir, m + 1)),
+                               itertools.count())
+    return [generation_dir(run_dir, m) / CACHE for m in used
+            if (generation_dir(run_dir, m) / CACHE).is_dir()]
+
+
+def recipe_changes(run_dir: Path, recipe: Recipe, trained: bool) -> dict[str, tuple]:
+    """`section.key` -> (saved, new) of each key `recipe` changes in `run_dir`'s recipe.toml.
+
+    Once the run has trained, a change to a key that defines the result is refused, and so
+    is a generations.students below the generations already finished.
+    """
+    path = run_dir / RECIPE
+    if not path.is_file():
+        return {}
+    try:
+        changes = recipe_differences(load_recipe(path), recipe)
+    except UserError as err:
+        if not trained:  # nothing to keep: the new recipe takes the directory over
+            return {}
+        raise UserError(f"{err}; restore it, or pick another run.name or delete {run_dir}") \
+            from None
+    if not trained:
+        return changes
+    refused = [key for key in changes if key not in BOOKKEEPING | {STUDENTS}]
+    if refused:
+        saved, now = map(toml_value, changes[refused[0]])
+        more = len(refused) - 1
+        others = f" (and {more} more key{'s differ' if more > 1 else ' differs'})" if more else ""
+        raise UserError(f"{run_dir} was made by a different recipe: {refused[0]} is {saved} in "
+                        f"{path}, {now} now{others}; pick another run.name or delete {run_dir}")
+    finished = len(finished_generations(run_dir))
+    if recipe.generations.students < finished - 1:
+        raise UserError(f"{run_dir} has finished generations 0..{finished - 1}, more than "
+                        f"{STUDENTS} = {recipe.generations.students} plans: set {STUDENTS} to "
+                        f"at least {finished - 1}, or pick another run.name")
+    return changes
+
+
+def append_history(run_dir: Path, changes: dict[str, tuple]) -> None:
+    """Add one line to the run's history.jsonl: when, and each changed key's old and new value."""
+    path = run_dir / HISTORY
+    before = path.read_text() if path.is_file() else ""
+    entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"),
+             "changed": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}}
+    write_text(path, before + json.dumps(entry) + "\n")
 
 
 def beton_fingerprint(beton_dir: Path, manifest: dict) -> dict:
@@ -123,13 +207,19 @@ def beton_fingerprint(beton_dir: Path, manifest: dict) -> dict:
 
 
 def check_inputs(run_dir: Path, beton_dir: Path, manifest: dict) -> None:
-    """Refuse betons that differ from those the run started with (recorded on first use)."""
-    found = beton_fingerprint(beton_dir, manifest)
+    """Refuse betons that differ from those recorded in the run's inputs.json, if any."""
     path = run_dir / INPUTS
     if not path.is_file():
-        write_json(path, {"betons": found})
         return
-    started = json.loads(path.read_text())["betons"]
+    try:
+        started = json.loads(path.read_bytes())["betons"]
+        valid = isinstance(started, dict) and all(isinstance(s, dict) for s in started.values())
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        valid = False
+    if not valid:
+        raise UserError(f"{path} is damaged: delete it and rerun the same command (the betons "
+                        f"in {beton_dir} are then recorded as the run's)")
+    found = beton_fingerprint(beton_dir, manifest)
     for split in sorted(set(started) | set(found)):
         then, now = started.get(split), found.get(split)
         if then != now:
@@ -140,7 +230,23 @@ def check_inputs(run_dir: Path, beton_dir: Path, manifest: dict) -> None:
                             "start a new run with another run.name")
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Write the resolved recipe on first use; a resumed run must bring the same one."""
-    if not check_recipe(run_dir, recipe):
+def claim_run_dir(run_dir: Path, recipe: Recipe, beton_dir: Path, manifest: dict) -> None:
+    """Record the recipe and betons of a run that may start or continue in `run_dir`.
+
+    Everything is checked before anything is written. A directory no run has trained in
+    holds nothing worth keeping: a failed start's generation directories (its tracker
+    logs) are removed, and the new recipe and betons are recorded.
+    """
+    trained = has_trained(run_dir)
+    changes = recipe_changes(run_dir, recipe, trained)
+    if trained:
+        check_inputs(run_dir, beton_dir, manifest)
+    else:
+        for leftover in generation_dirs(run_dir):
+            remove_dir(leftover)
+    if changes:
+        append_history(run_dir, changes)
+    if changes or not trained or not (run_dir / RECIPE).is_file():
         write_recipe(recipe, run_dir / RECIPE)
+    if not trained or not (run_dir / INPUTS).is_file():
+        write_json(run_dir / INPUTS, {"betons": beton_fingerprint(beton_dir, manifest)})

@@ -49,6 +49,12 @@ class TopKTeacher:
         if self.ids.is_floating_point():
             raise ValueError(f"ids must be integer, got {self.ids.dtype}")
 
+    def top1(self) -> tuple[Tensor, Tensor]:
+        """The teacher's top class per sample and its probability at `temperature`."""
+        best = self.values.float().max(dim=1, keepdim=True)
+        ids = self.ids.gather(1, best.indices).squeeze(1)
+        return ids, (best.values.squeeze(1) / self.temperature - self.log_partition).exp()
+
     @classmethod
     def from_logits(cls, logits: Tensor, k: int, temperature: float = 1.0) -> TopKTeacher:
         """Keep the k largest of full (B, C) teacher logits."""

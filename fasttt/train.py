@@ -26,29 +26,31 @@ if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/tr
 
 from accelerate import Accelerator
 from rich.console import Console
+from rich.filesize import decimal
 from rich.table import Table
 
 from fasttt.analysis import analyze_run
-from fasttt.cache import cached_teacher
+from fasttt.cache import cached_teacher, drop_used_caches
 from fasttt.checkpoint import drop_checkpoints
 from fasttt.data import check_fits, ensure_betons
 from fasttt.engine import GenerationSpec, train_generation
 from fasttt.errors import OneLineParser, exit_on_user_error
 from fasttt.losses import patriarch_objective, student_objective
-from fasttt.models import last_epoch_model
+from fasttt.models import check_model_name, last_epoch_model
 from fasttt.processes import accelerator_and_console, finish, on_main_process
+from fasttt.progress import log_line
 from fasttt.recipe import Recipe, load_recipe
 from fasttt.report import write_report
 from fasttt.rundir import (
-    check_inputs,
+    claim_run_dir,
     generation_dir,
     generation_weights,
     is_finished,
     lock_run_dir,
-    prepare_run_dir,
     read_eval,
 )
 from fasttt.teachers import OnlineTeacher, ViewSchedule, view_schedule
+from fasttt.tracking import generation_trackers
 
 USAGE = "fasttt/train.py RECIPE.toml [--set SECTION.KEY=VALUE ...] [--runs-dir DIR]"
 
@@ -63,13 +65,13 @@ def parse_args(argv: list[str]):
 
 
 def teacher_for(views: ViewSchedule, weights: Path, recipe: Recipe, num_classes: int,
-                accelerator: Accelerator):
+                accelerator: Accelerator, console: Console):
     """Generation m-1 as its student's teacher: a lookup into its cache, or the model itself."""
     if recipe.cache.mode == "online":
         model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                  accelerator.device)
         return OnlineTeacher(model, views, num_classes, recipe.generations.temperature)
-    return cached_teacher(weights, views, recipe, num_classes, accelerator)
+    return cached_teacher(weights, views, recipe, num_classes, accelerator, console)
 
 
 def print_generations(results: list[dict], console: Console) -> None:
@@ -86,44 +88,61 @@ def print_generations(results: list[dict], console: Console) -> None:
 def train_generations(run_dir: Path, recipe: Recipe, num_classes: int,
                       accelerator: Accelerator, console: Console) -> None:
     """The patriarch, then each student taught by the generation before; finished ones kept."""
-    method = recipe.generations
     results = []
-    for m in range(method.students + 1):
+    for m in range(recipe.generations.students + 1):
         directory = generation_dir(run_dir, m)
         if is_finished(directory):
             console.print(f"gen{m}: finished earlier, kept")
             generation_weights(run_dir, m)  # there and whole, or a one-line refusal
             on_main_process(accelerator, drop_checkpoints, directory)  # a kill's leftovers
             results.append(read_eval(run_dir, m))
-            continue
-        views = view_schedule(recipe.run.seed, m, recipe.schedule.epochs, recipe.augment,
-                              recipe.cache)
-        if m == 0:  # the patriarch learns from labels with the softened objective
-            spec = GenerationSpec(0, directory, patriarch_objective(
-                method.patriarch_loss, method.u, method.k, method.eta), views)
-        else:  # a student learns from labels and generation m-1's last epoch, on its views
-            console.print(f"gen{m}: {views.describe()}")
-            teacher = teacher_for(views, generation_weights(run_dir, m - 1), recipe,
-                                  num_classes, accelerator)
-            spec = GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
-                                  views, teacher)
-        results.append(train_generation(spec, recipe, num_classes, accelerator, console))
-        print_generations(results, console)
+        else:
+            spec = generation_spec(run_dir, m, recipe, num_classes, accelerator, console)
+            with generation_trackers(accelerator, recipe, m, directory):
+                results.append(train_generation(spec, recipe, num_classes, accelerator,
+                                                console))
+            print_generations(results, console)
+        if recipe.cache.keep == "last":
+            freed = on_main_process(accelerator, drop_used_caches, run_dir)
+            if freed:
+                log_line(console, f"cache.keep = \"last\": freed {decimal(freed)} of teacher "
+                                  "caches whose students have finished")
+
+
+def generation_spec(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
+                    accelerator: Accelerator, console: Console) -> GenerationSpec:
+    """Generation m's objective, views and teacher (generation m-1's last epoch)."""
+    method = recipe.generations
+    views = view_schedule(recipe.run.seed, m, recipe.schedule.epochs, recipe.augment,
+                          recipe.cache)
+    directory = generation_dir(run_dir, m)
+    if m == 0:  # the patriarch learns from labels with the softened objective
+        return GenerationSpec(0, directory, patriarch_objective(
+            method.patriarch_loss, method.u, method.k, method.eta), views)
+    # a student learns from labels and generation m-1's last epoch, on its own views
+    console.print(f"gen{m}: {views.describe()}")
+    teacher = teacher_for(views, generation_weights(run_dir, m - 1), recipe, num_classes,
+                          accelerator, console)
+    return GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
+                          views, teacher)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train the patriarch and its students, then analyse the run and write its report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.recipe, args.set)
-    accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
+    check_model_name(recipe.model.name)  # here: a typo must not leave a run directory behind
+    accelerator, console = accelerator_and_console(recipe.run.mixed_precision,
+                                                   recipe.run.log_with,
+                                                   args.runs_dir / recipe.run.name)
     manifest = ensure_betons(recipe.data, accelerator)
-    check_fits(manifest, recipe.data, recipe.augment, recipe.generations.k)
+    check_fits(manifest, recipe.data, recipe.augment, k=recipe.generations.k,
+               batch_size=recipe.optim.batch_size, processes=accelerator.num_processes)
     run_dir = args.runs_dir / recipe.run.name
     lock = on_main_process(accelerator, lock_run_dir, run_dir)
     try:
-        on_main_process(accelerator, prepare_run_dir, run_dir, recipe)
-        on_main_process(accelerator, check_inputs, run_dir, Path(recipe.data.beton_dir),
-                        manifest)
+        on_main_process(accelerator, claim_run_dir, run_dir, recipe,
+                        Path(recipe.data.beton_dir), manifest)
         train_generations(run_dir, recipe, len(manifest["class_names"]), accelerator, console)
         analyze_run(run_dir, recipe, accelerator, console)
         report = on_main_process(accelerator, write_report, run_dir, console)

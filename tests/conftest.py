@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fasttt.engine as engine
 from beton_builders.__main__ import main as build_betons
 from fasttt.errors import UserError
 from fasttt.files import sha256_file, write_json
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_d06.toml"  # the embedded demo recipe
 # A run of seconds on the digits: few samples and epochs, the patriarch alone.
 TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 64,
-            "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0}
+            "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0,
+            "run.log_with": "[]"}  # tests/test_watching.py checks the trackers
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +79,12 @@ def tiny_run_values(betons: Path, **overrides) -> dict:
 def tiny_run_flags(betons: Path, **overrides) -> list[str]:
     """--set flags of a tiny run (TINY_RUN) on `betons`, with `overrides` on top."""
     return set_flags(**tiny_run_values(betons, **overrides))
+
+
+def tiny_run_args(betons: Path, runs: Path, **overrides) -> list[str]:
+    """train.py's arguments for a digits run of seconds (128 samples, 2 epochs) into `runs`."""
+    flags = tiny_run_flags(betons, **{"data.train_limit": 128, **overrides})
+    return [str(RECIPE), *flags, "--runs-dir", str(runs)]
 
 
 def tiny_recipe(betons: Path, recipe: Path = RECIPE, **overrides) -> Recipe:
@@ -209,3 +217,16 @@ def small_disk(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def interrupt_at_evaluation(monkeypatch, call: int) -> None:
+    """Make the `call`-th evaluation of this process raise KeyboardInterrupt (a kill)."""
+    calls, evaluate = [], engine.evaluate
+
+    def stop(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(engine, "evaluate", stop)

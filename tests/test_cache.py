@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,9 @@ from rich.console import Console
 
 from fasttt.augment import eval_view, generation_key, train_size, train_view
 from fasttt.cache import cached_teacher, describe, ensure_cache, expected_manifest, open_arrays
+from fasttt.cache import main as cache_cli
 from fasttt.data import read_manifest, split_loader, train_samples
-from fasttt.errors import UserError
+from fasttt.errors import UserError, exit_on_user_error
 from fasttt.models import last_epoch_model
 from fasttt.processes import make_accelerator
 from fasttt.rundir import CACHE, WEIGHTS
@@ -202,13 +204,14 @@ def test_two_ranks_build_the_same_bytes(patriarch, digits, tmp_path):
 
 
 def test_the_cache_cli_refuses_bad_arguments_and_untrained_generations_in_one_line(
-        patriarch, digits, tmp_path):
+        patriarch, digits, capsys):
     for args, needle in ((["--generation", "0"], "usage: accelerate launch fasttt/cache.py"),
                          ([str(RECIPE), "--generation", "5", *flags(digits), "--runs-dir",
                            str(patriarch)], "train generation 5 first")):
-        child = _cache_cli(args, cwd=tmp_path)
-        _, err = child.communicate(timeout=300)
-        assert child.returncode == 2, err
+        with pytest.raises(SystemExit) as stop:
+            exit_on_user_error(partial(cache_cli, args))  # as `fasttt/cache.py` runs it
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, err
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
 
 

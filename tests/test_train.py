@@ -85,5 +85,6 @@ def test_a_finished_run_is_kept_and_a_different_recipe_is_refused(digits, tmp_pa
     weights = (tmp_path / "digits_d06" / "gen0" / "last.safetensors").read_bytes()
     train(args)  # nothing left to do: the finished generation is not retrained
     assert (tmp_path / "digits_d06" / "gen0" / "last.safetensors").read_bytes() == weights
-    with pytest.raises(UserError, match="made by a different recipe.*lam = 0.5"):
+    with pytest.raises(UserError, match="made by a different recipe: generations.lam is 0.6 in "
+                                        ".*recipe.toml, 0.5 now; pick another run.name"):
         train([*args, "--set", "generations.lam=0.5"])

@@ -1,0 +1,67 @@
+"""Experiment trackers, through Accelerate: one tracker run per generation.
+
+Each generation is a run named gen<m> in the project named after the fasttt run, with the
+resolved recipe (and the generation) as its hyperparameters and one point per epoch of
+every metric in metrics.jsonl, so a whole run shows its generations side by side. Local
+trackers (TensorBoard, Aim, ...) write under gen<m>/tracking/, which lives and dies with
+the generation: `tensorboard --logdir runs` shows every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.tracking import get_available_trackers
+
+from fasttt.errors import UserError
+from fasttt.recipe import Recipe
+
+TRACKING = "tracking"
+# How each tracker names a run inside its project (Accelerate passes these through).
+RUN_NAME_ARGUMENT = {"wandb": "name", "mlflow": "run_name", "trackio": "name",
+                     "swanlab": "experiment_name"}
+
+
+def check_trackers(names: tuple[str, ...]) -> None:
+    """Refuse, in one line, trackers that are not installed (Accelerate would skip them)."""
+    available = {str(tracker) for tracker in get_available_trackers()}
+    missing = [name for name in names if name not in available]
+    if missing:
+        kept = ", ".join(json.dumps(name) for name in names if name not in missing)
+        raise UserError(f"run.log_with names {', '.join(missing)}, not installed here: "
+                        f"pip install {' '.join(missing)}, or leave it out "
+                        f"(--set 'run.log_with=[{kept}]')")
+
+
+def hyperparameters(recipe: Recipe, generation: int) -> dict:
+    """The resolved recipe as flat `section.key` hyperparameters, plus the generation."""
+    flat = {"generation": generation}
+    for section in dataclasses.fields(recipe):
+        for key, value in dataclasses.asdict(getattr(recipe, section.name)).items():
+            flat[f"{section.name}.{key}"] = (
+                ", ".join(map(str, value)) if isinstance(value, tuple | list) else value)
+    return flat
+
+
+@contextlib.contextmanager
+def generation_trackers(accelerator: Accelerator, recipe: Recipe, generation: int,
+                        directory: Path):
+    """Trackers open for one generation's epochs (`accelerator.log` goes to them)."""
+    if not accelerator.log_with:
+        yield
+        return
+    accelerator.project_configuration.logging_dir = str(directory / TRACKING)
+    run_name = f"gen{generation}"
+    accelerator.init_trackers(
+        recipe.run.name, hyperparameters(recipe, generation),
+        {tracker: {argument: run_name} for tracker, argument in RUN_NAME_ARGUMENT.items()})
+    try:
+        yield
+    finally:  # Accelerate's end_training would also end the process group: only close these
+        for tracker in accelerator.trackers:
+            tracker.finish()
+        accelerator.trackers.clear()
