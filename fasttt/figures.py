@@ -171,6 +171,8 @@ def _loss_components_figure(summary: dict) -> Figure:
                         marker="." if len(points) < 40 else "")
         if ax.lines:
             ax.legend(fontsize=7)
+            if all(min(line.get_ydata()) > 0 for line in ax.lines):
+                ax.set_yscale("log")  # an early spike would flatten the rest of the curves
     return fig
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import load_pretrained, register_model
 from torch import nn
 
 from fasttt.checkpoint import load_weights
@@ -143,11 +143,18 @@ class _PooledLinearClassifier(nn.Module):
 
 
 def _build(cls, pretrained: bool, **kwargs) -> nn.Module:
-    if pretrained:
-        raise UserError(f"{cls.__name__} has no pretrained weights: set pretrained=False")
-    for key in _TIMM_FACTORY_KEYS:
-        kwargs.pop(key, None)
-    return cls(**kwargs)
+    factory = {key: kwargs.pop(key) for key in _TIMM_FACTORY_KEYS if key in kwargs}
+    model = cls(**kwargs)
+    if pretrained:  # weights from a file (fasttt.export), named by pretrained_cfg_overlay
+        base = factory.get("pretrained_cfg")  # None: our networks register no default cfg
+        cfg = {**(base.to_dict() if hasattr(base, "to_dict") else base or {}),
+               **(factory.get("pretrained_cfg_overlay") or {})}
+        if not cfg.get("file"):
+            raise UserError(f"{cls.__name__} has no published weights: give "
+                            "pretrained_cfg_overlay=dict(file=...) (python -m fasttt.export "
+                            "writes one), or set pretrained=False")
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes)
+    return model
 
 
 # ---------------------------------------------------------------- ResNet (He et al. 2016)

@@ -1,0 +1,134 @@
+"""A trained generation (or an ensemble of them) as a model people can load without fasttt's run.
+
+    python -m fasttt.export runs/NAME OUT_DIR                    # the last generation
+    python -m fasttt.export runs/NAME OUT_DIR --generation 2
+    python -m fasttt.export runs/NAME OUT_DIR --ensemble         # softmax average of 0..last
+    python -m fasttt.export runs/NAME OUT_DIR --ensemble --generation 2   # ... of 0..2
+
+OUT_DIR receives `model.safetensors` and `config.json` in timm's layout (architecture,
+num_classes, label_names and a pretrained_cfg with input size, mean, std, interpolation
+and crop fraction), so a single generation loads in timm itself:
+
+    import timm, fasttt.models  # the import registers fasttt's CIFAR networks in timm
+    model = timm.create_model(ARCH, pretrained=True, num_classes=C,
+                              pretrained_cfg_overlay=dict(file="OUT_DIR/model.safetensors"))
+
+`load_export(OUT_DIR)` loads either kind; `python -m fasttt.predict OUT_DIR IMAGE...`
+classifies images with the run's evaluation view.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from fasttt.checkpoint import load_weights, save_weights
+from fasttt.data import read_manifest
+from fasttt.errors import OneLineParser, UserError, exit_on_user_error
+from fasttt.files import staged_dir, write_json
+from fasttt.models import build_model, create_model
+from fasttt.recipe import AugmentConfig, load_recipe
+from fasttt.rundir import RECIPE, finished_generations, generation_weights, read_eval
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+USAGE = "python -m fasttt.export RUN_DIR OUT_DIR [--generation M] [--ensemble]"
+
+
+class SoftmaxAverage(nn.Module):
+    """Several generations as one model: the mean of their softmax outputs (probabilities)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The members' mean class probabilities, (B, C)."""
+        return torch.stack([m(images).float().softmax(dim=1) for m in self.members]).mean(0)
+
+
+def pretrained_cfg(augment: AugmentConfig, num_classes: int) -> dict:
+    """timm's pretrained_cfg for the run's evaluation view (fasttt.augment.eval_view)."""
+    size = augment.eval_size
+    return {"input_size": [3, size, size], "mean": list(augment.mean), "std": list(augment.std),
+            "interpolation": "bilinear", "crop_pct": augment.eval_crop_ratio,
+            "crop_mode": "center", "num_classes": num_classes}
+
+
+def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool) -> dict:
+    """Write generation `generation` (default: the last finished) or the ensemble 0..it."""
+    if not (run_dir / RECIPE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (it has no {RECIPE}): give "
+                        "runs/<name>")
+    recipe = load_recipe(run_dir / RECIPE)
+    finished = finished_generations(run_dir)
+    if not finished:
+        raise UserError(f"{run_dir} has no finished generation yet: train it first")
+    m = finished[-1] if generation is None else generation
+    if m not in finished:
+        raise UserError(f"generation {m} of {run_dir} has not finished (finished: "
+                        f"0..{finished[-1]}): give --generation 0..{finished[-1]}")
+    names = [str(n) for n in read_manifest(recipe.data.beton_dir)["class_names"]]
+    members = list(range(m + 1)) if ensemble else [m]
+    networks = []
+    for k in members:
+        network = build_model(recipe.model, recipe.run, len(names), seed=0)
+        load_weights(network, generation_weights(run_dir, k))  # verified against eval.json
+        networks.append(network)
+    model = SoftmaxAverage(networks) if ensemble else networks[0]
+    config = {
+        "architecture": recipe.model.name, "num_classes": len(names), "label_names": names,
+        "pretrained_cfg": pretrained_cfg(recipe.augment, len(names)),
+        "fasttt": {"run": recipe.run.name, "generations": members,
+                   "outputs": "probabilities" if ensemble else "logits",
+                   "val_top1": [read_eval(run_dir, k)["last"]["val_top1"] for k in members]},
+    }
+    with staged_dir(out_dir) as staging:  # a half-written export never has the final name
+        save_weights(model, staging / WEIGHTS)
+        write_json(staging / CONFIG, config)
+    return config
+
+
+def load_export(out_dir: Path | str) -> tuple[nn.Module, dict]:
+    """An exported model, in eval mode, and its config.json."""
+    out_dir = Path(out_dir)
+    try:
+        config = json.loads((out_dir / CONFIG).read_bytes())
+        arch, classes = config["architecture"], config["num_classes"]
+        members = config["fasttt"]["generations"]
+        ensemble = config["fasttt"]["outputs"] == "probabilities"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{out_dir} holds no readable {CONFIG} ({type(err).__name__}): export "
+                        "again with `python -m fasttt.export RUN_DIR OUT_DIR`") from None
+    if ensemble:
+        model = SoftmaxAverage([create_model(arch, classes) for _ in members])
+        load_weights(model, out_dir / WEIGHTS)
+    else:  # through timm's own pretrained loading, as a user would
+        model = timm.create_model(arch, pretrained=True, num_classes=classes,
+                                  pretrained_cfg_overlay={"file": str(out_dir / WEIGHTS)})
+    return model.eval(), config
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Export one generation or an ensemble of a run to OUT_DIR."""
+    parser = OneLineParser(prog="python -m fasttt.export", description=__doc__.splitlines()[0],
+                           usage_line=USAGE)
+    parser.add_argument("run_dir", type=Path, help="a run directory, runs/<name>")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--generation", type=int, help="default: the last finished one")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the softmax average of generations 0..M as one model")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    config = export(args.run_dir, args.out_dir, args.generation, args.ensemble)
+    what = config["fasttt"]["generations"]
+    print(f"wrote {args.out_dir}: {config['architecture']}, "
+          f"{'ensemble of generations ' if len(what) > 1 else 'generation '}"
+          f"{', '.join(map(str, what))}, {config['num_classes']} classes")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
