@@ -4,6 +4,7 @@
     python -m fasttt.export runs/NAME OUT_DIR --generation 2
     python -m fasttt.export runs/NAME OUT_DIR --ensemble         # softmax average of 0..last
     python -m fasttt.export runs/NAME OUT_DIR --ensemble --generation 2   # ... of 0..2
+    python -m fasttt.export runs/NAME OUT_DIR --onnx             # also model.onnx
 
 OUT_DIR receives `model.safetensors` and `config.json` in timm's layout (architecture,
 num_classes, label_names and a pretrained_cfg with input size, mean, std, interpolation
@@ -30,13 +31,13 @@ from torch import nn
 from fasttt.checkpoint import load_weights, save_weights
 from fasttt.data import read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error
-from fasttt.files import staged_dir, write_json
+from fasttt.files import staged_dir, write_atomically, write_json
 from fasttt.models import build_model, create_model
 from fasttt.recipe import AugmentConfig, load_recipe
 from fasttt.rundir import RECIPE, finished_generations, generation_weights, read_eval
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
-USAGE = "python -m fasttt.export RUN_DIR OUT_DIR [--generation M] [--ensemble]"
+CONFIG, WEIGHTS, ONNX = "config.json", "model.safetensors", "model.onnx"
+USAGE = "python -m fasttt.export RUN_DIR OUT_DIR [--generation M] [--ensemble] [--onnx]"
 
 
 class SoftmaxAverage(nn.Module):
@@ -59,7 +60,22 @@ def pretrained_cfg(augment: AugmentConfig, num_classes: int) -> dict:
             "crop_mode": "center", "num_classes": num_classes}
 
 
-def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool) -> dict:
+def write_onnx(model: nn.Module, config: dict, path: Path) -> None:
+    """The model as ONNX (opset of torch's exporter), any batch size, via torch.onnx."""
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it; an optional dependency)
+    except ImportError:
+        raise UserError("--onnx needs the optional ONNX packages: pip install "
+                        "'fasttt[onnx]' (onnx, onnxscript, onnxruntime)") from None
+    example = torch.zeros(2, *config["pretrained_cfg"]["input_size"])
+    program = torch.onnx.export(model.eval(), (example,), dynamo=True, verbose=False,
+                                input_names=["images"], output_names=[config["fasttt"]["outputs"]],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
+
+
+def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool,
+           onnx: bool = False) -> dict:
     """Write generation `generation` (default: the last finished) or the ensemble 0..it."""
     if not (run_dir / RECIPE).is_file():
         raise UserError(f"{run_dir} is not a run directory (it has no {RECIPE}): give "
@@ -90,6 +106,8 @@ def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool)
     with staged_dir(out_dir) as staging:  # a half-written export never has the final name
         save_weights(model, staging / WEIGHTS)
         write_json(staging / CONFIG, config)
+        if onnx:
+            write_onnx(model, config, staging / ONNX)
     return config
 
 
@@ -122,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation", type=int, help="default: the last finished one")
     parser.add_argument("--ensemble", action="store_true",
                         help="the softmax average of generations 0..M as one model")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx (needs pip install 'fasttt[onnx]')")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    config = export(args.run_dir, args.out_dir, args.generation, args.ensemble)
+    config = export(args.run_dir, args.out_dir, args.generation, args.ensemble, args.onnx)
     what = config["fasttt"]["generations"]
     print(f"wrote {args.out_dir}: {config['architecture']}, "
           f"{'ensemble of generations ' if len(what) > 1 else 'generation '}"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import timm
 import torch
@@ -104,3 +105,14 @@ def test_bad_exports_and_images_are_one_line(run, tmp_path):
     one_line_refusal(lambda: predict_cli([str(tmp_path / "gen1"),
                                           str(tmp_path / "not_an_image.png")]),
                      "cannot read", "not_an_image.png")
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_the_onnx_export_gives_pytorchs_outputs_in_onnxruntime(run, tmp_path, ensemble):
+    export_cli([str(run), str(tmp_path / "out"), "--onnx", *(["--ensemble"] if ensemble else [])])
+    model, _ = load_export(tmp_path / "out")
+    images = torch.randn(3, 3, 32, 32)  # another batch size than the export's example
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    found = session.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(found, model(images).numpy(), atol=1e-4)
