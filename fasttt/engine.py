@@ -30,9 +30,9 @@ from fasttt.errors import UserError
 from fasttt.files import write_json, write_text
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer, set_lr
-from fasttt.progress import Position, log_line, progress_bar
+from fasttt.progress import Position, log_line, mean_epoch_seconds, progress_bar
 from fasttt.recipe import AugmentConfig, Recipe
-from fasttt.rundir import EVAL, METRICS, WEIGHTS
+from fasttt.rundir import EVAL, METRICS, WEIGHTS, best_and_last
 from fasttt.teachers import TopKTeacher, ViewSchedule
 
 DIVERGED_LOSS = 100  # x ln C, chance level: a mean epoch loss above it has diverged
@@ -173,12 +173,6 @@ def check_converging(row: dict, model: torch.nn.Module, num_classes: int, genera
                     "diverged only in low precision")
 
 
-def _summary(history: list[dict]) -> dict:
-    best = max(history, key=lambda row: row["val_top1"])
-    pick = ("epoch", "val_top1", "val_top5")
-    return {"best": {k: best[k] for k in pick}, "last": {k: history[-1][k] for k in pick}}
-
-
 def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                      accelerator: Accelerator, console: Console) -> dict:
     """Train (or resume) one generation to its last epoch; return its eval summary."""
@@ -221,7 +215,7 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                                   f"{position.eta(mean_epoch_seconds(state['history']))}")
             accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             accelerator.wait_for_everyone()
-    summary = _summary(state["history"])
+    summary = best_and_last(state["history"])
     if main:
         summary["weights_sha256"] = save_weights(accelerator.unwrap_model(model),
                                                  spec.directory / WEIGHTS)
@@ -230,11 +224,6 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # let this generation's model and optimizer go
     return summary
-
-
-def mean_epoch_seconds(history: list[dict]) -> float:
-    """The mean time of the epochs in `history`, the ETA's pace."""
-    return sum(row["seconds"] for row in history) / len(history)
 
 
 def epoch_summary(row: dict) -> str:

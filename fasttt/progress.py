@@ -61,6 +61,11 @@ class Position:
         return f"ETA gen {duration(generation)}, run {duration(run)}"
 
 
+def mean_epoch_seconds(history: list[dict]) -> float | None:
+    """The mean time of the epochs in metrics rows `history`, the ETA's pace; None if empty."""
+    return sum(row["seconds"] for row in history) / len(history) if history else None
+
+
 def eta_seconds(seconds_per_epoch: float | None, epochs: int, done: int,
                 later_generations: int) -> tuple[float | None, float | None]:
     """(this generation's, the whole run's) seconds left; None before any epoch is measured.

@@ -87,6 +87,13 @@ def retrain_hint(run_dir: Path, m: int) -> str:
     return f"delete {paths} and rerun the same command to train generation {m} on again"
 
 
+def best_and_last(history: list[dict]) -> dict:
+    """eval.json's accuracies from metrics rows: the best epoch by val top-1, and the last."""
+    best = max(history, key=lambda row: row["val_top1"])
+    pick = ("epoch", "val_top1", "val_top5")
+    return {"best": {k: best[k] for k in pick}, "last": {k: history[-1][k] for k in pick}}
+
+
 def read_eval(run_dir: Path, m: int) -> dict:
     """Generation m's eval.json (best and last epoch, the weights' checksum), checked."""
     path = generation_dir(run_dir, m) / EVAL

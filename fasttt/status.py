@@ -22,13 +22,14 @@ from rich.table import Table
 
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.files import staging_path, tree_bytes
-from fasttt.progress import duration, eta_seconds
+from fasttt.progress import duration, eta_seconds, mean_epoch_seconds
 from fasttt.recipe import load_recipe
 from fasttt.rundir import (
     CACHE,
     METRICS,
     RECIPE,
     WEIGHTS,
+    best_and_last,
     finished_generations,
     generation_dir,
     is_held,
@@ -37,7 +38,6 @@ from fasttt.rundir import (
 )
 
 USAGE = "python -m fasttt.status RUN_DIR [--json]"
-PICK = ("epoch", "val_top1", "val_top5")  # of a metrics row, as eval.json's best and last
 
 
 def metric_rows(gen_dir: Path) -> list[dict]:
@@ -75,8 +75,7 @@ def generation_status(run_dir: Path, m: int, state: str, rows: list[dict]) -> di
         found = read_eval(run_dir, m)
         gen |= {"best": found["best"], "last": found["last"], "epochs_done": found["last"]["epoch"]}
     elif rows:
-        best = max(rows, key=lambda row: row["val_top1"])
-        gen |= {"best": {k: best[k] for k in PICK}, "last": {k: rows[-1][k] for k in PICK}}
+        gen |= best_and_last(rows)
     return gen
 
 
@@ -93,8 +92,7 @@ def run_status(run_dir: Path) -> dict:
     gens = [generation_status(run_dir, m, "finished" if m < finished else
                               ("in progress" if m == current else "not started"), rows[m])
             for m in range(planned)]
-    measured = [row["seconds"] for gen_rows in rows for row in gen_rows]
-    per_epoch = sum(measured) / len(measured) if measured else None
+    per_epoch = mean_epoch_seconds([row for gen_rows in rows for row in gen_rows])
     eta = ((0.0, 0.0) if current is None else
            eta_seconds(per_epoch, epochs, gens[current]["epochs_done"], planned - 1 - current))
     held = is_held(run_dir)
