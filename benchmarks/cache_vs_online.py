@@ -75,11 +75,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
                                num_classes, method.temperature)
     loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
                           limit=samples)
-    online = OnlineTeacher(teacher_model, views, wanted["top_k"], wanted["temperature"])
+    online = OnlineTeacher(teacher_model, views, wanted["top_k"], wanted["temperatures"][0])
     start = time.perf_counter()
     build_cache(work / "cache", online, wanted, loader, accelerator)
     build = time.perf_counter() - start
-    cached = open_teacher(work / "cache", wanted, accelerator.device)
+    cached = open_teacher(work / "cache", wanted, method.temperature, accelerator.device)
     student = student_objective(method.lam, method.temperature)
     specs = {
         "patriarch epoch": GenerationSpec(0, work, patriarch_objective(

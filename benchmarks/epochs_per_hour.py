@@ -273,8 +273,8 @@ def cache_build(cache_dir: Path, teacher, schedule, wanted: dict, recipe: Recipe
     clock = ForwardClock(teacher, skip, accelerator.device)
     loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
                           limit=wanted["samples"])
-    build_cache(cache_dir, OnlineTeacher(clock, schedule, wanted["top_k"], wanted["temperature"]),
-                wanted, loader, accelerator)
+    online = OnlineTeacher(clock, schedule, wanted["top_k"], wanted["temperatures"][0])
+    build_cache(cache_dir, online, wanted, loader, accelerator)
     synchronize(accelerator.device)
     return Timing(images=clock.images * accelerator.num_processes,
                   seconds=time.perf_counter() - clock.start)
@@ -319,7 +319,7 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
                                                   accelerator))
         students = students or {
             "student_step_cache": GenerationSpec(1, work, student, views, open_teacher(
-                cache_dir, wanted, device)),
+                cache_dir, wanted, method.temperature, device)),
             "student_step_online": GenerationSpec(1, work, student, views, OnlineTeacher(
                 teacher, views, num_classes, method.temperature))}
         for name, spec in students.items():

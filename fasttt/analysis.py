@@ -1,7 +1,8 @@
 """The paper's measurements of every finished generation of a run, written into the run.
 
 Per generation m, from its last-epoch weights: `gen<m>/analysis.json` holds the mean
-softmax confidence of the top-1..top-4 classes on the un-augmented training set (Tables
+softmax confidence of the top-1..top-4 classes on the un-augmented training set (its
+training rows: data.holdout's samples are left out; Tables
 1 and 3), train and val accuracy, and DistC/DistS of Eqn 4 (Table 2) on both splits;
 `gen<m>/second_class.npy` the second-class confusion matrix (Figure 1). `ensemble.json`
 holds the val accuracy of the averaged softmax of generations 0..m (Figure 2, Tables
@@ -23,7 +24,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from fasttt.augment import eval_images
-from fasttt.data import read_manifest, split_loader, train_samples
+from fasttt.data import read_manifest, split_loader, train_samples, training_rows
 from fasttt.errors import UserError
 from fasttt.files import write_atomically, write_json
 from fasttt.models import last_epoch_model, penultimate_features
@@ -278,7 +279,8 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
                       "fine_to_coarse such as CIFAR-100): DistC/DistS skipped")
     batch = recipe.cache.batch_size
     splits = {"train": split_loader(recipe.data, accelerator, "train", batch,
-                                    limit=train_samples(recipe.data, manifest)),
+                                    limit=train_samples(recipe.data, manifest),
+                                    rows=training_rows(recipe.data, manifest)),
               "val": split_loader(recipe.data, accelerator, "val", batch)}
 
     def model_of(m: int):

@@ -5,12 +5,17 @@
 
 Generation M's cache holds its answers, as an online teacher gives them, for the views
 of its student, generation M+1 (fasttt/teachers.py): for each sample and each stored
-view, the top-k logits, their class ids and the log-partition at the student's
-temperature, so the student step looks rows up instead of running the teacher. Arrays
+view, the top-k logits, their class ids and the log-partition at each temperature the
+recipe stores (cache.temperatures, else the student's), so the student step looks rows
+up instead of running the teacher. Arrays
 are view-major .npy files ([V, N, k]), memory-mapped, so an epoch reads one contiguous
 slab. A cache is built under a hidden name, sealed with `complete: true` in its
 manifest, then renamed; one whose fingerprints (teacher weights, beton, views) disagree
 with the run is refused.
+
+A run that takes its teacher from another run (generations.teacher) reads that
+generation's cache in place, read-only; one built for it is built under the teacher
+run's lock, so students of several runs share it.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from fasttt.augment import train_size
-from fasttt.data import read_manifest, split_loader, train_samples
+from fasttt.data import read_manifest, split_loader, train_samples, training_rows
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.files import (
     preallocate,
@@ -50,7 +55,7 @@ from fasttt.files import (
 from fasttt.models import last_epoch_model
 from fasttt.processes import accelerator_and_console, on_main_process
 from fasttt.progress import duration, log_line, progress_bar
-from fasttt.recipe import CacheConfig, Recipe, load_recipe
+from fasttt.recipe import CacheConfig, Recipe, load_recipe, toml_value
 from fasttt.rundir import (
     CACHE,
     generation_dir,
@@ -59,9 +64,17 @@ from fasttt.rundir import (
     lock_run_dir,
     used_caches,
 )
-from fasttt.teachers import CACHE_ARRAYS, CachedTeacher, OnlineTeacher, ViewSchedule, view_schedule
+from fasttt.teachers import (
+    CACHE_ARRAYS,
+    CachedTeacher,
+    OnlineTeacher,
+    TopKTeacher,
+    ViewSchedule,
+    log_partitions,
+    view_schedule,
+)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: log-partitions at several temperatures
 MANIFEST = "manifest.json"
 CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
 QUIET = Console(quiet=True)  # for callers that want no progress lines (tests, benchmarks)
@@ -84,8 +97,17 @@ def views_fingerprint(schedule: ViewSchedule) -> str:
 
 
 def expected_manifest(teacher_weights: Path, beton: dict, samples: int, schedule: ViewSchedule,
-                      cache: CacheConfig, num_classes: int, temperature: float) -> dict:
-    """Everything a cache for this teacher and student must agree on (all but `complete`)."""
+                      cache: CacheConfig, num_classes: int, temperature: float,
+                      holdout: float = 0.0) -> dict:
+    """Everything a cache for this teacher and student must agree on (all but `complete`).
+
+    The temperatures stored depend on the cache's settings alone, so students of several
+    temperatures agree on one cache: cache.temperatures, else T = 1 when every class is
+    kept (which serves any T), else the student's T.
+    """
+    top_k = min(cache.top_k or num_classes, num_classes)
+    temperatures = sorted(set(cache.temperatures)) or [
+        1.0 if top_k == num_classes else temperature]
     return {
         "format_version": FORMAT_VERSION,
         "teacher_sha256": sha256_file(teacher_weights),
@@ -94,8 +116,8 @@ def expected_manifest(teacher_weights: Path, beton: dict, samples: int, schedule
         "samples": samples, "classes": num_classes, "views": schedule.cycle,
         "stored_views": schedule.teacher_views,
         "teacher_view": "unaugmented" if schedule.unaugmented_teacher else "student",
-        "top_k": min(cache.top_k or num_classes, num_classes),
-        "dtype": cache.dtype, "temperature": temperature,
+        "top_k": top_k,
+        "dtype": cache.dtype, "temperatures": temperatures, "holdout": holdout,
     }
 
 
@@ -104,13 +126,23 @@ def array_specs(manifest: dict) -> dict:
     v, n, k = manifest["stored_views"], manifest["samples"], manifest["top_k"]
     return {"values": ((v, n, k), np.dtype(manifest["dtype"])),
             "ids": ((v, n, k), id_dtype(manifest["classes"])),
-            "log_partition": ((v, n), np.dtype(np.float32))}
+            "log_partition": ((v, n, len(manifest["temperatures"])), np.dtype(np.float32))}
 
 
 def _differences(found: dict, wanted: dict) -> list[str]:
     names = {"teacher_sha256": "teacher weights", "beton_sha256": "beton",
              "augment_sha256": "augmentation"}
     return [names.get(key, key) for key in wanted if found.get(key) != wanted[key]]
+
+
+def temperature_column(manifest: dict, temperature: float) -> int | None:
+    """Where a cache stores the log-partition at `temperature`; None: from its logits.
+
+    A matching top-k cache always stores the student's T (recipe.py and
+    `expected_manifest` see to it); one that keeps every class serves any T.
+    """
+    stored = manifest["temperatures"]
+    return stored.index(temperature) if temperature in stored else None
 
 
 def read_cache_manifest(cache_dir: Path) -> dict:
@@ -132,6 +164,14 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
         raise UserError(f"{cache_dir} is an incomplete cache: delete {cache_dir} and rerun the "
                         "same command to rebuild it")
     differ = _differences(found, wanted)
+    temperatures = found.get("temperatures")
+    if differ == ["temperatures"] and isinstance(temperatures, list) and temperatures and all(
+            isinstance(t, float) and 0.01 <= t <= 100 for t in temperatures):
+        stored = toml_value(temperatures)
+        raise UserError(f"{cache_dir} stores log-partitions at temperatures {stored}, this "
+                        f"recipe's cache wants {toml_value(wanted['temperatures'])}: set "
+                        f"cache.temperatures = {stored} to read it as it is (with "
+                        "generations.temperature among them), or delete it to rebuild it")
     if differ:
         raise UserError(f"{cache_dir} was built for another {', '.join(differ)}: delete "
                         f"{cache_dir} and rerun the same command to rebuild it for this run")
@@ -151,14 +191,14 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerator,
-           console: Console) -> None:
+def _label(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[float],
+           accelerator: Accelerator, console: Console) -> None:
     """Fill this rank's rows of the arrays with the teacher's answers on every stored view.
 
     Batch by batch, every view of a batch at once (its pixels are decoded once); progress
     counts views x batches, and off a terminal a line marks each view's worth of work.
     """
-    views, batches = arrays["values"].shape[0], len(loader)
+    (views, _, k), batches = arrays["values"].shape, len(loader)
     started, done = time.perf_counter(), 0
     with progress_bar(accelerator.is_main_process, console) as progress:
         task = progress.add_task("teacher cache (views x batches)", total=batches * views,
@@ -169,7 +209,9 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerato
             rows = batch.index.numpy()
             for v in range(views):
                 with torch.inference_mode(), accelerator.autocast():
-                    top = teacher(index, v, images, batch.extent)
+                    logits = teacher.logits(index, v, images, batch.extent)
+                    top = TopKTeacher.from_logits(logits, k, temperatures[0])
+                    partitions = log_partitions(logits, temperatures)
                 with np.errstate(over="ignore"):  # an overflow is refused just below
                     values = top.values.cpu().numpy().astype(arrays["values"].dtype)
                 if not np.isfinite(values).all():
@@ -178,7 +220,7 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, accelerator: Accelerato
                                     "= \"float32\", or check the teacher's training")
                 arrays["values"][v, rows] = values
                 arrays["ids"][v, rows] = top.ids.cpu().numpy()
-                arrays["log_partition"][v, rows] = top.log_partition.cpu().numpy()
+                arrays["log_partition"][v, rows] = partitions.cpu().numpy()
                 progress.advance(task)
                 done += 1
                 if done % batches == 0 and not console.is_terminal:
@@ -210,7 +252,7 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
     accelerator.wait_for_everyone()
     staging = staging_path(cache_dir)
     arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in CACHE_ARRAYS}
-    _label(teacher, loader, arrays, accelerator, console)
+    _label(teacher, loader, arrays, wanted["temperatures"], accelerator, console)
     for array in arrays.values():
         array.flush()
     del arrays
@@ -225,40 +267,65 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
 
 
 def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
-                 accelerator: Accelerator, console: Console = QUIET) -> dict:
-    """Build (or verify) the cache beside a teacher's verified weights; its manifest."""
+                 accelerator: Accelerator, console: Console = QUIET,
+                 lock_dir: Path | None = None) -> dict:
+    """Build (or verify) the cache beside a teacher's verified weights; its manifest.
+
+    `lock_dir`: the teacher's run when it is not this one; a missing cache is then built
+    under that run's lock, waiting for it if needed, and whoever comes second finds it.
+    """
     beton = read_manifest(recipe.data.beton_dir)
-    samples = train_samples(recipe.data, beton)
-    wanted = expected_manifest(weights, beton, samples, schedule, recipe.cache, num_classes,
-                               recipe.generations.temperature)
-    if not (weights.parent / CACHE / MANIFEST).is_file():
-        model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
-                                 accelerator.device)
-        teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperature"])
-        loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
-                              limit=samples)
-        build_cache(weights.parent / CACHE, teacher, wanted, loader, accelerator, console)
+    method = recipe.generations
+    wanted = expected_manifest(weights, beton, train_samples(recipe.data, beton), schedule,
+                               recipe.cache, num_classes, method.temperature,
+                               recipe.data.holdout)
+    cache_dir = weights.parent / CACHE
+    lock = None
+    if lock_dir is not None and not (cache_dir / MANIFEST).is_file():
+        lock = on_main_process(accelerator, lock_run_dir, lock_dir, console)
+    try:
+        accelerator.wait_for_everyone()  # a cache another process built is there by now
+        if not (cache_dir / MANIFEST).is_file():
+            model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
+                                     accelerator.device)
+            teacher = OnlineTeacher(model, schedule, wanted["top_k"], method.temperature)
+            loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
+                                  limit=wanted["samples"],
+                                  rows=training_rows(recipe.data, beton))
+            build_cache(cache_dir, teacher, wanted, loader, accelerator, console)
+        else:
+            log_line(console, f"teacher cache: reading {cache_dir}, built earlier (no "
+                              "teacher pass)")
+    finally:
+        if lock is not None:
+            lock.close()
     return wanted
 
 
 def cached_teacher(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
-                   accelerator: Accelerator, console: Console = QUIET) -> CachedTeacher:
+                   accelerator: Accelerator, console: Console = QUIET,
+                   lock_dir: Path | None = None) -> CachedTeacher:
     """The teacher of these verified weights as a lookup into its cache, built if needed."""
-    wanted = ensure_cache(weights, schedule, recipe, num_classes, accelerator, console)
-    return open_teacher(weights.parent / CACHE, wanted, accelerator.device)
+    wanted = ensure_cache(weights, schedule, recipe, num_classes, accelerator, console,
+                          lock_dir)
+    return open_teacher(weights.parent / CACHE, wanted, recipe.generations.temperature,
+                        accelerator.device)
 
 
-def open_teacher(cache_dir: Path, wanted: dict, device: torch.device) -> CachedTeacher:
-    """A verified cache as a teacher; each view's checksums are checked on its first use."""
+def open_teacher(cache_dir: Path, wanted: dict, temperature: float,
+                 device: torch.device) -> CachedTeacher:
+    """A verified cache as a teacher at `temperature`; views' checksums checked at first use."""
     arrays = open_arrays(cache_dir, wanted)
-    checksums = read_cache_manifest(cache_dir).get(CHECKSUMS)
+    found = read_cache_manifest(cache_dir)
+    checksums = found.get(CHECKSUMS)
     views = wanted["stored_views"]
     if not (isinstance(checksums, dict) and all(
             isinstance(checksums.get(name), list) and len(checksums[name]) == views
             for name in CACHE_ARRAYS)):
         raise UserError(f"{cache_dir}/{MANIFEST} has no checksums of its views: delete "
                         f"{cache_dir} and rerun the same command to rebuild it")
-    return CachedTeacher(arrays, checksums, wanted["temperature"], device, cache_dir)
+    return CachedTeacher(arrays, checksums, temperature,
+                         temperature_column(found, temperature), device, cache_dir)
 
 
 def describe(cache_dir: Path) -> str:

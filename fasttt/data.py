@@ -45,6 +45,7 @@ from fasttt.recipe import AugmentConfig, DataConfig
 BUILD_HINT = "build it with `python -m beton_builders SOURCE [SRC] OUT_DIR`"
 MANIFEST = "manifest.json"
 READER_POLL_S = 0.5  # how often a wait for FFCV's reader thread checks that it still runs
+HOLDOUT_KEY = 0x5EED_401D  # keys data.holdout's draw, the same for every run
 PHOTO_OPTIONS = ("max_resolution", "jpeg_quality", "write_mode", "compress_probability")
 
 
@@ -125,6 +126,47 @@ def beton_fields(path: Path, manifest: dict, count: int) -> list[str]:
     if problem:
         raise UserError(f"{path} is damaged ({problem}): {rebuild_hint(path.parent, manifest)}")
     return _field_names(descriptors)
+
+
+def train_labels(beton_dir: Path, manifest: dict) -> np.ndarray:
+    """Every training sample's label, read from the beton's checked metadata (no decoding)."""
+    path = split_path(beton_dir, manifest, "train")
+    count = manifest["splits"]["train"]["count"]
+    names = beton_fields(path, manifest, count)
+    header = np.fromfile(path, HeaderType, count=1)[0]
+    descriptors = np.fromfile(path, FieldDescType, count=int(header["num_fields"]),
+                              offset=HeaderType.itemsize)
+    metadata = np.fromfile(path, get_metadata_type(get_handlers(descriptors)), count=count,
+                           offset=HeaderType.itemsize + descriptors.nbytes)
+    return metadata[f"f{names.index('label')}"].astype(np.int64)
+
+
+def holdout_rows(data: DataConfig, manifest: dict) -> np.ndarray:
+    """The training rows set aside by data.holdout: per class, a keyed draw of that fraction.
+
+    Keyed by a constant, not the run's seed, so every run on these betons (a teacher and
+    the students of a sweep) holds out the same samples. Sorted; empty when holdout is 0.
+    """
+    if data.holdout == 0:
+        return np.zeros(0, dtype=np.int64)
+    labels = train_labels(data.beton_dir, manifest)[:train_samples(data, manifest)]
+    rng = np.random.default_rng(HOLDOUT_KEY)
+    rows = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rows.append(rng.permutation(members)[:round(data.holdout * len(members))])
+    return np.sort(np.concatenate(rows))
+
+
+def training_rows(data: DataConfig, manifest: dict) -> np.ndarray | None:
+    """The rows a run trains on (and its caches label): the split less limit and holdout.
+
+    None when that is the whole split, so FFCV reads it as it always did.
+    """
+    samples = train_samples(data, manifest)
+    if data.holdout == 0:
+        return np.arange(samples) if samples < manifest["splits"]["train"]["count"] else None
+    return np.setdiff1d(np.arange(samples), holdout_rows(data, manifest))
 
 
 def _field_names(descriptors: np.ndarray) -> list[str]:
@@ -342,10 +384,12 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
                  distributed: bool = False, os_cache: bool = True, split: str = "train",
-                 canvas_size: int | None = None, device=None, limit: int = 0) -> BetonLoader:
+                 canvas_size: int | None = None, device=None, limit: int = 0,
+                 rows: np.ndarray | None = None) -> BetonLoader:
     """Shuffled, drop_last loader; distributed=True shards it over the process group.
 
-    `limit` > 0 keeps only the first `limit` samples (quick runs and tests).
+    `limit` > 0 keeps only the first `limit` samples (quick runs and tests); `rows`, when
+    given, are the only samples read.
     """
     # QUASI_RANDOM keeps memory low when the beton is not in the page cache, but FFCV
     # does not implement it for distributed loaders.
@@ -353,7 +397,7 @@ def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: in
     loader = _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
                    num_workers=num_workers, order=order, os_cache=os_cache,
                    distributed=distributed, seed=seed, drop_last=True,
-                   indices=(lambda count: np.arange(min(limit, count))) if limit else None)
+                   indices=_indices(limit, rows))
     if len(loader) == 0:
         raise UserError(f"{beton_dir} {split} has fewer samples than one batch of {batch_size} "
                         "per process: lower the batch size")
@@ -363,19 +407,27 @@ def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: in
 def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_workers: int = 2,
                       rank: int = 0, world_size: int = 1, os_cache: bool = True,
                       canvas_size: int | None = None, device=None,
-                      limit: int = 0) -> BetonLoader:
+                      limit: int = 0, rows: np.ndarray | None = None) -> BetonLoader:
     """In-order loader over `rank`'s disjoint slice: every sample exactly once across ranks.
 
     Serves evaluation and the teacher-cache pass. Unlike FFCV's distributed sampler it
     pads nothing, so no sample is seen twice and nothing needs de-duplication. `limit`
-    > 0 covers only the first `limit` samples, as `train_loader`'s does.
+    and `rows` choose the samples, as `train_loader`'s do.
     """
     def indices(count: int) -> np.ndarray:
-        return shard_indices(min(limit, count) if limit else count, rank, world_size)
+        chosen = np.arange(min(limit, count) if limit else count) if rows is None else rows
+        return chosen[shard_indices(len(chosen), rank, world_size)]
 
     return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
                  num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
                  indices=indices, drop_last=False)
+
+
+def _indices(limit: int, rows: np.ndarray | None):
+    """FFCV's `indices` for a limit or explicit rows: None reads the whole split."""
+    if rows is not None:
+        return rows
+    return (lambda count: np.arange(min(limit, count))) if limit else None
 
 
 def train_samples(data: DataConfig, manifest: dict) -> int:
@@ -391,11 +443,11 @@ def _loader_settings(data: DataConfig, accelerator: Accelerator) -> dict:
 
 
 def split_loader(data: DataConfig, accelerator: Accelerator, split: str, batch_size: int,
-                 limit: int = 0) -> BetonLoader:
+                 limit: int = 0, rows: np.ndarray | None = None) -> BetonLoader:
     """This process's in-order slice of a split: evaluation, analysis and the cache pass."""
     return sequential_loader(data.beton_dir, split=split, batch_size=batch_size,
                              rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, limit=limit,
+                             world_size=accelerator.num_processes, limit=limit, rows=rows,
                              **_loader_settings(data, accelerator))
 
 
@@ -415,6 +467,7 @@ def generation_loaders(data: DataConfig, batch_size: int, seed: int,
     per_process = per_process_batch(batch_size, processes)
     train = train_loader(data.beton_dir, batch_size=per_process, seed=seed,
                          distributed=processes > 1, limit=data.train_limit,
+                         rows=training_rows(data, read_manifest(data.beton_dir)),
                          **_loader_settings(data, accelerator))
     return train, split_loader(data, accelerator, "val", 2 * per_process)
 
@@ -436,7 +489,7 @@ def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, *, k: i
     for split in ("train", "val"):
         split_path(data.beton_dir, manifest, split)
     per_process_batch(batch_size, processes)
-    samples = train_samples(data, manifest)
+    samples = train_samples(data, manifest) - len(holdout_rows(data, manifest))
     if batch_size > samples:
         limited = data.train_limit and samples == data.train_limit
         limit = f" (data.train_limit = {data.train_limit})" if limited else ""

@@ -54,6 +54,11 @@ class GenerationSpec:
     objective: Objective
     views: ViewSchedule
     teacher: Teacher | None = None
+    order_key: int | None = None  # keys the batch order; None: the views' key
+
+    def batch_order_key(self) -> int:
+        """What seeds FFCV's shuffles: the views' key unless the teacher's run chose them."""
+        return self.views.key if self.order_key is None else self.order_key
 
 
 @dataclass(frozen=True)
@@ -182,8 +187,8 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
     if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train, val = generation_loaders(recipe.data, recipe.optim.batch_size, spec.views.key,
-                                    accelerator)
+    train, val = generation_loaders(recipe.data, recipe.optim.batch_size,
+                                    spec.batch_order_key(), accelerator)
     learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule, len(train)))
     spec.directory.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(spec.directory, accelerator.unwrap_model(model), optimizer,

@@ -202,3 +202,44 @@ def write_figures(run_dir: Path, summary: dict, matrices: dict[int, np.ndarray],
                                         or old.name.startswith("second_class_gen")):
             old.unlink()
     return list(figures)
+
+
+def write_sweep_figures(directory: Path, sweep: dict) -> list[str]:
+    """figures/sweep_<key>.png per swept key: val top-1 (mean ± std over seeds) against it.
+
+    One line per combination of the other swept keys; the x axis is the key's values in
+    grid order, evenly spaced when they are not all numbers.
+    """
+    keys, cells = list(sweep["grid"]), [c for c in sweep["cells"] if c["seeds_finished"]]
+    folder = directory / FIGURES
+    folder.mkdir(exist_ok=True)
+    names = []
+    for key in keys:
+        values = sweep["grid"][key]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.add_subplot(111)
+        ax.set_title(f"{sweep['name']}: students of {sweep['teacher']}", fontsize=10)
+        ax.set(xlabel=key, ylabel="val top-1 (%), last generation, last epoch")
+        ax.grid(alpha=0.3)
+        others = [k for k in keys if k != key]
+        lines: dict[tuple, list] = {}
+        for cell in cells:
+            lines.setdefault(tuple(cell["values"][k] for k in others), []).append(cell)
+        for i, (rest, members) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
+            members.sort(key=lambda c: values.index(c["values"][key]))
+            xs = [c["values"][key] if numeric else values.index(c["values"][key])
+                  for c in members]
+            label = ", ".join(f"{k.split('.')[-1]} = {v}" for k, v in zip(others, rest,
+                                                                            strict=True))
+            ax.errorbar(xs, [c["val_top1_mean"] for c in members],
+                        yerr=[c["val_top1_std"] or 0.0 for c in members], marker="o",
+                        capsize=3, color=f"C{i % 10}", label=label or None)
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+        name = f"sweep_{key}.png"
+        _save(fig, folder / name)
+        names.append(name)
+    return names

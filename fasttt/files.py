@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,6 +64,12 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if isinstance(err, OSError):
             raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
+
+
+def copy_file(source: Path, path: Path) -> None:
+    """Copy `source` to `path` atomically."""
+    with open(source, "rb") as original:
+        write_atomically(path, partial(shutil.copyfileobj, original))
 
 
 def preallocate(path: Path) -> None:

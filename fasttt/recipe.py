@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ MAX_SIDE = 16_384  # pixels, of canvases and views
 MAX_WORKERS = 1024
 MAX_STUDENTS = 100
 MAX_BASE_DEPTH = 32  # `base =` links followed from one recipe
+MAX_TEMPERATURES = 64
+TEACHER_PATTERN = re.compile(r"[^\0]*[^/\0]/gen(0|[1-9][0-9]{0,2})")  # runs/NAME/genM
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
             "swanlab", "trackio")  # Accelerate's LoggerType names
 # Keys that change how fast a run goes or what it logs, never what it trains on or computes:
@@ -88,6 +91,10 @@ class DataConfig:
     os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
     train_limit: int = 0  # train on the first N samples only (quick checks); 0 = all
     builtin: Literal["", "digits"] = ""  # "digits": build the embedded betons if missing
+    # a stratified fraction of the training split set aside, the same for every run on
+    # these betons: no generation trains on it and no cache labels it; generations.stop
+    # decides on it (0 = none)
+    holdout: float = 0.0
     # class -> superclass, one entry per class, for DistC/DistS; empty: the beton
     # manifest's fine_to_coarse (CIFAR-100), else those statistics are skipped
     superclasses: tuple[int, ...] = ()
@@ -99,6 +106,7 @@ class DataConfig:
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
         _require(self.num_workers <= MAX_WORKERS, "num_workers", f"must be <= {MAX_WORKERS}")
         _require(self.train_limit >= 0, "train_limit", "must be >= 0")
+        _require(0 <= self.holdout <= 0.5, "holdout", "must be in [0, 0.5]")
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,14 @@ class GenerationsConfig:
     k: int = 5  # K: top scores in the TSD term
     lam: float = 0.6  # lambda: weight of CE in the student loss (1 - lambda on the KL)
     temperature: float = 1.0  # T of the student KL (the paper uses 1)
+    # "runs/NAME/genM": generation 0 is that finished generation of another run (same
+    # model and betons), read through its cache; only students train here. "" = a patriarch
+    teacher: str = ""
+    # "fixed": train every student; "saturation": stop once the holdout top-1 (data.holdout)
+    # has not improved by `min_delta` points for `patience` generations
+    stop: Literal["fixed", "saturation"] = "fixed"
+    patience: int = 1
+    min_delta: float = 0.0  # percentage points of holdout top-1
 
     def check(self) -> None:
         _require(self.students >= 0, "students", "must be >= 0")
@@ -223,6 +239,10 @@ class GenerationsConfig:
         _require(self.k >= 2, "k", "must be >= 2")
         _require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         _require(0.01 <= self.temperature <= 100, "temperature", "must be in [0.01, 100]")
+        _require(self.teacher == "" or TEACHER_PATTERN.fullmatch(self.teacher) is not None,
+                 "teacher", "must name a finished generation of another run, runs/NAME/genM")
+        _require(1 <= self.patience <= MAX_STUDENTS, "patience", f"must be in 1..{MAX_STUDENTS}")
+        _require(0 <= self.min_delta <= 100, "min_delta", "must be in [0, 100]")
 
 
 @dataclass(frozen=True)
@@ -240,6 +260,10 @@ class CacheConfig:
     teacher_view: Literal["student", "unaugmented"] = "student"
     top_k: int = 0  # logits kept per sample and view; 0 keeps all classes
     dtype: Literal["float16", "float32"] = "float16"
+    # the temperatures whose log-partition is stored (4 bytes per row each), so students of
+    # several generations.temperature share one cache; [] = the student's own. A cache
+    # keeping every class (top_k = 0) serves any temperature.
+    temperatures: tuple[float, ...] = ()
     batch_size: int = 512  # teacher inference batch, per process
     # "last": delete a teacher's cache once its student has finished (frees disk; only
     # the newest teacher's cache stays); "all" keeps every cache
@@ -251,6 +275,10 @@ class CacheConfig:
         _require(self.top_k >= 0, "top_k", "must be >= 0 (0 keeps all)")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.batch_size <= MAX_BATCH, "batch_size", f"must be <= {MAX_BATCH}")
+        _require(all(0.01 <= t <= 100 for t in self.temperatures), "temperatures",
+                 "must each be in [0.01, 100]")
+        _require(len(self.temperatures) <= MAX_TEMPERATURES, "temperatures",
+                 f"must hold at most {MAX_TEMPERATURES} values")
 
 
 @dataclass(frozen=True)
@@ -403,7 +431,27 @@ def build_recipe(tables: dict, where: str) -> Recipe:
     if unknown:
         raise UserError(f"{where}: unknown section [{_shown(unknown[0])}] "
                         f"(known: {', '.join(SECTIONS)})")
-    return Recipe(**{name: _section(name, tables.get(name, {}), where) for name in SECTIONS})
+    recipe = Recipe(**{name: _section(name, tables.get(name, {}), where)
+                       for name in SECTIONS})
+    problem = _across_sections(recipe)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    return recipe
+
+
+def _across_sections(recipe: Recipe) -> str | None:
+    """What is wrong with keys of several sections taken together, or None."""
+    method, cache = recipe.generations, recipe.cache
+    if method.stop == "saturation" and recipe.data.holdout == 0:
+        return ("generations.stop = \"saturation\" decides on a holdout: set data.holdout, "
+                "e.g. --set data.holdout=0.05")
+    if (cache.mode == "precomputed" and cache.temperatures and cache.top_k
+            and method.temperature not in cache.temperatures):
+        stored = toml_value(cache.temperatures)
+        return (f"generations.temperature = {method.temperature:g} is not among "
+                f"cache.temperatures = {stored}, and a cache keeping the top {cache.top_k} "
+                "logits cannot serve another: add it to cache.temperatures")
+    return None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from fasttt.adopt import adopted_teacher
 from fasttt.data import BUILD_HINT, MANIFEST, read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.figures import generation_label, write_figures
@@ -45,6 +46,7 @@ from fasttt.rundir import (
     generation_dir,
     retrain_hint,
 )
+from fasttt.stopping import read_stopping
 from fasttt.teachers import view_schedule
 
 
@@ -238,9 +240,12 @@ def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | No
     dataset, class_names = _dataset(run_dir, recipe)
     classes = len(class_names) if class_names else next(
         (len(x) for x in matrices.values()), None)
+    adopted = adopted_teacher(run_dir)
     summary = {"run": recipe.run.name, "title": method_title(recipe, dataset),
                "method": _method(recipe, dataset, classes), "planned_generations": planned,
-               "finished_generations": finished, **_results(run_dir, gen)}
+               "finished_generations": finished, **_results(run_dir, gen),
+               "adopted_teacher": None if adopted is None else adopted.describe(),
+               "stopping": read_stopping(run_dir)}
     summary["paper"] = paper_summary(summary, match_paper(recipe, classes))
     summary["notes"] = _notes(summary, gen)
     return summary, matrices, class_names
@@ -257,8 +262,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _headline(summary: dict) -> str:
     gens = summary["generations"]
+    teacher = summary["adopted_teacher"]
+    stopping = summary["stopping"] or {}
+    stopped = ("" if stopping.get("stopped_after") is None else
+               f" The saturation rule stopped after gen {stopping['stopped_after']}.")
+    who = f"Teacher ({teacher}, adopted as gen 0)" if teacher else "Patriarch"
     text = (f"{summary['finished_generations']} of {summary['planned_generations']} generations "
-            f"finished. Patriarch: last-epoch top-1 error {gens[0]['last_top1_error']:.2f} %.")
+            f"finished.{stopped} {who}: last-epoch top-1 error "
+            f"{gens[0]['last_top1_error']:.2f} %.")
     if len(gens) > 1:
         best = min(gens[1:], key=lambda g: g["last_top1_error"])
         change = best["last_top1_error"] - gens[0]["last_top1_error"]
@@ -317,6 +328,27 @@ def _dist_section(summary: dict) -> str:
             + _table(["gen", "train DistC", "train DistS", "test DistC", "test DistS"], rows))
 
 
+def _stopping_section(summary: dict) -> str:
+    stopping = summary["stopping"]
+    if stopping is None:
+        return ""
+    rows = [[generation_label(g["generation"]), _f(g["top1"]), _f(g["ensemble_top1"]),
+             _f(g["train_top1_confidence"], 3)] for g in stopping["generations"]]
+    decision = (f"stopped after gen {stopping['stopped_after']} of the "
+                f"{stopping['planned_students']} planned students: {stopping['reason']}"
+                if stopping["stopped_after"] is not None else stopping["reason"])
+    return ("## When to stop (holdout)\n\n"
+            f"{stopping['holdout_samples']} training samples ({stopping['holdout']:g} of the "
+            "split, stratified) were held out of every generation and every cache. Rule: "
+            f"generations.stop = \"{stopping['rule']}\" (patience {stopping['patience']}, "
+            f"min_delta {stopping['min_delta']:g} points); decision: {decision}. Top-1 (%) on "
+            "the holdout of each generation's last epoch and of the ensemble of generations "
+            "0..m, and each generation's mean top-1 confidence on its training rows, the "
+            "paper's saturation signal.\n\n"
+            + _table(["gen", "holdout top-1", "ensemble holdout top-1",
+                      "train top-1 confidence"], rows))
+
+
 def _transfer_section(summary: dict) -> str:
     title = "## Transfer (Table 6)\n\n"
     if summary["transfer"] is None:
@@ -362,7 +394,8 @@ def render_markdown(summary: dict, figures: list[str]) -> str:
     views = summary["method"]["teacher_views"]
     parts = [f"# {summary['run']}: {summary['title']}", _headline(summary),
              f"Teacher views: {views}." if views else "",
-             _error_section(summary), _secondary_section(summary), _dist_section(summary),
+             _error_section(summary), _stopping_section(summary), _secondary_section(summary),
+             _dist_section(summary),
              _transfer_section(summary), _paper_section(summary),
              "## Notes\n\n" + "\n".join(f"- {n}" for n in summary["notes"])
              if summary["notes"] else "", "## Figures\n\n" + images]

@@ -4,7 +4,8 @@
       recipe.toml  inputs.json  history.jsonl  .lock
       gen<m>/  last.safetensors  eval.json  metrics.jsonl  ckpt-*/  latest.json
                analysis.json  second_class.npy  cache/  (generation m's outputs)
-      ensemble.json  summary.json  summary.md  figures/  transfer/
+               holdout.json  (data.holdout)  teacher.json  (gen0 adopted from another run)
+      ensemble.json  stopping.json  summary.json  summary.md  figures/  transfer/
 
 Every other module asks this one where a file lives. A generation is finished once its
 eval.json exists (written after last.safetensors). A second process on a run would
@@ -15,8 +16,9 @@ SIGKILLed or preempted run never leaves a stale lock.
 A run directory is claimed by the first run that trains in it (a generation finished or
 an epoch checkpointed); until then any recipe may take it over. A claimed run must see
 the recipe (`recipe.toml`) and the betons (`inputs.json`) that it started with, but for
-bookkeeping keys (recipe.BOOKKEEPING) and more students; anything else would silently
-mix two experiments in one run. Each accepted change is one line of `history.jsonl`.
+bookkeeping keys (recipe.BOOKKEEPING), more students and another stopping rule; anything
+else would silently mix two experiments in one run. Each accepted change is one line of
+`history.jsonl`.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from rich.console import Console
+
 from fasttt.checkpoint import LATEST
 from fasttt.errors import UserError
 from fasttt.files import remove_dir, sha256_file, write_json, write_text
+from fasttt.progress import log_line
 from fasttt.recipe import (
     BOOKKEEPING,
     MAX_STUDENTS,
@@ -45,11 +50,16 @@ from fasttt.recipe import (
 LOCK, RECIPE, INPUTS, HISTORY = ".lock", "recipe.toml", "inputs.json", "history.jsonl"
 ENSEMBLE, SUMMARY_JSON, SUMMARY_MD = "ensemble.json", "summary.json", "summary.md"
 FIGURES, TRANSFER = "figures", "transfer"
+STOPPING = "stopping.json"  # the holdout curve and the stopping rule's decision
 # May grow on a run that trained: the new generations train, the finished ones stay.
 STUDENTS = "generations.students"
+# Decide only how many generations train (fasttt/stopping.py), never what one computes.
+STOP_RULE = frozenset({"generations.stop", "generations.patience", "generations.min_delta"})
 # inside gen<m>/
 WEIGHTS, EVAL, METRICS = "last.safetensors", "eval.json", "metrics.jsonl"
 ANALYSIS, SECOND_CLASS, CACHE = "analysis.json", "second_class.npy", "cache"
+HOLDOUT = "holdout.json"  # generation m judged on data.holdout (fasttt/stopping.py)
+ADOPTED = "teacher.json"  # gen0 is another run's generation (fasttt/adopt.py)
 
 
 def generation_dir(run_dir: Path, m: int) -> Path:
@@ -64,8 +74,12 @@ def generation_dirs(run_dir: Path) -> list[Path]:
 
 
 def has_trained(run_dir: Path) -> bool:
-    """True once a generation of the run finished or checkpointed an epoch: the run's claim."""
-    return any(is_finished(d) or (d / LATEST).is_file() for d in generation_dirs(run_dir))
+    """True once a generation of the run finished or checkpointed an epoch: the run's claim.
+
+    An adopted teacher (gen0/teacher.json) was trained elsewhere and claims nothing.
+    """
+    return any((is_finished(d) and not (d / ADOPTED).is_file()) or (d / LATEST).is_file()
+               for d in generation_dirs(run_dir))
 
 
 def is_finished(gen_dir: Path) -> bool:
@@ -121,16 +135,27 @@ def generation_weights(run_dir: Path, m: int) -> Path:
     return path
 
 
-def lock_run_dir(run_dir: Path) -> IO:
-    """Hold `run_dir`'s writer lock (keep the returned file open), or refuse in one line."""
+def lock_run_dir(run_dir: Path, waiting: Console | None = None) -> IO:
+    """Hold `run_dir`'s writer lock (keep the returned file open), or refuse in one line.
+
+    With a `waiting` console, wait for the lock instead, saying so there.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK, "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
-        raise UserError(f"{run_dir} is in use by another fasttt process: wait for it to end, "
-                        "or give this run another run.name") from None
+        if waiting is None:
+            handle.close()
+            raise UserError(f"{run_dir} is in use by another fasttt process: wait for it to "
+                            "end, or give this run another run.name") from None
+        log_line(waiting, f"waiting for {run_dir}'s lock: another fasttt process trains in it "
+                          "or builds a cache there")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            raise
     return handle
 
 
@@ -179,7 +204,7 @@ def recipe_changes(run_dir: Path, recipe: Recipe, trained: bool) -> dict[str, tu
             from None
     if not trained:
         return changes
-    refused = [key for key in changes if key not in BOOKKEEPING | {STUDENTS}]
+    refused = [key for key in changes if key not in BOOKKEEPING | STOP_RULE | {STUDENTS}]
     if refused:
         saved, now = map(toml_value, changes[refused[0]])
         more = len(refused) - 1

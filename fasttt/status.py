@@ -36,6 +36,7 @@ from fasttt.rundir import (
     read_eval,
     used_caches,
 )
+from fasttt.stopping import read_stopping
 
 USAGE = "python -m fasttt.status RUN_DIR [--json]"
 
@@ -86,6 +87,12 @@ def run_status(run_dir: Path) -> dict:
                         "runs/<name>")
     recipe = load_recipe(run_dir / RECIPE)
     planned, epochs = recipe.generations.students + 1, recipe.schedule.epochs
+    stopping = read_stopping(run_dir) or {}
+    stopped_after = stopping.get("stopped_after")
+    if isinstance(stopped_after, int) and 0 <= stopped_after < planned - 1:
+        planned = stopped_after + 1  # the saturation rule ended the run there
+    else:
+        stopped_after = None
     finished = len(finished_generations(run_dir, planned))
     current = finished if finished < planned else None
     rows = [metric_rows(generation_dir(run_dir, m)) for m in range(planned)]
@@ -101,6 +108,7 @@ def run_status(run_dir: Path) -> dict:
         "run_dir": str(run_dir), "name": recipe.run.name, "model": recipe.model.name,
         "dataset": recipe.data.beton_dir, "students": recipe.generations.students,
         "epochs": epochs, "state": state, "held": held, "current_generation": current,
+        "stopped_after": stopped_after,
         "generations": gens, "seconds_per_epoch": per_epoch, "eta_generation_s": eta[0],
         "eta_run_s": eta[1], "bytes_total": tree_bytes(run_dir),
         "bytes_freed_by_keep_last": sum(map(tree_bytes, used_caches(run_dir))),
@@ -125,7 +133,10 @@ def print_status(facts: dict, console: Console) -> None:
     say(f"{facts['name']}: {facts['model']} on {facts['dataset']}, gen 0..{facts['students']} "
         f"of {facts['epochs']} epochs each")
     current = facts["current_generation"]
-    where = ("all generations finished" if current is None else
+    stopped = facts["stopped_after"]
+    where = (f"stopped after gen {stopped} by the saturation rule (generations.stop)"
+             if current is None and stopped is not None else
+             "all generations finished" if current is None else
              f"gen {current}/{facts['students']}: "
              f"{facts['generations'][current]['epochs_done']}/{facts['epochs']} epochs done")
     say(f"{facts['state']}: {where}; "

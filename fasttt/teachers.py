@@ -65,8 +65,14 @@ class TopKTeacher:
             values, ids = logits, torch.arange(k, device=logits.device).expand_as(logits)
         else:
             values, ids = logits.topk(k, dim=1)
-        log_partition = torch.logsumexp(logits.float() / temperature, dim=1)
+        log_partition = log_partitions(logits, (temperature,))[:, 0]
         return cls(values, ids, log_partition, float(temperature))
+
+
+def log_partitions(logits: Tensor, temperatures) -> Tensor:
+    """(B, len(temperatures)) float32 logsumexp(logits / T) of full (B, C) logits, per T."""
+    logits = logits.detach().float()
+    return torch.stack([torch.logsumexp(logits / t, dim=1) for t in temperatures], dim=1)
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,18 @@ class OnlineTeacher:
         self.schedule, self.top_k, self.temperature = schedule, top_k, temperature
 
     @torch.no_grad()
-    def __call__(self, index: Tensor, view: int, images: Tensor, extent: Tensor | None,
-                 shown: Tensor | None = None) -> TopKTeacher:
-        """Outputs on view `view`; `shown`, the student's pixels of it, saves augmenting again."""
+    def logits(self, index: Tensor, view: int, images: Tensor, extent: Tensor | None,
+               shown: Tensor | None = None) -> Tensor:
+        """Full float32 logits on view `view`; `shown`, the student's pixels, saves augmenting."""
         if shown is None or self.schedule.unaugmented_teacher:
             shown = self.schedule.teacher_pixels(images, index, view, extent)
-        return TopKTeacher.from_logits(self.model(shown).float(), self.top_k, self.temperature)
+        return self.model(shown).float()
+
+    def __call__(self, index: Tensor, view: int, images: Tensor, extent: Tensor | None,
+                 shown: Tensor | None = None) -> TopKTeacher:
+        """Outputs on view `view`, as `logits` takes it."""
+        return TopKTeacher.from_logits(self.logits(index, view, images, extent, shown),
+                                       self.top_k, self.temperature)
 
 
 class CachedTeacher:
@@ -155,9 +167,10 @@ class CachedTeacher:
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], checksums: dict[str, list[str]],
-                 temperature: float, device: torch.device, source: Path):
+                 temperature: float, column: int | None, device: torch.device, source: Path):
+        """`column`: the stored log-partition at `temperature`; None: from the full logits."""
         self.arrays, self.checksums, self.source = arrays, checksums, source
-        self.temperature, self.device = temperature, device
+        self.temperature, self.column, self.device = temperature, column, device
         self.verified: set[int] = set()
 
     def _verify(self, view: int) -> None:
@@ -174,7 +187,12 @@ class CachedTeacher:
         if view not in self.verified:
             self._verify(view)
         rows = index.cpu().numpy()
-        values, ids, log_partition = (
-            torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows]))
-            .to(self.device, non_blocking=True) for name in CACHE_ARRAYS)
+        values, ids = (torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows]))
+                       .to(self.device, non_blocking=True) for name in ("values", "ids"))
+        if self.column is None:  # every class kept: the log-partition at any temperature
+            log_partition = log_partitions(values, (self.temperature,))[:, 0]
+        else:
+            stored = self.arrays["log_partition"][view][rows, self.column]
+            log_partition = torch.from_numpy(np.ascontiguousarray(stored)).to(
+                self.device, non_blocking=True)
         return TopKTeacher(values, ids.long(), log_partition, self.temperature)

@@ -10,7 +10,10 @@ The outline of the method: a patriarch learns from labels with a softened object
 (TSD, LSR or CP; CE for the baseline), then each generation m = 1..M trains a student
 of the same architecture from scratch on labels plus its teacher, the LAST-epoch
 weights of generation m-1, on views of its own. Rerunning the same command resumes
-where a run stopped; a finished generation is never retrained.
+where a run stopped; a finished generation is never retrained. A run may instead adopt
+another run's finished generation as its teacher (generations.teacher) and train
+students only, and may stop early when a holdout says the generations saturate
+(generations.stop).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
+from fasttt.adopt import Adopted, adopt_teacher, adopted_teacher
 from fasttt.analysis import analyze_run
+from fasttt.augment import generation_key
 from fasttt.cache import cached_teacher, drop_used_caches
 from fasttt.checkpoint import drop_checkpoints
 from fasttt.data import check_fits, ensure_betons
@@ -49,6 +54,7 @@ from fasttt.rundir import (
     lock_run_dir,
     read_eval,
 )
+from fasttt.stopping import judge_generation
 from fasttt.teachers import OnlineTeacher, ViewSchedule, view_schedule
 from fasttt.tracking import generation_trackers
 
@@ -65,13 +71,16 @@ def parse_args(argv: list[str]):
 
 
 def teacher_for(views: ViewSchedule, weights: Path, recipe: Recipe, num_classes: int,
-                accelerator: Accelerator, console: Console):
-    """Generation m-1 as its student's teacher: a lookup into its cache, or the model itself."""
+                accelerator: Accelerator, console: Console, lock_dir: Path | None = None):
+    """Generation m-1 as its student's teacher: a lookup into its cache, or the model itself.
+
+    `lock_dir`: the teacher's own run, when this run adopted it.
+    """
     if recipe.cache.mode == "online":
         model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                  accelerator.device)
         return OnlineTeacher(model, views, num_classes, recipe.generations.temperature)
-    return cached_teacher(weights, views, recipe, num_classes, accelerator, console)
+    return cached_teacher(weights, views, recipe, num_classes, accelerator, console, lock_dir)
 
 
 def print_generations(results: list[dict], console: Console) -> None:
@@ -85,19 +94,27 @@ def print_generations(results: list[dict], console: Console) -> None:
     console.print(table)
 
 
-def train_generations(run_dir: Path, recipe: Recipe, num_classes: int,
+def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: Adopted | None,
                       accelerator: Accelerator, console: Console) -> None:
-    """The patriarch, then each student taught by the generation before; finished ones kept."""
+    """The patriarch, then each student taught by the generation before; finished ones kept.
+
+    With data.holdout, each generation is judged on the holdout once it has finished; the
+    saturation rule (generations.stop) may end the run before the last planned student.
+    """
     results = []
     for m in range(recipe.generations.students + 1):
         directory = generation_dir(run_dir, m)
-        if is_finished(directory):
+        if m == 0 and adopted is not None:
+            log_line(console, f"gen0: {adopted.describe()}, adopted as the teacher")
+            results.append(read_eval(run_dir, 0))
+        elif is_finished(directory):
             console.print(f"gen{m}: finished earlier, kept")
             generation_weights(run_dir, m)  # there and whole, or a one-line refusal
             on_main_process(accelerator, drop_checkpoints, directory)  # a kill's leftovers
             results.append(read_eval(run_dir, m))
         else:
-            spec = generation_spec(run_dir, m, recipe, num_classes, accelerator, console)
+            spec = generation_spec(run_dir, m, recipe, num_classes, adopted, accelerator,
+                                   console)
             with generation_trackers(accelerator, recipe, m, directory):
                 results.append(train_generation(spec, recipe, num_classes, accelerator,
                                                 console))
@@ -107,15 +124,27 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int,
             if freed:
                 log_line(console, f"cache.keep = \"last\": freed {decimal(freed)} of teacher "
                                   "caches whose students have finished")
+        if recipe.data.holdout and judge_generation(run_dir, m, recipe, num_classes,
+                                                    accelerator, console):
+            break
 
 
 def generation_spec(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
-                    accelerator: Accelerator, console: Console) -> GenerationSpec:
+                    adopted: Adopted | None, accelerator: Accelerator,
+                    console: Console) -> GenerationSpec:
     """Generation m's objective, views and teacher (generation m-1's last epoch)."""
     method = recipe.generations
     views = view_schedule(recipe.run.seed, m, recipe.schedule.epochs, recipe.augment,
                           recipe.cache)
     directory = generation_dir(run_dir, m)
+    if m == 1 and adopted is not None:  # the views the teacher's run labelled for its student
+        views = view_schedule(adopted.seed, adopted.generation + 1, recipe.schedule.epochs,
+                              recipe.augment, recipe.cache)
+        console.print(f"gen1: {views.describe()}")
+        teacher = teacher_for(views, adopted.weights(), recipe, num_classes, accelerator,
+                              console, lock_dir=adopted.run_dir)
+        return GenerationSpec(1, directory, student_objective(method.lam, method.temperature),
+                              views, teacher, order_key=generation_key(recipe.run.seed, 1))
     if m == 0:  # the patriarch learns from labels with the softened objective
         return GenerationSpec(0, directory, patriarch_objective(
             method.patriarch_loss, method.u, method.k, method.eta), views)
@@ -143,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         on_main_process(accelerator, claim_run_dir, run_dir, recipe,
                         Path(recipe.data.beton_dir), manifest)
-        train_generations(run_dir, recipe, len(manifest["class_names"]), accelerator, console)
+        if recipe.generations.teacher:
+            on_main_process(accelerator, adopt_teacher, run_dir, recipe,
+                            Path(recipe.data.beton_dir), manifest)
+        adopted = adopted_teacher(run_dir) if recipe.generations.teacher else None
+        train_generations(run_dir, recipe, len(manifest["class_names"]), adopted, accelerator,
+                          console)
         analyze_run(run_dir, recipe, accelerator, console)
         report = on_main_process(accelerator, write_report, run_dir, console)
         console.print(f"report: {report}")

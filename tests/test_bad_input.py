@@ -536,12 +536,12 @@ def cache(digits, tmp_path_factory):
     wanted = expected_manifest(root / "teacher.safetensors", read_manifest(digits), 64, schedule,
                                recipe.cache, 10, recipe.generations.temperature)
     accelerator = Accelerator(cpu=True)
-    teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperature"])
+    teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperatures"][0])
     loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size, limit=64)
     build_cache(root / "cache", teacher, wanted, loader, accelerator)
     assert set(CACHE_KEYS) == {*wanted, "complete"}  # the fuzzing below covers every key
     assert {n: a.shape for n, a in open_arrays(root / "cache", wanted).items()} == {
-        "values": (2, 64, 4), "ids": (2, 64, 4), "log_partition": (2, 64)}
+        "values": (2, 64, 4), "ids": (2, 64, 4), "log_partition": (2, 64, 1)}
     return root / "cache", wanted
 
 
@@ -601,7 +601,7 @@ def test_damaged_cache_arrays_are_refused(cache, name, damage):
 
 CACHE_KEYS = ["complete", "teacher_sha256", "beton_sha256", "augment_sha256", "samples",
               "classes", "views", "stored_views", "teacher_view", "top_k", "dtype",
-              "temperature", "format_version"]
+              "temperatures", "holdout", "format_version"]
 
 
 @fuzz(60)

@@ -73,7 +73,7 @@ def cache_bytes(recipe, samples: int, classes: int) -> int:
     cache = recipe.cache
     manifest = {"stored_views": student_views(recipe).teacher_views, "samples": samples,
                 "classes": classes, "top_k": min(cache.top_k or classes, classes),
-                "dtype": cache.dtype}
+                "dtype": cache.dtype, "temperatures": [1.0]}
     return sum(math.prod(shape) * dtype.itemsize
                for shape, dtype in array_specs(manifest).values())
 

@@ -290,7 +290,7 @@ def test_weights_that_are_pickles_or_another_model_are_refused(checkpoint, tmp_p
 WANTED = {"format_version": FORMAT_VERSION, "teacher_sha256": "1" * 64,
           "beton_sha256": "2" * 64, "augment_sha256": "3" * 64, "samples": 8, "classes": 10,
           "views": 2, "stored_views": 2, "teacher_view": "student", "top_k": 3,
-          "dtype": "float16", "temperature": 1.0}
+          "dtype": "float16", "temperatures": [1.0], "holdout": 0.0}
 
 
 def test_cache_arrays_holding_pickles_are_refused(tmp_path):

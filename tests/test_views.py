@@ -125,7 +125,7 @@ def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views
     loader = sequential_loader(digits, split="train", batch_size=50, num_workers=1,
                                limit=samples)
     build_cache(tmp_path / "cache", online, wanted, loader, accelerator)
-    cached = open_teacher(tmp_path / "cache", wanted, torch.device("cpu"))
+    cached = open_teacher(tmp_path / "cache", wanted, 1.0, torch.device("cpu"))
     batch = first_batch(digits)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:24]
     for epoch in range(recipe.schedule.epochs):  # epoch 3 shows view 0 again
@@ -136,6 +136,13 @@ def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views
         assert torch.equal(got.ids, want.ids)
         assert torch.allclose(got.values, want.values, atol=1e-5)
         assert torch.allclose(got.log_partition, want.log_partition, atol=1e-5)
+    # Every class kept: the cache serves a student of any temperature, T = 4 here.
+    hot = open_teacher(tmp_path / "cache", wanted, 4.0, torch.device("cpu"))
+    assert hot.column is None and wanted["temperatures"] == [1.0]
+    want = OnlineTeacher(model, views, 10, 4.0)(batch.index[order], 0, batch.image[order], None)
+    got = hot(batch.index[order], 0)
+    assert got.temperature == 4.0
+    assert torch.allclose(got.log_partition, want.log_partition, atol=1e-5)
     # Another generation's views are another cache: the fingerprint refuses it.
     (other,) = schedules(recipe, 3)
     other_wanted = expected_manifest(tmp_path / "teacher.safetensors", beton, samples, other,

@@ -1,0 +1,194 @@
+"""One teacher, many students: runs that adopt another run's generation, and the sweep.
+
+One tiny teacher run (a patriarch and its own student; cache.keep = "last" deletes the
+patriarch's cache once the student finished) and one 2 x 2 sweep of its patriarch's
+students, two points at a time, are shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RECIPE, one_line_refusal, snapshot, tiny_run_args, tiny_run_flags
+from rich.console import Console
+
+import fasttt.cache as cache_module
+from fasttt.sweep import SWEEP_JSON, SWEEP_MD, grid_points, parse_grid, run_points, summarize
+from fasttt.sweep import main as sweep
+from fasttt.teachers import OnlineTeacher
+from fasttt.train import main as train
+
+# the teacher's cache stores T = 1 and 4 for its top 5 of 10 logits
+CACHE = {"cache.temperatures": "[1.0, 4.0]", "cache.top_k": 5, "data.train_limit": 128,
+         "generations.students": 1}
+GRID = ["--grid", "generations.lam=0.6,0.3", "--grid", "generations.temperature=1,4"]
+POINTS = ["lam0.6-temperature1-seed0", "lam0.6-temperature4-seed0",
+          "lam0.3-temperature1-seed0", "lam0.3-temperature4-seed0"]
+
+
+def sweep_args(digits: Path, runs: Path, *extra: str, **overrides) -> list[str]:
+    """The module's sweep of the teacher's patriarch, with `overrides` on its recipe."""
+    teacher = runs / "teacher" / "gen0"
+    flags = tiny_run_flags(digits, **{**CACHE, "generations.teacher": f'"{teacher}"',
+                                      **overrides})
+    return [str(RECIPE), *flags, *GRID, "--runs-dir", str(runs), "--name", "sweep", *extra]
+
+
+@pytest.fixture(scope="module")
+def swept(digits, tmp_path_factory) -> Path:
+    """runs/ holding the teacher run and the finished sweep of its patriarch's students."""
+    runs = tmp_path_factory.mktemp("sweep") / "runs"
+    train(tiny_run_args(digits, runs, **CACHE, **{"cache.keep": '"last"', "run.name": "teacher"}))
+    assert not (runs / "teacher" / "gen0" / "cache").exists()  # the sweep builds it again
+    sweep(sweep_args(digits, runs, "--parallel", "2"))
+    return runs
+
+
+def test_every_point_trains_students_only_from_one_cache_built_once(swept):
+    result = json.loads((swept / "sweep" / SWEEP_JSON).read_text())
+    assert [p["name"] for p in result["points"]] == POINTS
+    assert all(p["status"] == "finished" and p["generation"] == 1 for p in result["points"])
+    assert result["grid"] == {"generations.lam": [0.6, 0.3],
+                              "generations.temperature": [1.0, 4.0]}
+    assert all(c["seeds_finished"] == 1 and 0 <= c["val_top1_mean"] <= 100
+               for c in result["cells"])
+    teacher = swept / "teacher" / "gen0"
+    logs = {name: (swept / "sweep" / name / "train.log").read_text() for name in POINTS}
+    builders = [name for name, log in logs.items() if "teacher cache: 1/2 views" in log]
+    assert len(builders) == 1, builders  # one teacher pass for the whole sweep
+    assert all("built earlier (no teacher pass)" in log
+               for name, log in logs.items() if name not in builders)
+    assert json.loads((teacher / "cache" / "manifest.json").read_text())["temperatures"] == [
+        1.0, 4.0]
+    for name in POINTS:  # no patriarch trained: gen0 is the teacher's, and says so
+        gen0 = swept / "sweep" / name / "gen0"
+        assert (gen0 / "last.safetensors").read_bytes() == (teacher /
+                                                             "last.safetensors").read_bytes()
+        assert json.loads((gen0 / "teacher.json").read_text())["run"] == str(teacher.parent)
+        assert not (gen0 / "cache").exists()
+        summary = json.loads((swept / "sweep" / name / "summary.json").read_text())
+        assert summary["adopted_teacher"] == str(teacher)
+    markdown = (swept / "sweep" / SWEEP_MD).read_text()
+    assert f"students of {teacher}" in markdown and "| 0.3 | 4.0 | 1/1 |" in markdown
+    for key in ("generations.lam", "generations.temperature"):
+        assert (swept / "sweep" / "figures" / f"sweep_{key}.png").stat().st_size > 1000
+
+
+def test_the_point_with_the_teachers_own_settings_reproduces_its_student(swept):
+    # The same views (the teacher run's gen1 keys), seed and batch order: the same weights.
+    point = swept / "sweep" / "lam0.6-temperature1-seed0" / "gen1" / "last.safetensors"
+    assert point.read_bytes() == (swept / "teacher" / "gen1" / "last.safetensors").read_bytes()
+    other = swept / "sweep" / "lam0.3-temperature1-seed0" / "gen1" / "last.safetensors"
+    assert other.read_bytes() != point.read_bytes()
+
+
+def test_a_rerun_skips_finished_points(swept, digits, capsys):
+    before = snapshot(swept / "sweep")
+    sweep(sweep_args(digits, swept, "--parallel", "2"))
+    assert "4 finished earlier, 0 to train" in capsys.readouterr().out
+    points = {k: v for k, v in snapshot(swept / "sweep").items() if k.startswith("lam")}
+    assert points == {k: v for k, v in before.items() if k.startswith("lam")}  # untouched
+
+
+def test_another_student_reads_the_shared_cache_with_no_teacher_pass(swept, digits, tmp_path,
+                                                                     monkeypatch):
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran")
+
+    monkeypatch.setattr(OnlineTeacher, "logits", no_teacher)
+    monkeypatch.setattr(cache_module, "last_epoch_model", no_teacher)
+    built = snapshot(swept / "teacher" / "gen0" / "cache")
+    teacher = swept / "teacher" / "gen0"
+    train(tiny_run_args(digits, tmp_path, **CACHE, **{
+        "generations.teacher": f'"{teacher}"', "generations.lam": 0.5,
+        "generations.temperature": 4.0, "run.name": "other"}))
+    assert (tmp_path / "other" / "gen1" / "eval.json").is_file()
+    assert snapshot(swept / "teacher" / "gen0" / "cache") == built
+
+
+def test_a_temperature_the_cache_cannot_serve_is_refused(swept, digits, tmp_path):
+    one_line_refusal(lambda: sweep([*sweep_args(digits, swept), "--grid",
+                                    "generations.temperature=1,3"]),
+                     "each --grid key may be given once")
+    args = sweep_args(digits, swept)
+    args[args.index("generations.temperature=1,4")] = "generations.temperature=1,3"
+    one_line_refusal(lambda: sweep(args), "generations.temperature = 3 is not among "
+                     "cache.temperatures = [1.0, 4.0]")
+    teacher = swept / "teacher" / "gen0"
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **{
+        **CACHE, "generations.teacher": f'"{teacher}"', "generations.temperature": 3.0,
+        "cache.temperatures": "[3.0]", "run.name": "hot"})),
+        "stores log-partitions at temperatures [1.0, 4.0]", "set cache.temperatures = [1.0, 4.0]")
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    ({"model.name": '"cifar_resnet56"'}, ["is a cifar_resnet20", 'model.name = "cifar_resnet20"']),
+    ({"data.holdout": 0.1}, ["data.holdout = 0", "set data.holdout = 0"]),
+    ({"data.train_limit": 64}, ["data.train_limit = 128"]),
+])
+def test_a_teacher_that_does_not_fit_is_refused_before_training(swept, digits, tmp_path,
+                                                                 overrides, needles):
+    teacher = swept / "teacher" / "gen0"
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **{
+        **CACHE, "generations.teacher": f'"{teacher}"', **overrides})), *needles)
+    assert not any(tmp_path.rglob("last.safetensors"))
+
+
+def test_a_teacher_that_is_not_another_runs_finished_generation_is_refused(swept, digits,
+                                                                           tmp_path):
+    unfinished = swept / "teacher" / "gen5"
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **CACHE, **{
+        "generations.teacher": f'"{unfinished}"'})), "is not a finished generation")
+    itself = tmp_path / "digits_d06" / "gen0"
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **CACHE, **{
+        "generations.teacher": f'"{itself}"'})), "is a generation of this run itself")
+    one_line_refusal(lambda: sweep(sweep_args(digits, tmp_path)), "is not a finished generation")
+
+
+def test_grids_points_and_seed_statistics():
+    assert parse_grid("cache.temperatures=[1, 2],[4]") == ("cache.temperatures", ["[1, 2]",
+                                                                                  "[4]"])
+    for bad in ("generations.lam", "lam=0.3", "generations.lam=0.3,0.3", "run.seed=1,2"):
+        one_line_refusal(lambda bad=bad: parse_grid(bad), "--grid")
+    points = grid_points({"generations.lam": ["0.3", "0.7"], "optim.lr": ["0.1"]}, [0, 1])
+    assert [p.name for p in points] == ["lam0.3-lr0.1-seed0", "lam0.3-lr0.1-seed1",
+                                        "lam0.7-lr0.1-seed0", "lam0.7-lr0.1-seed1"]
+    assert points[1].overrides() == ["generations.lam=0.3", "optim.lr=0.1", "run.seed=1",
+                                     'run.name="lam0.3-lr0.1-seed1"']
+    rows = [{"values": {"lam": lam}, "status": status, "val_top1_last": top1}
+            for lam, status, top1 in [(0.3, "finished", 90.0), (0.3, "finished", 94.0),
+                                      (0.7, "finished", 80.0), (0.7, "failed", None)]]
+    cells = summarize("s", "t", Path("r.toml"), {"lam": [0.3, 0.7]}, [0, 1], rows)["cells"]
+    assert cells[0] | {"values": None} == {"values": None, "val_top1": [90.0, 94.0],
+                                           "seeds_finished": 2, "val_top1_mean": 92.0,
+                                           "val_top1_std": pytest.approx(2 ** 1.5)}
+    assert (cells[1]["seeds_finished"], cells[1]["val_top1_std"]) == (1, None)
+
+
+def test_a_signal_to_the_sweep_stops_every_running_point_first(tmp_path):
+    # Each "point" runs this script: the first exits at once, the others wait for a signal.
+    script = ("import signal, sys, time\n"
+              "if 'run.seed=0' in sys.argv: sys.exit(0)\n"
+              "signal.signal(signal.SIGINT, lambda *a: (print('saved, stopping'), sys.exit(130)))\n"
+              "print('training', flush=True)\n"
+              "time.sleep(60)\n")
+    points = grid_points({"generations.lam": ["0.3"]}, [0, 1, 2])
+
+    def interrupt(point, status, seconds):
+        log = tmp_path / points[1].name / "train.log"
+        while "training" not in log.read_text():  # its handler is in place
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # as a signal to the sweep would, once a point has ended
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_points(points, [sys.executable, "-c", script], tmp_path, 2, Console(quiet=True),
+                   interrupt)
+    assert time.monotonic() - started < 30  # nobody waited for the sleeping point to end
+    log = (tmp_path / points[1].name / "train.log").read_text()
+    assert "training" in log and "saved, stopping" in log  # it got the signal, and ended
+    assert not (tmp_path / points[2].name).exists()  # never started
