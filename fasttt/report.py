@@ -44,9 +44,9 @@ from fasttt.rundir import (
     check_inputs,
     finished_generations,
     generation_dir,
+    read_stopping,
     retrain_hint,
 )
-from fasttt.stopping import read_stopping
 from fasttt.teachers import view_schedule
 
 

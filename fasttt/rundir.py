@@ -123,6 +123,15 @@ def read_eval(run_dir: Path, m: int) -> dict:
     return found
 
 
+def read_stopping(run_dir: Path) -> dict | None:
+    """The run's stopping.json (fasttt/stopping.py), or None: no holdout, or unreadable."""
+    try:
+        found = json.loads((Path(run_dir) / STOPPING).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def generation_weights(run_dir: Path, m: int) -> Path:
     """Finished generation m's last.safetensors, once its checksum matches eval.json's."""
     path = generation_dir(run_dir, m) / WEIGHTS

@@ -34,9 +34,9 @@ from fasttt.rundir import (
     generation_dir,
     is_held,
     read_eval,
+    read_stopping,
     used_caches,
 )
-from fasttt.stopping import read_stopping
 
 USAGE = "python -m fasttt.status RUN_DIR [--json]"
 

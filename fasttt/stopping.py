@@ -139,12 +139,3 @@ def judge_generation(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
         log_line(console, f"stopping after gen{m} of {recipe.generations.students}: "
                           f"{record['reason']} (generations.stop = \"saturation\")")
     return stopped
-
-
-def read_stopping(run_dir: Path) -> dict | None:
-    """The run's stopping.json, or None when it has none (no holdout) or it is unreadable."""
-    try:
-        found = json.loads((Path(run_dir) / STOPPING).read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return found if isinstance(found, dict) else None

@@ -30,12 +30,13 @@ POINTS = ["lam0.6-temperature1-seed0", "lam0.6-temperature4-seed0",
           "lam0.3-temperature1-seed0", "lam0.3-temperature4-seed0"]
 
 
-def sweep_args(digits: Path, runs: Path, *extra: str, **overrides) -> list[str]:
+def sweep_args(digits: Path, runs: Path, *extra: str, grid: list[str] = GRID,
+               name: str = "sweep", **overrides) -> list[str]:
     """The module's sweep of the teacher's patriarch, with `overrides` on its recipe."""
     teacher = runs / "teacher" / "gen0"
     flags = tiny_run_flags(digits, **{**CACHE, "generations.teacher": f'"{teacher}"',
                                       **overrides})
-    return [str(RECIPE), *flags, *GRID, "--runs-dir", str(runs), "--name", "sweep", *extra]
+    return [str(RECIPE), *flags, *grid, "--runs-dir", str(runs), "--name", name, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +193,15 @@ def test_a_signal_to_the_sweep_stops_every_running_point_first(tmp_path):
     log = (tmp_path / points[1].name / "train.log").read_text()
     assert "training" in log and "saved, stopping" in log  # it got the signal, and ended
     assert not (tmp_path / points[2].name).exists()  # never started
+
+
+def test_a_failed_point_is_reported_in_one_line_and_in_the_sweep_report(swept, digits):
+    # the teacher trained on 128 samples, this point on 64
+    args = sweep_args(digits, swept, grid=["--grid", "data.train_limit=64"], name="failing")
+    message = one_line_refusal(lambda: sweep(args), "1 of 1 points failed, first "
+                               "train_limit64-seed0", "was trained with data.train_limit = 128",
+                               "rerun the same command to retry them")
+    assert "Traceback" not in message
+    result = json.loads((swept / "failing" / SWEEP_JSON).read_text())
+    assert [p["status"] for p in result["points"]] == ["failed"]
+    assert "Not finished: train_limit64-seed0" in (swept / "failing" / SWEEP_MD).read_text()
