@@ -1,14 +1,16 @@
 """One teacher, many students: runs that adopt another run's generation, and the sweep.
 
 One tiny teacher run (a patriarch and its own student; cache.keep = "last" deletes the
-patriarch's cache once the student finished) and one 2 x 2 sweep of its patriarch's
-students, two points at a time, are shared by the module.
+patriarch's cache once the student finished) and two sweeps of its patriarch's students
+run at once (2 x 2 points two at a time, and one more point beside them), which build
+its cache once between them, are shared by the module.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,11 +43,18 @@ def sweep_args(digits: Path, runs: Path, *extra: str, grid: list[str] = GRID,
 
 @pytest.fixture(scope="module")
 def swept(digits, tmp_path_factory) -> Path:
-    """runs/ holding the teacher run and the finished sweep of its patriarch's students."""
+    """runs/ holding the teacher run and two sweeps of its patriarch's students, run at once.
+
+    "sweep" is 2 x 2 points, two at a time; "second" one more point, started beside it.
+    """
     runs = tmp_path_factory.mktemp("sweep") / "runs"
     train(tiny_run_args(digits, runs, **CACHE, **{"cache.keep": '"last"', "run.name": "teacher"}))
-    assert not (runs / "teacher" / "gen0" / "cache").exists()  # the sweep builds it again
+    assert not (runs / "teacher" / "gen0" / "cache").exists()  # the sweeps build it again
+    second = threading.Thread(target=sweep, args=(sweep_args(
+        digits, runs, grid=["--grid", "generations.lam=0.5"], name="second"),))
+    second.start()
     sweep(sweep_args(digits, runs, "--parallel", "2"))
+    second.join()
     return runs
 
 
@@ -58,9 +67,12 @@ def test_every_point_trains_students_only_from_one_cache_built_once(swept):
     assert all(c["seeds_finished"] == 1 and 0 <= c["val_top1_mean"] <= 100
                for c in result["cells"])
     teacher = swept / "teacher" / "gen0"
+    assert json.loads((swept / "second" / SWEEP_JSON).read_text())["points"][0]["status"] == (
+        "finished")
     logs = {name: (swept / "sweep" / name / "train.log").read_text() for name in POINTS}
+    logs["second"] = (swept / "second" / "lam0.5-seed0" / "train.log").read_text()
     builders = [name for name, log in logs.items() if "teacher cache: 1/2 views" in log]
-    assert len(builders) == 1, builders  # one teacher pass for the whole sweep
+    assert len(builders) == 1, builders  # one teacher pass for both sweeps
     assert all("built earlier (no teacher pass)" in log
                for name, log in logs.items() if name not in builders)
     assert json.loads((teacher / "cache" / "manifest.json").read_text())["temperatures"] == [
