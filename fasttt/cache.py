@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
+from fasttt.adopt import adopted_teacher
 from fasttt.augment import train_size
 from fasttt.data import read_manifest, split_loader, train_samples, training_rows
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
@@ -370,16 +371,22 @@ def main(argv: list[str] | None = None) -> None:
     # The same lock as training: two builders would write one staging directory.
     lock = on_main_process(accelerator, lock_run_dir, run_dir)
     try:
-        weights = generation_weights(run_dir, args.generation)
         num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
-        schedule = view_schedule(recipe.run.seed, args.generation + 1, recipe.schedule.epochs,
-                                 recipe.augment, recipe.cache)
-        ensure_cache(weights, schedule, recipe, num_classes, accelerator, console)
+        adopted = adopted_teacher(run_dir) if args.generation == 0 else None
+        if adopted is None:
+            weights, lock_dir = generation_weights(run_dir, args.generation), None
+            schedule = view_schedule(recipe.run.seed, args.generation + 1,
+                                     recipe.schedule.epochs, recipe.augment, recipe.cache)
+        else:  # its cache is the teacher's, in the teacher's run (fasttt/adopt.py)
+            weights, lock_dir = adopted.weights(), adopted.run_dir
+            schedule = adopted.student_views(recipe.schedule.epochs, recipe.augment,
+                                             recipe.cache)
+        ensure_cache(weights, schedule, recipe, num_classes, accelerator, console, lock_dir)
     finally:
         if lock is not None:
             lock.close()
     if accelerator.is_main_process:
-        print(describe(gen_dir / CACHE))
+        print(describe(weights.parent / CACHE))
 
 
 def drop_used_caches(run_dir: Path) -> int:

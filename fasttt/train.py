@@ -138,8 +138,7 @@ def generation_spec(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
                           recipe.cache)
     directory = generation_dir(run_dir, m)
     if m == 1 and adopted is not None:  # the views the teacher's run labelled for its student
-        views = view_schedule(adopted.seed, adopted.generation + 1, recipe.schedule.epochs,
-                              recipe.augment, recipe.cache)
+        views = adopted.student_views(recipe.schedule.epochs, recipe.augment, recipe.cache)
         console.print(f"gen1: {views.describe()}")
         teacher = teacher_for(views, adopted.weights(), recipe, num_classes, accelerator,
                               console, lock_dir=adopted.run_dir)

@@ -19,6 +19,7 @@ from conftest import RECIPE, one_line_refusal, snapshot, tiny_run_args, tiny_run
 from rich.console import Console
 
 import fasttt.cache as cache_module
+from fasttt.cache import main as cache_main
 from fasttt.sweep import SWEEP_JSON, SWEEP_MD, grid_points, parse_grid, run_points, summarize
 from fasttt.sweep import main as sweep
 from fasttt.teachers import OnlineTeacher
@@ -217,3 +218,13 @@ def test_a_failed_point_is_reported_in_one_line_and_in_the_sweep_report(swept, d
     result = json.loads((swept / "failing" / SWEEP_JSON).read_text())
     assert [p["status"] for p in result["points"]] == ["failed"]
     assert "Not finished: train_limit64-seed0" in (swept / "failing" / SWEEP_MD).read_text()
+
+
+def test_the_cache_command_on_an_adopting_run_verifies_the_teachers_cache(swept, capsys):
+    point = swept / "sweep" / POINTS[0]
+    built = snapshot(swept / "teacher" / "gen0" / "cache")
+    cache_main([str(point / "recipe.toml"), "--generation", "0", "--runs-dir",
+                str(swept / "sweep")])
+    assert "temperatures: [1.0, 4.0]" in capsys.readouterr().out
+    assert snapshot(swept / "teacher" / "gen0" / "cache") == built
+    assert not (point / "gen0" / "cache").exists()
