@@ -45,11 +45,16 @@ def grid_points(grid: list[str]) -> list[list[str]]:
     return points
 
 
-def timed(command: list[str], log: Path) -> float:
-    """Run `command` with its output to `log`; its wall seconds, or exit on a failure."""
+def timed(command: list[str], log: Path, threads: int | None = None) -> float:
+    """Run `command` with its output to `log`; its wall seconds, or exit on a failure.
+
+    `threads`: its share of the cores, as the sweep gives each of its points.
+    """
+    env = dict(os.environ) | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     start = time.perf_counter()
     with open(log, "w") as out:
-        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=env).returncode
     if status:
         sys.exit(f"error: {' '.join(command)} failed (exit {status}); see {log}")
     return time.perf_counter() - start
@@ -97,7 +102,8 @@ def main() -> None:
         overrides = [*common, *points[i], "generations.students=1", 'cache.mode="online"',
                      f'run.name="independent{i}"']
         return timed([*python, str(TRAIN), str(args.recipe), *flags(overrides),
-                      "--runs-dir", str(work / "runs")], work / f"independent{i}.log")
+                      "--runs-dir", str(work / "runs")], work / f"independent{i}.log",
+                     threads=max(1, (os.cpu_count() or 1) // args.parallel))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:

@@ -31,6 +31,7 @@ from fasttt.rundir import (
     beton_fingerprint,
     generation_dir,
     generation_weights,
+    has_trained,
 )
 from fasttt.teachers import ViewSchedule, view_schedule
 
@@ -115,9 +116,15 @@ def adopt_teacher(run_dir: Path, recipe: Recipe, beton_dir: Path, manifest: dict
     gen0 = generation_dir(run_dir, 0)
     if _read_record(gen0 / ADOPTED) == record and (gen0 / EVAL).is_file():
         return adopted
+    if has_trained(run_dir):  # its students learned from the weights adopted before
+        raise UserError(f"generations.teacher = {where} is not the teacher {run_dir} adopted "
+                        f"and trained students from (its weights or record differ from "
+                        f"{gen0 / ADOPTED}): restore that teacher, or start a new run with "
+                        "another run.name")
     gen0.mkdir(parents=True, exist_ok=True)
     (gen0 / EVAL).unlink(missing_ok=True)  # unfinished until everything is copied
     for name in (WEIGHTS, METRICS, ANALYSIS, SECOND_CLASS):
+        (gen0 / name).unlink(missing_ok=True)  # nothing of an earlier teacher stays
         if (source / name).is_file():
             copy_file(source / name, gen0 / name)
     write_json(gen0 / ADOPTED, record)

@@ -54,30 +54,33 @@ from fasttt.files import (
     write_json,
 )
 from fasttt.models import last_epoch_model
-from fasttt.processes import accelerator_and_console, on_main_process
+from fasttt.processes import accelerator_and_console, main_value, on_main_process
 from fasttt.progress import duration, log_line, progress_bar
-from fasttt.recipe import CacheConfig, Recipe, load_recipe, toml_value
+from fasttt.recipe import CacheConfig, Recipe, load_recipe
 from fasttt.rundir import (
     CACHE,
     generation_dir,
     generation_weights,
     is_finished,
     lock_run_dir,
+    try_lock_run_dir,
     used_caches,
 )
 from fasttt.teachers import (
     CACHE_ARRAYS,
     CachedTeacher,
     OnlineTeacher,
-    TopKTeacher,
     ViewSchedule,
     log_partitions,
+    top_logits,
     view_schedule,
 )
 
 FORMAT_VERSION = 3  # 3: log-partitions at several temperatures
 MANIFEST = "manifest.json"
 CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
+SEAL = "manifest_sha256"  # manifest: sha256 of its other fields
+LOCK_POLL_S = 2.0  # how often a run waiting for a teacher run's lock tries again
 QUIET = Console(quiet=True)  # for callers that want no progress lines (tests, benchmarks)
 USAGE = ("accelerate launch fasttt/cache.py RECIPE.toml --generation M [--set S.K=V] "
          "[--runs-dir DIR] | python -m fasttt.cache info CACHE_DIR")
@@ -100,15 +103,13 @@ def views_fingerprint(schedule: ViewSchedule) -> str:
 def expected_manifest(teacher_weights: Path, beton: dict, samples: int, schedule: ViewSchedule,
                       cache: CacheConfig, num_classes: int, temperature: float,
                       holdout: float = 0.0) -> dict:
-    """Everything a cache for this teacher and student must agree on (all but `complete`).
+    """What a cache for this teacher and student holds (all but `complete` and checksums).
 
-    The temperatures stored depend on the cache's settings alone, so students of several
-    temperatures agree on one cache: cache.temperatures, else T = 1 when every class is
-    kept (which serves any T), else the student's T.
+    A cache found on disk must match every key but "temperatures", which it only needs to
+    serve (`temperature_column`): a new one stores cache.temperatures, else the student's T.
     """
     top_k = min(cache.top_k or num_classes, num_classes)
-    temperatures = sorted(set(cache.temperatures)) or [
-        1.0 if top_k == num_classes else temperature]
+    temperatures = sorted(set(cache.temperatures)) or [temperature]
     return {
         "format_version": FORMAT_VERSION,
         "teacher_sha256": sha256_file(teacher_weights),
@@ -117,8 +118,7 @@ def expected_manifest(teacher_weights: Path, beton: dict, samples: int, schedule
         "samples": samples, "classes": num_classes, "views": schedule.cycle,
         "stored_views": schedule.teacher_views,
         "teacher_view": "unaugmented" if schedule.unaugmented_teacher else "student",
-        "top_k": top_k,
-        "dtype": cache.dtype, "temperatures": temperatures, "holdout": holdout,
+        "top_k": top_k, "dtype": cache.dtype, "temperatures": temperatures, "holdout": holdout,
     }
 
 
@@ -133,17 +133,34 @@ def array_specs(manifest: dict) -> dict:
 def _differences(found: dict, wanted: dict) -> list[str]:
     names = {"teacher_sha256": "teacher weights", "beton_sha256": "beton",
              "augment_sha256": "augmentation"}
-    return [names.get(key, key) for key in wanted if found.get(key) != wanted[key]]
+    return [names.get(key, key) for key in wanted
+            if key != "temperatures" and found.get(key) != wanted[key]]
 
 
-def temperature_column(manifest: dict, temperature: float) -> int | None:
-    """Where a cache stores the log-partition at `temperature`; None: from its logits.
+def _digest(manifest: dict) -> str:
+    body = {key: value for key, value in manifest.items() if key != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
-    A matching top-k cache always stores the student's T (recipe.py and
-    `expected_manifest` see to it); one that keeps every class serves any T.
+
+def seal_manifest(manifest: dict) -> dict:
+    """The manifest with a checksum of its own fields, so a damaged one is never trusted."""
+    return {**manifest, SEAL: _digest(manifest)}
+
+
+def temperature_column(cache_dir: Path, manifest: dict, temperature: float) -> int | None:
+    """Where a cache stores the log-partition at `temperature`; None: from its full logits.
+
+    A top-k cache without that temperature cannot serve the student: a one-line refusal.
     """
     stored = manifest["temperatures"]
-    return stored.index(temperature) if temperature in stored else None
+    if temperature in stored:
+        return stored.index(temperature)
+    if manifest["top_k"] == manifest["classes"]:
+        return None
+    raise UserError(f"{cache_dir} keeps the top {manifest['top_k']} logits and log-partitions "
+                    f"at T = {', '.join(f'{t:g}' for t in stored)}, so it cannot serve "
+                    f"generations.temperature = {temperature:g}: set it to one of those, or "
+                    "set cache.mode = \"online\"")
 
 
 def read_cache_manifest(cache_dir: Path) -> dict:
@@ -164,20 +181,20 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     if found.get("complete") is not True:
         raise UserError(f"{cache_dir} is an incomplete cache: delete {cache_dir} and rerun the "
                         "same command to rebuild it")
+    if found.get(SEAL) != _digest(found):
+        raise UserError(f"{cache_dir}/{MANIFEST} is damaged (it does not match its own "
+                        f"checksum): delete {cache_dir} and rerun the same command to rebuild "
+                        "it")
     differ = _differences(found, wanted)
-    temperatures = found.get("temperatures")
-    if differ == ["temperatures"] and isinstance(temperatures, list) and temperatures and all(
-            isinstance(t, float) and 0.01 <= t <= 100 for t in temperatures):
-        stored = toml_value(temperatures)
-        raise UserError(f"{cache_dir} stores log-partitions at temperatures {stored}, this "
-                        f"recipe's cache wants {toml_value(wanted['temperatures'])}: set "
-                        f"cache.temperatures = {stored} to read it as it is (with "
-                        "generations.temperature among them), or delete it to rebuild it")
+    stored = found.get("temperatures")
+    if not (isinstance(stored, list) and stored
+            and all(isinstance(t, float) and 0.01 <= t <= 100 for t in stored)):
+        differ.append("temperatures")
     if differ:
         raise UserError(f"{cache_dir} was built for another {', '.join(differ)}: delete "
                         f"{cache_dir} and rerun the same command to rebuild it for this run")
     arrays = {}
-    for name, (shape, dtype) in array_specs(wanted).items():
+    for name, (shape, dtype) in array_specs(wanted | {"temperatures": stored}).items():
         try:
             array = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
         except Exception as err:  # a damaged header fails with several exception types
@@ -211,16 +228,16 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[floa
             for v in range(views):
                 with torch.inference_mode(), accelerator.autocast():
                     logits = teacher.logits(index, v, images, batch.extent)
-                    top = TopKTeacher.from_logits(logits, k, temperatures[0])
+                    top_values, top_ids = top_logits(logits, k)
                     partitions = log_partitions(logits, temperatures)
                 with np.errstate(over="ignore"):  # an overflow is refused just below
-                    values = top.values.cpu().numpy().astype(arrays["values"].dtype)
+                    values = top_values.cpu().numpy().astype(arrays["values"].dtype)
                 if not np.isfinite(values).all():
                     raise UserError(f"the teacher's logits do not fit cache.dtype = "
                                     f"\"{values.dtype}\" (or are not finite): set cache.dtype "
                                     "= \"float32\", or check the teacher's training")
                 arrays["values"][v, rows] = values
-                arrays["ids"][v, rows] = top.ids.cpu().numpy()
+                arrays["ids"][v, rows] = top_ids.cpu().numpy()
                 arrays["log_partition"][v, rows] = partitions.cpu().numpy()
                 progress.advance(task)
                 done += 1
@@ -262,7 +279,8 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
         arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
         checksums = {name: [sha256_array(view) for view in array]
                      for name, array in arrays.items()}
-        write_json(staging / MANIFEST, {**wanted, CHECKSUMS: checksums, "complete": True})
+        write_json(staging / MANIFEST,
+                   seal_manifest({**wanted, CHECKSUMS: checksums, "complete": True}))
         publish_dir(staging, cache_dir)
     accelerator.wait_for_everyone()
 
@@ -272,8 +290,8 @@ def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_clas
                  lock_dir: Path | None = None) -> dict:
     """Build (or verify) the cache beside a teacher's verified weights; its manifest.
 
-    `lock_dir`: the teacher's run when it is not this one; a missing cache is then built
-    under that run's lock, waiting for it if needed, and whoever comes second finds it.
+    `lock_dir`: the teacher's run when it is not this one; the cache there is shared by
+    every run that adopts the teacher, so a missing one is built under that run's lock.
     """
     beton = read_manifest(recipe.data.beton_dir)
     method = recipe.generations
@@ -281,11 +299,11 @@ def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_clas
                                recipe.cache, num_classes, method.temperature,
                                recipe.data.holdout)
     cache_dir = weights.parent / CACHE
-    lock = None
-    if lock_dir is not None and not (cache_dir / MANIFEST).is_file():
-        lock = on_main_process(accelerator, lock_run_dir, lock_dir, console)
+    lock = None if lock_dir is None else _teacher_run_lock(cache_dir, lock_dir, accelerator,
+                                                           console)
     try:
-        accelerator.wait_for_everyone()  # a cache another process built is there by now
+        if lock_dir is not None and lock is None:  # built by another run: it must fit ours
+            on_main_process(accelerator, _check_shared, cache_dir, wanted, lock_dir)
         if not (cache_dir / MANIFEST).is_file():
             model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                      accelerator.device)
@@ -301,6 +319,48 @@ def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_clas
         if lock is not None:
             lock.close()
     return wanted
+
+
+def _teacher_run_lock(cache_dir: Path, lock_dir: Path, accelerator: Accelerator,
+                      console: Console):
+    """None once the shared cache exists; else the teacher run's lock, on the main process.
+
+    Every rank waits together, polling: a teacher run may hold its lock for hours while it
+    trains, longer than a collective may wait.
+    """
+    waited = False
+    while True:
+        state, held = "present", None
+        if accelerator.is_main_process and not (cache_dir / MANIFEST).is_file():
+            held = try_lock_run_dir(lock_dir)
+            if held is None:
+                state = "busy"
+            elif (cache_dir / MANIFEST).is_file():  # published as we took the lock: read it
+                held.close()
+                held = None
+            else:
+                state = "held"
+        state = main_value(accelerator, state)
+        if state != "busy":
+            return held
+        if not waited:
+            log_line(console, f"waiting for {lock_dir}'s lock: another fasttt process trains "
+                              "in it or builds the teacher cache there")
+            waited = True
+        time.sleep(LOCK_POLL_S)
+
+
+def _check_shared(cache_dir: Path, wanted: dict, lock_dir: Path) -> None:
+    """Refuse a shared cache built for other students, without advising to delete it."""
+    found = read_cache_manifest(cache_dir)
+    differ = [key for key in _differences(found, wanted)
+              if key in ("augmentation", "views", "stored_views", "teacher_view", "top_k",
+                         "dtype")]
+    if differ:
+        raise UserError(f"{cache_dir} serves the students of {lock_dir}'s teacher with another "
+                        f"{', '.join(differ)} than this recipe's: give this recipe their "
+                        "[augment], schedule.epochs and [cache] settings (views, teacher_view, "
+                        "top_k, dtype), or set cache.mode = \"online\"")
 
 
 def cached_teacher(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
@@ -326,7 +386,7 @@ def open_teacher(cache_dir: Path, wanted: dict, temperature: float,
         raise UserError(f"{cache_dir}/{MANIFEST} has no checksums of its views: delete "
                         f"{cache_dir} and rerun the same command to rebuild it")
     return CachedTeacher(arrays, checksums, temperature,
-                         temperature_column(found, temperature), device, cache_dir)
+                         temperature_column(cache_dir, found, temperature), device, cache_dir)
 
 
 def describe(cache_dir: Path) -> str:

@@ -489,10 +489,17 @@ def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, *, k: i
     for split in ("train", "val"):
         split_path(data.beton_dir, manifest, split)
     per_process_batch(batch_size, processes)
-    samples = train_samples(data, manifest) - len(holdout_rows(data, manifest))
+    held = len(holdout_rows(data, manifest))
+    if data.holdout and not held:
+        raise UserError(f"data.holdout = {data.holdout:g} sets aside no sample of the "
+                        f"{train_samples(data, manifest)} training samples of "
+                        f"{data.beton_dir}: raise data.holdout (it rounds per class)")
+    samples = train_samples(data, manifest) - held
     if batch_size > samples:
-        limited = data.train_limit and samples == data.train_limit
-        limit = f" (data.train_limit = {data.train_limit})" if limited else ""
+        limited = data.train_limit and samples + held == data.train_limit
+        why = [f"data.train_limit = {data.train_limit}"] if limited else []
+        why += [f"less the {held} held out by data.holdout"] if held else []
+        limit = f" ({', '.join(why)})" if why else ""
         fits = samples - samples % processes
         advice = (f"set optim.batch_size to at most {fits}" if fits else
                   f"train on at least {processes} samples, one per process")

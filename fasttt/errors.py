@@ -102,9 +102,12 @@ def exit_at_once_on_interrupt() -> None:
 def exit_on_user_error(main):
     """Run `main()`; a UserError or an OS error becomes `error: ...` on stderr and exit 2.
 
-    SIGINT and SIGTERM become `interrupted: ...` and exit 130 or 143, wherever they land.
+    SIGINT, SIGTERM and SIGHUP become `interrupted: ...` and exit 130, 143 or 129, wherever
+    they land.
     """
-    handled = (signal.SIGINT, signal.SIGTERM)
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to ignore it
+        handled.append(signal.SIGHUP)  # a closed terminal: stop as cleanly as on SIGTERM
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, _interrupt) for signum in handled}

@@ -223,10 +223,11 @@ def write_sweep_figures(directory: Path, sweep: dict) -> list[str]:
         ax.set(xlabel=key, ylabel="val top-1 (%), last generation, last epoch")
         ax.grid(alpha=0.3)
         others = [k for k in keys if k != key]
-        lines: dict[tuple, list] = {}
+        lines: dict[str, tuple[list, list]] = {}  # keyed by text: values may be lists
         for cell in cells:
-            lines.setdefault(tuple(cell["values"][k] for k in others), []).append(cell)
-        for i, (rest, members) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
+            rest = [cell["values"][k] for k in others]
+            lines.setdefault(repr(rest), (rest, []))[1].append(cell)
+        for i, (_, (rest, members)) in enumerate(sorted(lines.items())):
             members.sort(key=lambda c: values.index(c["values"][key]))
             xs = [c["values"][key] if numeric else values.index(c["values"][key])
                   for c in members]

@@ -82,6 +82,15 @@ def on_main_process(accelerator: Accelerator, work, *args):
     return result
 
 
+def main_value(accelerator: Accelerator, value):
+    """The main process's `value` (picklable) on every process: one decision for all ranks."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
 def finish(accelerator: Accelerator) -> None:
     """End the run's processes cleanly: trackers closed, the process group destroyed.
 

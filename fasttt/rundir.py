@@ -31,12 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from rich.console import Console
-
 from fasttt.checkpoint import LATEST
 from fasttt.errors import UserError
 from fasttt.files import remove_dir, sha256_file, write_json, write_text
-from fasttt.progress import log_line
 from fasttt.recipe import (
     BOOKKEEPING,
     MAX_STUDENTS,
@@ -144,27 +141,24 @@ def generation_weights(run_dir: Path, m: int) -> Path:
     return path
 
 
-def lock_run_dir(run_dir: Path, waiting: Console | None = None) -> IO:
-    """Hold `run_dir`'s writer lock (keep the returned file open), or refuse in one line.
-
-    With a `waiting` console, wait for the lock instead, saying so there.
-    """
+def try_lock_run_dir(run_dir: Path) -> IO | None:
+    """`run_dir`'s writer lock if no other process holds it (keep the file open), else None."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK, "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        if waiting is None:
-            handle.close()
-            raise UserError(f"{run_dir} is in use by another fasttt process: wait for it to "
-                            "end, or give this run another run.name") from None
-        log_line(waiting, f"waiting for {run_dir}'s lock: another fasttt process trains in it "
-                          "or builds a cache there")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except BaseException:
-            handle.close()
-            raise
+        handle.close()
+        return None
+    return handle
+
+
+def lock_run_dir(run_dir: Path) -> IO:
+    """Hold `run_dir`'s writer lock (keep the returned file open), or refuse in one line."""
+    handle = try_lock_run_dir(run_dir)
+    if handle is None:
+        raise UserError(f"{run_dir} is in use by another fasttt process: wait for it to end, "
+                        "or give this run another run.name")
     return handle
 
 

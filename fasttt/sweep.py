@@ -18,6 +18,7 @@ point's last generation, mean ± std over seeds, against each swept key.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -32,18 +33,27 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fasttt.errors import OneLineParser, UserError, exit_on_user_error, signals_deferred
+from fasttt.adopt import parse_teacher
+from fasttt.errors import (
+    OneLineParser,
+    UserError,
+    exit_on_user_error,
+    raise_if_interrupted,
+    signals_deferred,
+)
 from fasttt.figures import write_sweep_figures
 from fasttt.files import write_json, write_text
 from fasttt.progress import duration, log_line, progress_bar
-from fasttt.recipe import BOOKKEEPING, Recipe, load_recipe, recipe_differences, toml_value
+from fasttt.recipe import BOOKKEEPING, Recipe, load_recipe, toml_value
 from fasttt.rundir import (
     EVAL,
-    RECIPE,
     SUMMARY_JSON,
     finished_generations,
+    generation_dir,
+    has_trained,
     lock_run_dir,
     read_eval,
+    recipe_changes,
 )
 
 USAGE = ("python -m fasttt.sweep RECIPE.toml --grid SECTION.KEY=V1,V2[,...] [--grid ...] "
@@ -116,17 +126,13 @@ def swept_value(recipe: Recipe, key: str):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _check_point(point: Point, recipe: Recipe, directory: Path) -> bool:
-    """True when the point finished earlier; refuses a directory another recipe trained."""
-    if not (directory / RECIPE).is_file():
-        return False
-    changed = [key for key in recipe_differences(load_recipe(directory / RECIPE), recipe)
-               if key not in BOOKKEEPING]
-    if changed:
-        raise UserError(f"{directory} was trained with another {changed[0]} than this sweep's "
-                        f"point {point.name}: give the sweep another --name, or delete "
-                        f"{directory}")
-    return (directory / SUMMARY_JSON).is_file()
+def _check_point(recipe: Recipe, directory: Path) -> bool:
+    """True when the point finished earlier; refused as train.py would refuse its recipe."""
+    try:
+        changes = recipe_changes(directory, recipe, has_trained(directory))
+    except UserError as err:
+        raise UserError(f"{err} (or give the sweep another --name)") from None
+    return (directory / SUMMARY_JSON).is_file() and set(changes) <= BOOKKEEPING
 
 
 def point_result(point: Point, recipe: Recipe, directory: Path, status: str,
@@ -218,14 +224,14 @@ def _last_line(path: Path) -> str:
 
 
 def run_points(todo: list[Point], command: list[str], directory: Path, parallel: int,
-               console: Console, on_finish) -> dict[str, int]:
-    """Train the points, `parallel` at a time; each one's exit status by name.
+               console: Console, on_finish) -> None:
+    """Train the points, `parallel` at a time.
 
     A signal to the sweep reaches each running point (in its own session) once; each
     saves its last epoch and stops, and the sweep waits for them before it stops too.
     `on_finish(point, status, seconds)` runs as each point ends.
     """
-    pending, running, statuses = deque(todo), {}, {}
+    pending, running, ended = deque(todo), {}, 0
     with progress_bar(console.is_terminal, console, transient=False) as progress:
         task = progress.add_task("sweep points", total=len(todo), info="")
         try:
@@ -234,17 +240,19 @@ def run_points(todo: list[Point], command: list[str], directory: Path, parallel:
                     point = pending.popleft()
                     slot = min(set(range(parallel)) - {s for _, s, _ in running.values()})
                     (directory / point.name).mkdir(parents=True, exist_ok=True)
-                    with open(directory / point.name / POINT_LOG, "a") as log:
+                    with (signals_deferred(),  # a started point is always in `running`
+                          open(directory / point.name / POINT_LOG, "a") as log):
                         process = subprocess.Popen(
                             [*command, *(a for o in point.overrides() for a in ("--set", o))],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=_environment(slot, parallel))
-                    running[process] = (point, slot, time.monotonic())
-                    log_line(console, f"{point.name}: started ({len(statuses) + len(running)}"
+                        running[process] = (point, slot, time.monotonic())
+                    raise_if_interrupted()
+                    log_line(console, f"{point.name}: started ({ended + len(running)}"
                                       f"/{len(todo)})")
                 for process in [p for p in running if p.poll() is not None]:
                     point, _, started = running.pop(process)
-                    statuses[point.name] = process.returncode
+                    ended += 1
                     on_finish(point, process.returncode, time.monotonic() - started)
                     progress.advance(task)
                 time.sleep(POLL_S)
@@ -255,7 +263,6 @@ def run_points(todo: list[Point], command: list[str], directory: Path, parallel:
                 for process in running:
                     process.wait()
             raise
-    return statuses
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,24 +289,33 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.recipe}: a sweep needs a teacher: set [generations] teacher = "
                         "\"runs/NAME/genM\" (a finished generation), e.g. --set "
                         "generations.teacher=runs/NAME/gen0")
-    if not (Path(teacher) / EVAL).is_file():
-        raise UserError(f"generations.teacher = {teacher} is not a finished generation: train "
-                        "it first (accelerate launch fasttt/train.py RECIPE.toml "
-                        "--set generations.students=0)")
-    name = args.name or base.run.name
+    teacher_run, m = parse_teacher(teacher)
+    if not (generation_dir(teacher_run, m) / EVAL).is_file():
+        raise UserError(f"generations.teacher = {teacher} is not a finished generation: let "
+                        f"the run {teacher_run} train generation {m} first")
+    name = args.name or f"{base.run.name}-sweep"
     if not name or "/" in name or name in (".", ".."):
         raise UserError(f"--name {name!r}: must be a directory name without '/'")
     directory = args.runs_dir / name
+    here, there = directory.resolve(), teacher_run.resolve()
+    if here == there or there in here.parents or here in there.parents:
+        raise UserError(f"the sweep's directory {directory} overlaps its teacher's run "
+                        f"{teacher_run}: give the sweep another --name")
     seeds = [base.run.seed + s for s in range(args.seeds)]
     points = grid_points(grid, seeds)
+    if len({p.name for p in points}) != len(points):
+        raise UserError("two grid values give one point name (characters other than letters, "
+                        "digits and . + _ = - become _): make the values differ in those")
     recipes = {p.name: load_recipe(args.recipe, [*args.set, *p.overrides()]) for p in points}
     typed_grid = {key: [swept_value(recipes[next(p.name for p in points if p.texts[key] == t)],
                                     key) for t in values] for key, values in grid.items()}
+    for key, values in typed_grid.items():
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise UserError(f"--grid {key}: two values mean the same ({values}): give each once")
     console = Console()
     lock = lock_run_dir(directory)
     try:
-        finished = {p.name for p in points
-                    if _check_point(p, recipes[p.name], directory / p.name)}
+        finished = {p.name for p in points if _check_point(recipes[p.name], directory / p.name)}
         todo = [p for p in points if p.name not in finished]
         log_line(console, f"sweep {name}: {len(points)} points of students of {teacher}; "
                           f"{len(finished)} finished earlier, {len(todo)} to train, "

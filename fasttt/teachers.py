@@ -60,13 +60,17 @@ class TopKTeacher:
         """Keep the k largest of full (B, C) teacher logits."""
         if not 1 <= k <= logits.shape[1]:
             raise ValueError(f"k must be in [1, {logits.shape[1]}], got {k}")
-        logits = logits.detach()
-        if k == logits.shape[1]:  # everything kept: no sort, class c sits in column c
-            values, ids = logits, torch.arange(k, device=logits.device).expand_as(logits)
-        else:
-            values, ids = logits.topk(k, dim=1)
+        values, ids = top_logits(logits, k)
         log_partition = log_partitions(logits, (temperature,))[:, 0]
         return cls(values, ids, log_partition, float(temperature))
+
+
+def top_logits(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of (B, C) logits and their class ids; k = C keeps them all, unsorted."""
+    logits = logits.detach()
+    if k == logits.shape[1]:  # everything kept: no sort, class c sits in column c
+        return logits, torch.arange(k, device=logits.device).expand_as(logits)
+    return logits.topk(k, dim=1)
 
 
 def log_partitions(logits: Tensor, temperatures) -> Tensor:

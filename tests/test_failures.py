@@ -463,3 +463,19 @@ def test_a_signal_inside_a_c_callback_prints_only_the_resume_line(monkeypatch, c
         exit_on_user_error(callback)
     assert stop.value.code == 143
     assert capsys.readouterr().err.strip() == "interrupted: rerun the same command to resume"
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN,
+                    reason="started under nohup: a hangup is ignored, as it should be")
+def test_a_hangup_stops_cleanly_with_the_resume_line(monkeypatch, capsys):
+    # A closed terminal: a sweep must stop its points, a run must stop at an epoch's end.
+    monkeypatch.setattr(errors, "_signals_received", [])
+
+    def hang_up():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(10)
+
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(hang_up)
+    assert stop.value.code == 128 + signal.SIGHUP
+    assert capsys.readouterr().err.strip() == "interrupted: rerun the same command to resume"

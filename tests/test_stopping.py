@@ -13,7 +13,7 @@ import pytest
 from accelerate import Accelerator
 from conftest import one_line_refusal, tiny_recipe, tiny_run_args
 
-from fasttt.data import generation_loaders, holdout_rows, read_manifest, train_labels
+from fasttt.data import check_fits, generation_loaders, holdout_rows, read_manifest, train_labels
 from fasttt.status import run_status
 from fasttt.stopping import stop_after
 from fasttt.train import main as train
@@ -96,3 +96,11 @@ def test_with_more_patience_the_run_goes_on_to_its_last_generation(stopped, digi
 def test_a_saturation_rule_without_a_holdout_is_refused(digits):
     one_line_refusal(lambda: tiny_recipe(digits, **{"generations.stop": '"saturation"'}),
                      "decides on a holdout", "data.holdout")
+    tiny = tiny_recipe(digits, **{"data.holdout": 0.01, "data.train_limit": 128})
+    one_line_refusal(lambda: check_fits(read_manifest(digits), tiny.data, tiny.augment, k=5,
+                                        batch_size=64, processes=1),
+                     "data.holdout = 0.01 sets aside no sample of the 128 training samples")
+    small = tiny_recipe(digits, **{"data.holdout": 0.5, "data.train_limit": 128})
+    one_line_refusal(lambda: check_fits(read_manifest(digits), small.data, small.augment, k=5,
+                                        batch_size=100, processes=1),
+                     "(data.train_limit = 128, less the", "held out by data.holdout)")

@@ -20,7 +20,15 @@ from rich.console import Console
 
 import fasttt.cache as cache_module
 from fasttt.cache import main as cache_main
-from fasttt.sweep import SWEEP_JSON, SWEEP_MD, grid_points, parse_grid, run_points, summarize
+from fasttt.sweep import (
+    SWEEP_JSON,
+    SWEEP_MD,
+    grid_points,
+    parse_grid,
+    run_points,
+    summarize,
+    write_sweep_report,
+)
 from fasttt.sweep import main as sweep
 from fasttt.teachers import OnlineTeacher
 from fasttt.train import main as train
@@ -122,6 +130,16 @@ def test_another_student_reads_the_shared_cache_with_no_teacher_pass(swept, digi
         "generations.temperature": 4.0, "run.name": "other"}))
     assert (tmp_path / "other" / "gen1" / "eval.json").is_file()
     assert snapshot(swept / "teacher" / "gen0" / "cache") == built
+    # another teacher for a run whose students learned from this one: refused
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **CACHE, **{
+        "generations.teacher": f'"{swept / "teacher" / "gen1"}"', "generations.lam": 0.5,
+        "generations.temperature": 4.0, "run.name": "other"})), "made by a different recipe")
+    record = tmp_path / "other" / "gen0" / "teacher.json"  # as if the teacher was retrained
+    record.write_text(record.read_text().replace('"weights_sha256": "', '"weights_sha256": "0'))
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **CACHE, **{
+        "generations.teacher": f'"{teacher}"', "generations.lam": 0.5,
+        "generations.temperature": 4.0, "run.name": "other"})),
+        "is not the teacher", "adopted and trained students from")
 
 
 def test_a_temperature_the_cache_cannot_serve_is_refused(swept, digits, tmp_path):
@@ -136,7 +154,8 @@ def test_a_temperature_the_cache_cannot_serve_is_refused(swept, digits, tmp_path
     one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **{
         **CACHE, "generations.teacher": f'"{teacher}"', "generations.temperature": 3.0,
         "cache.temperatures": "[3.0]", "run.name": "hot"})),
-        "stores log-partitions at temperatures [1.0, 4.0]", "set cache.temperatures = [1.0, 4.0]")
+        "keeps the top 5 logits and log-partitions at T = 1, 4, so it cannot serve "
+        "generations.temperature = 3", 'cache.mode = "online"')
 
 
 @pytest.mark.parametrize("overrides, needles", [
@@ -228,3 +247,34 @@ def test_the_cache_command_on_an_adopting_run_verifies_the_teachers_cache(swept,
     assert "temperatures: [1.0, 4.0]" in capsys.readouterr().out
     assert snapshot(swept / "teacher" / "gen0" / "cache") == built
     assert not (point / "gen0" / "cache").exists()
+
+
+def test_a_sweep_that_would_mix_runs_or_points_is_refused(swept, digits):
+    one_line_refusal(lambda: sweep(sweep_args(digits, swept, name="teacher")),
+                     "overlaps its teacher's run", "another --name")
+    one_line_refusal(lambda: sweep(sweep_args(digits, swept, grid=[
+        "--grid", "generations.lam=0.3,0.30"], name="twice")), "two values mean the same")
+    one_line_refusal(lambda: sweep(sweep_args(digits, swept, grid=[
+        "--grid", 'run.log_with=["a b"],["a_b"]'], name="names")), "one point name")
+    assert not (swept / "twice").exists() and not (swept / "names").exists()
+
+
+def test_a_student_that_does_not_fit_the_shared_cache_is_refused_without_deleting_it(
+        swept, digits, tmp_path):
+    teacher = swept / "teacher" / "gen0"
+    built = snapshot(teacher / "cache")
+    one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **{
+        **CACHE, "generations.teacher": f'"{teacher}"', "cache.views": 1})),
+        "serves the students of", "views", 'cache.mode = "online"')
+    assert snapshot(teacher / "cache") == built
+    assert not (tmp_path / "digits_d06" / "gen1").exists()
+
+
+def test_sweep_figures_take_list_values(tmp_path):
+    grid = {"cache.temperatures": [[1.0], [1.0, 4.0]], "generations.lam": [0.3, 0.7]}
+    rows = [{"values": {"cache.temperatures": t, "generations.lam": lam}, "seed": 0,
+             "status": "finished", "val_top1_last": 50.0 + lam} for t in grid["cache.temperatures"]
+            for lam in grid["generations.lam"]]
+    write_sweep_report(tmp_path, summarize("s", "runs/t/gen0", Path("r.toml"), grid, [0], rows))
+    assert (tmp_path / "figures" / "sweep_cache.temperatures.png").stat().st_size > 1000
+    assert "| [1.0, 4.0] | 0.7 | 1/1 | 50.70 |" in (tmp_path / SWEEP_MD).read_text()

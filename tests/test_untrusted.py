@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from beton_builders.__main__ import main as build_betons
-from fasttt.cache import FORMAT_VERSION, array_specs, open_arrays
+from fasttt.cache import FORMAT_VERSION, array_specs, open_arrays, seal_manifest
 from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
@@ -299,7 +299,7 @@ def test_cache_arrays_holding_pickles_are_refused(tmp_path):
     cache.mkdir()
     for name, (shape, dtype) in array_specs(WANTED).items():
         np.lib.format.open_memmap(cache / f"{name}.npy", "w+", dtype, shape).flush()
-    write_json(cache / "manifest.json", {**WANTED, "complete": True})
+    write_json(cache / "manifest.json", seal_manifest({**WANTED, "complete": True}))
     assert open_arrays(cache, WANTED)["values"].shape == (2, 8, 3)
     evil = np.array([Call(os.system, f"touch {marker}")] * 48, dtype=object).reshape(2, 8, 3)
     for name in array_specs(WANTED):
