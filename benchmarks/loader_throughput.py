@@ -43,6 +43,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import decode_jpeg
 
 from fasttt.data import sequential_loader
+from fasttt.errors import leave_signals_to_the_parent
 
 CLASSES = 10
 MAX_RESOLUTION = 512  # the beton's longest side: the photos (at most 450 px) stay unresampled
@@ -102,7 +103,8 @@ def ceiling_epochs(paths: list[Path], workers: int, repeats: int) -> list[float]
     cuts = np.linspace(0, len(paths), workers * 8 + 1).astype(int)
     slices = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
     torch.set_num_threads(1)
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(
+            workers, initializer=leave_signals_to_the_parent) as pool:
         return timed_epochs(lambda: pool.imap_unordered(_decode_slice, slices), repeats)
 
 

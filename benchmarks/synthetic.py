@@ -26,6 +26,7 @@ from beton_builders.writing import (
     staged_output,
     write_beton,
 )
+from fasttt.errors import leave_signals_to_the_parent
 
 JPEG_QUALITY = 90
 NOISE_SIDE = 600  # the photo noise tile; photos are cut from it at random offsets
@@ -73,7 +74,8 @@ def write_photo_tree(root: Path, images: int, classes: int, workers: int) -> flo
         jobs += [(root / split / f"class{i % classes:04d}" / f"img{first + i:07d}.JPEG",
                   first + i) for i in range(count)]
     sizes = []
-    with progress_bar() as progress, multiprocessing.Pool(workers) as pool:
+    with progress_bar() as progress, multiprocessing.Pool(
+            workers, initializer=leave_signals_to_the_parent) as pool:
         task = progress.add_task("synthetic JPEGs", total=len(jobs), info="")
         for size in pool.imap_unordered(_save_photo, jobs, chunksize=32):
             sizes.append(size)

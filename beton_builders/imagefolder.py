@@ -18,7 +18,7 @@ from PIL import Image
 from rich.markup import escape
 
 from beton_builders.writing import console, label_fields, progress_bar, write_beton
-from fasttt.errors import UserError
+from fasttt.errors import UserError, leave_signals_to_the_parent
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif"}
 SHOWN_BAD_PATHS = 5
@@ -77,7 +77,8 @@ def probe_image(path: Path) -> tuple[int, int] | str:
 def probe_all(items: list[tuple[Path, int]], num_workers: int, description: str) -> list:
     """probe_image over every item, in parallel, with a progress bar."""
     paths = [p for p, _ in items]
-    with progress_bar() as progress, multiprocessing.Pool(num_workers) as pool:
+    with progress_bar() as progress, multiprocessing.Pool(
+            num_workers, initializer=leave_signals_to_the_parent) as pool:
         task = progress.add_task(description, total=len(paths), info="")
         results = []
         for result in pool.imap(probe_image, paths, chunksize=32):

@@ -89,6 +89,18 @@ def _numba_finalizer(unraisable) -> bool:
                                                                         "dispatcher.py"))
 
 
+def leave_signals_to_the_parent() -> None:
+    """Pool initializer: a forked worker drops the handlers fasttt gave its parent.
+
+    Inherited, they raise inside multiprocessing's own locks when the pool terminates its
+    workers (SIGTERM), and the parent then waits for them forever. Ctrl-C reaches the
+    parent, which stops the pool.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def exit_at_once_on_interrupt() -> None:
     """Until `exit_on_user_error` takes over (imports), a signal ends the process quietly."""
     def leave(signum, frame):

@@ -36,6 +36,7 @@ from conftest import (
 from ffcv.loader import epoch_iterator
 from rich.console import Console
 
+import beton_builders.imagefolder as imagefolder
 import fasttt.errors as errors
 from beton_builders.__main__ import main as build_betons
 from fasttt.cache import main as cache_cli
@@ -479,3 +480,17 @@ def test_a_hangup_stops_cleanly_with_the_resume_line(monkeypatch, capsys):
         exit_on_user_error(hang_up)
     assert stop.value.code == 128 + signal.SIGHUP
     assert capsys.readouterr().err.strip() == "interrupted: rerun the same command to resume"
+
+
+def _worker_sigterm_handler(path):
+    """Stands in for probe_image: what a pool worker does on SIGTERM."""
+    return signal.getsignal(signal.SIGTERM)
+
+
+def test_pool_workers_leave_signals_to_their_parent(monkeypatch):
+    # Inherited, fasttt's handler raised inside multiprocessing's queue lock when the pool
+    # terminated its workers, and the parent waited forever (seen in a synthetic build).
+    monkeypatch.setattr(imagefolder, "probe_image", _worker_sigterm_handler)
+    found = []
+    exit_on_user_error(lambda: found.extend(imagefolder.probe_all([(Path("x"), 0)], 1, "probe")))
+    assert found == [signal.SIG_DFL]

@@ -1,0 +1,182 @@
+"""One prepared command for a GPU machine: does fasttt run there, and how fast.
+
+    source .gpukit/activate && python benchmarks/gpu_check.py [--out bench_out/gpu_check]
+    python benchmarks/gpu_check.py --tiny        # the same steps in seconds, on any CPU
+
+Runs each step as its own process with a time limit, keeps going when one fails, and
+writes everything under --out: `logs/<step>.log`, each benchmark's JSON, and
+`gpu_check.json` (the environment line, the commit and date, each step's exit status and
+seconds, and every figure). Steps:
+
+1. environment: GPU, driver, torch, CUDA, CPU cores (printed as one line);
+2. device tests: the tests of the code a GPU runs (augmentation, losses, views and the
+   teacher cache, a tiny run with a cached student and its resume);
+3. `benchmarks/epochs_per_hour.py` for `imagenet_r18_d06_fast` on a synthetic ImageNet-like
+   beton (20,000 JPEGs of about 400x350) and for `cifar100_resnet56_d06` on a synthetic
+   50,000-image 32x32 beton: loader ceiling, patriarch, cached and online student, cache
+   build;
+4. the embedded demo end to end through `accelerate launch --mixed_precision bf16`.
+
+`--tiny` shrinks every step (a few hundred images, two steps per row, one epoch) so CI
+proves the script itself on a CPU; the figures it gives then mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE_TESTS = ["tests/test_augment.py", "tests/test_losses.py", "tests/test_views.py",
+                "tests/test_cache.py", "tests/test_train.py"]
+FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, []),
+        "cifar": ("cifar100_resnet56_d06", 50_000, [])}
+TINY_SETS = ["data.num_workers=1", "optim.batch_size=16", "cache.batch_size=32"]
+TINY = {"imagenet": ("imagenet_r18_d06_fast", 64, TINY_SETS),
+        "cifar": ("cifar100_resnet56_d06", 64, TINY_SETS)}
+ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online",
+        "cache_build")  # of epochs_per_hour's JSON, in the summary table
+DEMO_TINY = ["schedule.epochs=1", "schedule.peak_epoch=1", "generations.students=1",
+             "data.train_limit=256", "data.num_workers=1", "run.log_with=[]"]
+
+
+def environment() -> dict:
+    """The machine in facts: GPU, driver, torch, CUDA, CPU cores, Python."""
+    facts = {"python": platform.python_version(), "torch": torch.__version__,
+             "cuda": torch.version.cuda, "cpu_cores": os.cpu_count(),
+             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    try:
+        facts["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        facts["driver"] = None
+    return facts
+
+
+def describe(facts: dict) -> str:
+    """The environment as one line."""
+    gpus = ", ".join(facts["gpus"]) or "no GPU"
+    return (f"{gpus} (driver {facts['driver']}) | torch {facts['torch']} CUDA {facts['cuda']} "
+            f"| {facts['cpu_cores']} CPU cores | Python {facts['python']}")
+
+
+def commit() -> str | None:
+    """The checked-out commit, when this is a git checkout."""
+    try:  # a copied working tree may have no .git, a bare machine no git
+        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                               text=True)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
+
+
+def step(name: str, command: list[str], out: Path, timeout: float, console: Console) -> dict:
+    """Run one step's command with its output in logs/<name>.log; its status and seconds."""
+    log = out / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"{datetime.datetime.now():%H:%M:%S} {name}: {' '.join(command)}")
+    start = time.perf_counter()
+    with open(log, "w") as sink:
+        try:
+            status = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                    timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+    seconds = time.perf_counter() - start
+    console.print(f"  {name}: {'ok' if status == 0 else f'FAILED ({status})'} in "
+                  f"{seconds:.0f} s, log {log}")
+    return {"status": status, "seconds": seconds, "log": str(log.relative_to(out))}
+
+
+def demo_results(run_dir: Path) -> list[float] | None:
+    """The demo's last-epoch val top-1 per generation, from its report."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return [100 - g["last_top1_error"] for g in summary["generations"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every step in turn; the table; gpu_check.json. Exit 1 when a step failed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="seconds-long steps, any CPU")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_check"))
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["tests", "imagenet", "cifar", "demo"])
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    facts = environment()
+    console.print(f"environment: {describe(facts)}")
+    python = [sys.executable]
+    result = {"commit": commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"), "tiny": args.tiny, "environment": facts,
+        "environment_line": describe(facts), "steps": {}, "epochs_per_hour": {}}
+    if "tests" not in args.skip:
+        tests = ["tests/test_losses.py"] if args.tiny else DEVICE_TESTS
+        # the project's addopts ask for pytest-xdist, which a bare GPU machine may lack
+        workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
+        result["steps"]["tests"] = step(
+            "tests", [*python, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+                      *workers, *tests], out, 300 if args.tiny else 150, console)
+    for name, (recipe, images, sets) in (TINY if args.tiny else FULL).items():
+        if name in args.skip:
+            continue
+        json_out = out / f"epochs_per_hour_{name}.json"
+        timing = ["--steps", "2", "--warmup", "1", "--repeats", "1"] if args.tiny else []
+        result["steps"][name] = step(name, [
+            *python, "benchmarks/epochs_per_hour.py", f"recipes/{recipe}.toml",
+            "--synthetic", str(images), "--data-dir", str(out / "data" / name),
+            "--out", str(json_out), *timing, *(a for s in sets for a in ("--set", s))],
+            out, 300 if args.tiny else {"imagenet": 180, "cifar": 100}[name], console)
+        if json_out.is_file():
+            result["epochs_per_hour"][name] = json.loads(json_out.read_text())
+    if "demo" not in args.skip:
+        sets = DEMO_TINY if args.tiny else []
+        result["steps"]["demo"] = step("demo", [
+            *python, "-m", "accelerate.commands.launch", "--num_processes", "1",
+            "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+            "fasttt/train.py", "recipes/digits_d06.toml", "--runs-dir", str(out / "runs"),
+            "--set", f'data.beton_dir="{out / "data" / "digits"}"',
+            *(a for s in sets for a in ("--set", s))], out, 300 if args.tiny else 100, console)
+        result["demo_val_top1"] = demo_results(out / "runs" / "digits_d06")
+    table = Table(title=f"gpu_check{' --tiny' if args.tiny else ''}: {describe(facts)}")
+    for column in ("step", "status", "seconds"):
+        table.add_column(column, justify="right")
+    for name, outcome in result["steps"].items():
+        table.add_row(name, str(outcome["status"]), f"{outcome['seconds']:.0f}")
+    console.print(table)
+    speeds = Table(title="images/s (and the fraction of the loader's ceiling)")
+    speeds.add_column("recipe")
+    for row in ROWS:
+        speeds.add_column(row, justify="right")
+    for name, figures in result["epochs_per_hour"].items():
+        rows = figures["rows"]
+        speeds.add_row(name, *(f"{rows[r]['images_per_s']:,.0f} ({rows[r]['vs_loader']:.2f})"
+                               for r in ROWS))
+    console.print(speeds)
+    if result.get("demo_val_top1"):
+        console.print("demo, last-epoch val top-1 per generation: "
+                      + ", ".join(f"{v:.2f}%" for v in result["demo_val_top1"]))
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {out / 'gpu_check.json'}")
+    return 0 if all(o["status"] == 0 for o in result["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
