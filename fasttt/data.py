@@ -132,13 +132,11 @@ def train_labels(beton_dir: Path, manifest: dict) -> np.ndarray:
     """Every training sample's label, read from the beton's checked metadata (no decoding)."""
     path = split_path(beton_dir, manifest, "train")
     count = manifest["splits"]["train"]["count"]
-    names = beton_fields(path, manifest, count)
+    beton_fields(path, manifest, count)  # checked before its metadata is trusted
     header = np.fromfile(path, HeaderType, count=1)[0]
     descriptors = np.fromfile(path, FieldDescType, count=int(header["num_fields"]),
                               offset=HeaderType.itemsize)
-    metadata = np.fromfile(path, get_metadata_type(get_handlers(descriptors)), count=count,
-                           offset=HeaderType.itemsize + descriptors.nbytes)
-    return metadata[f"f{names.index('label')}"].astype(np.int64)
+    return _sample_fields(path, descriptors, count)["label"].astype(np.int64)
 
 
 def holdout_rows(data: DataConfig, manifest: dict) -> np.ndarray:
@@ -159,14 +157,13 @@ def holdout_rows(data: DataConfig, manifest: dict) -> np.ndarray:
 
 
 def training_rows(data: DataConfig, manifest: dict) -> np.ndarray | None:
-    """The rows a run trains on (and its caches label): the split less limit and holdout.
+    """The rows a run trains on (and its caches label) when data.holdout sets some aside.
 
-    None when that is the whole split, so FFCV reads it as it always did.
+    None without a holdout: data.train_limit alone (the loaders' `limit`) chooses them.
     """
-    samples = train_samples(data, manifest)
     if data.holdout == 0:
-        return np.arange(samples) if samples < manifest["splits"]["train"]["count"] else None
-    return np.setdiff1d(np.arange(samples), holdout_rows(data, manifest))
+        return None
+    return np.setdiff1d(np.arange(train_samples(data, manifest)), holdout_rows(data, manifest))
 
 
 def _field_names(descriptors: np.ndarray) -> list[str]:
@@ -210,8 +207,8 @@ def _samples_problem(path: Path, header, descriptors: np.ndarray, manifest: dict
     dtype = get_metadata_type(get_handlers(descriptors))
     if metadata_at + samples * dtype.itemsize > table_at:
         return "its sample metadata is cut short"
-    metadata = np.fromfile(path, dtype, count=samples, offset=metadata_at)
-    field = {name: metadata[f"f{i}"] for i, name in enumerate(_field_names(descriptors))}
+    field = _sample_fields(path, descriptors, samples)
+    metadata_bytes = samples * dtype.itemsize
     image, policy = field["image"], manifest["image_policy"]
     longest = np.maximum(image["height"], image["width"])
     if not np.array_equal(field["index"], np.arange(samples)):
@@ -231,13 +228,20 @@ def _samples_problem(path: Path, header, descriptors: np.ndarray, manifest: dict
     if not (np.array_equal(table["sample_id"], np.arange(samples))
             and np.array_equal(ptr, image["data_ptr"])):
         return "its allocation table does not match its samples"
-    if ((ptr < metadata_at + metadata.nbytes) | (ptr > table_at) | (length == 0)
+    if ((ptr < metadata_at + metadata_bytes) | (ptr > table_at) | (length == 0)
             | (length > table_at - ptr)).any() or (ptr // page != (ptr + length - 1) // page).any():
         return "an image lies outside its data page"
     raw = image["mode"] == 1
     if (length[raw] != image["width"][raw].astype(np.uint64) * image["height"][raw] * 3).any():
         return "a raw image's size does not match its width and height"
     return None
+
+
+def _sample_fields(path: Path, descriptors: np.ndarray, samples: int) -> dict[str, np.ndarray]:
+    """Each field's per-sample metadata (FFCV's table after the header), by field name."""
+    metadata = np.fromfile(path, get_metadata_type(get_handlers(descriptors)), count=samples,
+                           offset=HeaderType.itemsize + descriptors.nbytes)
+    return {name: metadata[f"f{i}"] for i, name in enumerate(_field_names(descriptors))}
 
 
 def _plain_file_name(name) -> bool:
