@@ -2,6 +2,7 @@
 
     python benchmarks/epochs_per_hour.py RECIPE.toml [--synthetic N] [--steps 10] [--warmup 2]
         [--repeats 3] [--set section.key=value ...] [--data-dir DIR] [--out FILE]
+        [--profile DIR [--profile-steps 6]]
     accelerate launch --num_processes 8 benchmarks/epochs_per_hour.py RECIPE.toml  # 8 GPUs
 
 Steady-state throughput of the recipe's model, train size, batch size, precision and
@@ -14,7 +15,13 @@ loader settings, measured side by side in one run with the trainer's own code
 3. student step reading a teacher cache (the teacher: the patriarch after its steps);
 4. student step with the online teacher (one teacher forward per step);
 5. cache build: teacher inference over the keyed views (seconds per view of the split);
-6. the cached student again, its cache build shared over the generation's epochs.
+6. the cached student again, its cache build shared over the generation's epochs;
+7. with `--profile DIR`, after the rounds and outside their timings: `--profile-steps`
+   steps of the patriarch and of the cached student, after one warm-up step, under
+   torch.profiler (`benchmarks/step_profile.py`): `DIR/<row>.txt` (the op table),
+   `DIR/<row>.trace.json.gz` (a Chrome trace) and `DIR/<row>.json`, whose summary (wall
+   and loader wait per step, each `fasttt.*` phase of `train_epoch` per step, the top
+   ops) also goes under "profile" in the JSON result and is printed as a table.
 
 A row times `--steps` steps after `--warmup` untimed ones, the device synchronised at
 both ends, and the time each step spent blocked waiting for its next batch. Rounds
@@ -44,12 +51,14 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import synthetic  # benchmarks/synthetic.py: a script's folder comes first on the path
 import torch
 from rich.console import Console
 from rich.table import Table
+from step_profile import phase_table, save_profile, step_profiler  # benchmarks/step_profile.py
 
 from beton_builders.imagefolder import default_workers
 from fasttt.augment import train_size
@@ -142,12 +151,15 @@ class TimedLoader:
     """Exactly `warmup + steps` batches of a train loader (over as many epochs as it takes).
 
     Times the last `steps` of them: wall time between device synchronisations, and the
-    time spent blocked inside the loader for the next batch.
+    time spent blocked inside the loader for the next batch. With `profiler`, marks the
+    end of every step for its schedule, after the last one's synchronisation.
     """
 
-    def __init__(self, loader, warmup: int, steps: int, batch_size: int, device: torch.device):
+    def __init__(self, loader, warmup: int, steps: int, batch_size: int, device: torch.device,
+                 profiler: torch.profiler.profile | None = None):
         self.loader, self.warmup, self.steps = loader, warmup, steps
         self.device, self.timing = device, Timing(images=steps * batch_size)
+        self.profiler = profiler
 
     def __len__(self) -> int:
         return self.warmup + self.steps
@@ -173,6 +185,8 @@ class TimedLoader:
                     if fed == len(self):
                         synchronize(self.device)
                         self.timing.seconds = time.perf_counter() - start
+                    if self.profiler is not None:
+                        self.profiler.step()
             finally:
                 # Stopping FFCV half way through an epoch joins its thread (~0.5 s): a cost
                 # the trainer never pays, so it falls outside the timing.
@@ -246,9 +260,9 @@ def average_norm_statistics(model: torch.nn.Module) -> None:
             module.momentum = None
 
 
-def training_steps(spec: GenerationSpec, train, args, recipe: Recipe, num_classes: int,
-                   accelerator) -> tuple[Timing, torch.nn.Module]:
-    """Train a fresh model with `spec` for warmup + steps steps through `train_epoch`."""
+def training_steps(spec: GenerationSpec, timed: TimedLoader, recipe: Recipe, num_classes: int,
+                   accelerator) -> torch.nn.Module:
+    """Train a fresh model with `spec` over the batches of `timed` through `train_epoch`."""
     # As train_generation prepares each generation's model and optimizer.
     model = build_model(recipe.model, recipe.run, num_classes, seed=1 + spec.index)
     average_norm_statistics(model)
@@ -256,13 +270,32 @@ def training_steps(spec: GenerationSpec, train, args, recipe: Recipe, num_classe
     if accelerator.scaler is not None:
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
-    timed = TimedLoader(train, args.warmup, args.steps, recipe.optim.batch_size,
-                        accelerator.device)
-    learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule, len(train)))
+    learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule,
+                                                    len(timed.loader)))
     with steps_bar(accelerator.is_main_process) as progress:
         train_epoch(learner, timed, spec, 0, accelerator, progress, "timed epoch")
     accelerator.free_memory()
-    return timed.timing, accelerator.unwrap_model(model)
+    return accelerator.unwrap_model(model)
+
+
+def profile_steps(specs: dict[str, GenerationSpec], train, args, recipe: Recipe,
+                  num_classes: int, accelerator, console: Console) -> dict[str, dict]:
+    """Profile `--profile-steps` steps of each spec after a warm-up step; their summaries.
+
+    Every process runs the steps (a distributed backward needs them all); the main one
+    writes its profiles and returns their summaries.
+    """
+    console.print(f"profiling {args.profile_steps} steps of: {', '.join(specs)}")
+    summaries = {}
+    for name, spec in specs.items():
+        with step_profiler(accelerator.device, args.profile_steps) as profiler:
+            timed = TimedLoader(train, 1, args.profile_steps, recipe.optim.batch_size,
+                                accelerator.device, profiler)
+            training_steps(spec, timed, recipe, num_classes, accelerator)
+        if accelerator.is_main_process:
+            summaries[name] = save_profile(profiler, args.profile, name, args.profile_steps,
+                                           timed.timing, accelerator.device)
+    return summaries
 
 
 def cache_build(cache_dir: Path, teacher, schedule, wanted: dict, recipe: Recipe,
@@ -281,11 +314,12 @@ def cache_build(cache_dir: Path, teacher, schedule, wanted: dict, recipe: Recipe
 
 
 def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelerator,
-            console: Console, work: Path) -> dict[str, list[Timing]]:
+            console: Console, work: Path) -> tuple[dict[str, list[Timing]], partial]:
     """Every row, once per round: rounds interleave the rows so they share the same load.
 
     The teacher is the patriarch as the first round leaves it, as each student is taught
-    by the last weights of the generation before.
+    by the last weights of the generation before. Also returns what profiles the patriarch
+    and cached-student steps (`profile_steps` with their specs and loader).
     """
     bench = measured_recipe(recipe, epoch_samples, args.warmup + args.steps)
     method, device = bench.generations, accelerator.device
@@ -304,8 +338,9 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
         console.print(f"round {r + 1} of {args.repeats}: loader alone, patriarch, cache build, "
                       "cached student, online student")
         timings["loader"].append(loader_alone(train, args, bench, accelerator))
-        timing, model = training_steps(patriarch, train, args, bench, num_classes, accelerator)
-        timings["patriarch_step"].append(timing)
+        timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
+        model = training_steps(patriarch, timed, bench, num_classes, accelerator)
+        timings["patriarch_step"].append(timed.timing)
         if teacher is None:
             teacher = model
             if accelerator.is_main_process:
@@ -323,9 +358,12 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
             "student_step_online": GenerationSpec(1, work, student, views, OnlineTeacher(
                 teacher, views, num_classes, method.temperature))}
         for name, spec in students.items():
-            timings[name].append(training_steps(spec, train, args, bench, num_classes,
-                                                accelerator)[0])
-    return timings
+            timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
+            training_steps(spec, timed, bench, num_classes, accelerator)
+            timings[name].append(timed.timing)
+    profiled = {"patriarch_step": patriarch, "student_step_cache": students["student_step_cache"]}
+    return timings, partial(profile_steps, profiled, train, args, bench, num_classes,
+                            accelerator, console)
 
 
 # ---------------------------------------------------------------- report
@@ -415,7 +453,7 @@ def print_table(result: dict, console: Console) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """RECIPE.toml [--synthetic N] [--steps] [--warmup] [--repeats] [--set] [--data-dir] [--out]."""
+    """RECIPE.toml and the options the module docstring lists, checked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
@@ -429,10 +467,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="where --synthetic builds (default bench_out/synthetic/...)")
     parser.add_argument("--out", type=Path,
                         help="JSON result (default bench_out/epochs_per_hour_<recipe>.json)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="then profile the patriarch and cached-student steps into DIR")
+    parser.add_argument("--profile-steps", type=int, default=6, metavar="N",
+                        help="profiled steps per row, after one warm-up step")
     args = parser.parse_args(argv)
-    if min(args.steps, args.warmup, args.repeats) < 1 or args.synthetic < 0:
-        raise UserError("--steps, --warmup and --repeats must be >= 1 (the first steps pay "
-                        "compilation), --synthetic >= 0")
+    if min(args.steps, args.warmup, args.repeats, args.profile_steps) < 1 or args.synthetic < 0:
+        raise UserError("--steps, --warmup, --repeats and --profile-steps must be >= 1 (the "
+                        "first steps pay compilation), --synthetic >= 0")
     return args
 
 
@@ -470,8 +512,23 @@ def settings(recipe: Recipe, args, accelerator, epoch_samples: int) -> dict:
         "compile": recipe.run.compile, "num_workers": recipe.data.num_workers}
 
 
+def result_of(recipe: Recipe, args, accelerator, epoch_samples: int,
+              timings: dict[str, list[Timing]], load_before: tuple) -> dict:
+    """The JSON result: the machine and its load, the recipe, the settings, the rows."""
+    setup = settings(recipe, args, accelerator, epoch_samples)
+    return {
+        "benchmark": "epochs_per_hour",
+        "machine": machine(accelerator) | {"load_average_before": load_before,
+                                           "load_average_after": os.getloadavg()},
+        "recipe": {"path": str(args.recipe), "set": args.set,
+                   "resolved": dataclasses.asdict(recipe)},
+        "settings": setup,
+        "rows": rows_from(timings, setup["train_images_per_epoch"], epoch_samples, recipe),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Measure every row, print the table, write the JSON."""
+    """Measure every row, print the table, write the JSON; then profile, and write it again."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.recipe, args.set)
     accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
@@ -487,25 +544,26 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True)
     accelerator.wait_for_everyone()
     load_before = os.getloadavg()
-    timings = measure(recipe, len(beton["class_names"]), epoch_samples, args, accelerator,
-                      console, work)
+    timings, profile = measure(recipe, len(beton["class_names"]), epoch_samples, args,
+                               accelerator, console, work)
+    main_process, result = accelerator.is_main_process, {}
+    if main_process:
+        result = result_of(recipe, args, accelerator, epoch_samples, timings, load_before)
+        print_table(result, console)
+        write_json(out, result)  # already: a time limit may stop the profile
+    if args.profile:
+        profiles = profile()
+        if main_process:
+            for name, summary in profiles.items():  # the same step unprofiled, for comparison
+                summary["timed_ms_per_step"] = round(1000 * result["settings"]["batch_size"]
+                                                      / result["rows"][name]["images_per_s"], 3)
+            result["profile"] = profiles
+            console.print(phase_table(f"profile ({args.profile})", profiles))
+            write_json(out, result)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    shutil.rmtree(work)
-    setup = settings(recipe, args, accelerator, epoch_samples)
-    result = {
-        "benchmark": "epochs_per_hour",
-        "machine": machine(accelerator) | {"load_average_before": load_before,
-                                           "load_average_after": os.getloadavg()},
-        "recipe": {"path": str(args.recipe), "set": args.set,
-                   "resolved": dataclasses.asdict(recipe)},
-        "settings": setup,
-        "rows": rows_from(timings, setup["train_images_per_epoch"], epoch_samples, recipe),
-    }
-    print_table(result, console)
-    write_json(out, result)
-    console.print(f"wrote {out}")
+    if main_process:
+        shutil.rmtree(work)
+        console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ writes everything under --out: `logs/<step>.log`, each benchmark's JSON, and
 seconds, and every figure). Steps:
 
 1. environment: GPU, driver, torch, CUDA, CPU cores (printed as one line);
-2. device tests: the tests of the code a GPU runs (augmentation, losses, views and the
-   teacher cache, a tiny run with a cached student and its resume);
+2. device tests: the tests of the code a GPU runs (first a tiny run on the GPU, killed and
+   resumed; augmentation, losses, views and the teacher cache, a tiny run with a cached
+   student and its resume);
 3. `benchmarks/epochs_per_hour.py` for `imagenet_r18_d06_fast` on a synthetic ImageNet-like
    beton (20,000 JPEGs of about 400x350) and for `cifar100_resnet56_d06` on a synthetic
    50,000-image 32x32 beton: loader ceiling, patriarch, cached and online student, cache
-   build;
+   build; then 6 steps of the patriarch and of the cached student under torch.profiler
+   (`profiles/<recipe>/`: op tables, gzipped Chrome traces, summaries), whose phase
+   breakdown (host and GPU kernel ms per step in each `fasttt.*` range of the training
+   step) goes into gpu_check.json under "phases" and is printed;
 4. the embedded demo end to end through `accelerate launch --mixed_precision bf16`.
 
 `--tiny` shrinks every step (a few hundred images, two steps per row, one epoch) so CI
@@ -37,10 +41,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from step_profile import phase_table  # benchmarks/step_profile.py
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_TESTS = ["tests/test_augment.py", "tests/test_losses.py", "tests/test_views.py",
-                "tests/test_cache.py", "tests/test_train.py"]
+DEVICE_TESTS = ["tests/test_devices.py", "tests/test_augment.py", "tests/test_losses.py",
+                "tests/test_views.py", "tests/test_cache.py", "tests/test_train.py"]
 FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, []),
         "cifar": ("cifar100_resnet56_d06", 50_000, [])}
 TINY_SETS = ["data.num_workers=1", "optim.batch_size=16", "cache.batch_size=32"]
@@ -48,6 +53,9 @@ TINY = {"imagenet": ("imagenet_r18_d06_fast", 64, TINY_SETS),
         "cifar": ("cifar100_resnet56_d06", 64, TINY_SETS)}
 ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online",
         "cache_build")  # of epochs_per_hour's JSON, in the summary table
+# of each profile summary in epochs_per_hour's JSON: the phase breakdown and its context
+PHASE_KEYS = ("device", "steps", "wall_ms_per_step", "loader_wait_ms_per_step",
+              "timed_ms_per_step", "phases")
 DEMO_TINY = ["schedule.epochs=1", "schedule.peak_epoch=1", "generations.students=1",
              "data.train_limit=256", "data.num_workers=1", "run.log_with=[]"]
 
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     python = [sys.executable]
     result = {"commit": commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "tiny": args.tiny, "environment": facts,
-        "environment_line": describe(facts), "steps": {}, "epochs_per_hour": {}}
+        "environment_line": describe(facts), "steps": {}, "epochs_per_hour": {}, "phases": {}}
     if "tests" not in args.skip:
         tests = ["tests/test_losses.py"] if args.tiny else DEVICE_TESTS
         # the project's addopts ask for pytest-xdist, which a bare GPU machine may lack
@@ -138,14 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         if name in args.skip:
             continue
         json_out = out / f"epochs_per_hour_{name}.json"
-        timing = ["--steps", "2", "--warmup", "1", "--repeats", "1"] if args.tiny else []
+        timing = (["--steps", "2", "--warmup", "1", "--repeats", "1", "--profile-steps", "2"]
+                  if args.tiny else [])
         result["steps"][name] = step(name, [
             *python, "benchmarks/epochs_per_hour.py", f"recipes/{recipe}.toml",
             "--synthetic", str(images), "--data-dir", str(out / "data" / name),
-            "--out", str(json_out), *timing, *(a for s in sets for a in ("--set", s))],
+            "--out", str(json_out), "--profile", str(out / "profiles" / name), *timing,
+            *(a for s in sets for a in ("--set", s))],
             out, 300 if args.tiny else {"imagenet": 180, "cifar": 100}[name], console)
         if json_out.is_file():
-            result["epochs_per_hour"][name] = json.loads(json_out.read_text())
+            figures = result["epochs_per_hour"][name] = json.loads(json_out.read_text())
+            for row, summary in figures.get("profile", {}).items():
+                result["phases"][f"{name} {row}"] = {k: summary[k] for k in PHASE_KEYS}
     if "demo" not in args.skip:
         sets = DEMO_TINY if args.tiny else []
         result["steps"]["demo"] = step("demo", [
@@ -170,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         speeds.add_row(name, *(f"{rows[r]['images_per_s']:,.0f} ({rows[r]['vs_loader']:.2f})"
                                for r in ROWS))
     console.print(speeds)
+    if result["phases"]:
+        console.print(phase_table("where a step's time goes (profiles/)", result["phases"]))
     if result.get("demo_val_top1"):
         console.print("demo, last-epoch val top-1 per generation: "
                       + ", ".join(f"{v:.2f}%" for v in result["demo_val_top1"]))

@@ -61,7 +61,8 @@ def build_model(model: ModelConfig, run: RunConfig, num_classes: int, seed: int)
     if run.channels_last:
         network = network.to(memory_format=torch.channels_last)
     if run.compile:
-        network.compile()  # in place: state_dict keys (and so checkpoints) stay unchanged
+        # in place: state_dict keys (and so checkpoints) stay unchanged
+        network.compile(mode=run.compile_mode)
     return network
 
 

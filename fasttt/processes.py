@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from rich.console import Console
 
 from fasttt.errors import UserError
@@ -20,7 +20,8 @@ def make_accelerator(mixed_precision: str, console: Console, log_with: tuple[str
     """Accelerate with the recipe's precision (on a CPU, full precision: bf16 there is slow)
     and the run's trackers (fasttt/tracking.py opens them per generation)."""
     check_trackers(log_with)
-    gpu = torch.cuda.is_available()
+    # `accelerate launch --cpu` sets ACCELERATE_USE_CPU: then the CPU trains, as without a GPU
+    gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     # cpu=True is what lets Accelerate join several CPU processes with gloo (MULTI_CPU);
     # without it, processes started by torchrun each train alone.
     accelerator = Accelerator(mixed_precision=mixed_precision if gpu else "no", cpu=not gpu,
@@ -35,7 +36,7 @@ def make_accelerator(mixed_precision: str, console: Console, log_with: tuple[str
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if not gpu and mixed_precision != "no" and accelerator.is_main_process:
-        console.print(f"no GPU: training in float32 instead of {mixed_precision}")
+        console.print(f"training on the CPU: float32 instead of {mixed_precision}")
     return accelerator
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from PIL import Image
 
 import fasttt.engine as engine
@@ -28,6 +29,9 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core: each keeps to on
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "digits_d06.toml"  # the embedded demo recipe
+# The devices present: tests of the code a GPU runs take each (benchmarks/gpu_check.py runs
+# them on a GPU machine); CI has the CPU alone.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # A run of seconds on the digits: few samples and epochs, the patriarch alone.
 TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 64,
             "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0,
@@ -45,6 +49,17 @@ def collect_loaders():
     """
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Let each test choose its own device and precision, as each run's process does.
+
+    Accelerate keeps one state per process and refuses another device or precision
+    later; on a GPU machine the tests mix CUDA bf16 runs with explicit CPU accelerators.
+    """
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from conftest import DEVICES
 
 from fasttt.augment import (
     center_crop_boxes,
@@ -24,6 +25,9 @@ from fasttt.augment import (
 from fasttt.data import Batch
 from fasttt.recipe import AugmentConfig
 
+# Resampled pixels are matrix products: on CUDA they may run in TF32, which the trainer
+# enables there (fasttt/processes.py), up to half a grey level from float32's.
+GREY_ATOL = {"cpu": 0.0, "cuda": 0.5}
 CIFAR = AugmentConfig()
 PHOTO = AugmentConfig(kind="resized_crop", min_size=24, max_size=24, eval_size=24,
                       eval_crop_ratio=0.875)
@@ -39,8 +43,9 @@ def smooth_images(batch: int, height: int, width: int, seed: int = 0, noise: flo
     return (big * 0.85 + noise).clamp(0, 255).to(torch.uint8)
 
 
-def test_keyed_uniform_is_a_fixed_function_of_the_key():
-    index = torch.tensor([0, 1, 2, 1_000_000])
+@pytest.mark.parametrize("device", DEVICES)
+def test_keyed_uniform_is_a_fixed_function_of_the_key(device):
+    index = torch.tensor([0, 1, 2, 1_000_000], device=device)
     values = keyed_uniform(7, index, 3, 5)
     assert values.dtype == torch.float32 and ((0 <= values) & (values < 1)).all()
     assert torch.equal(values, keyed_uniform(7, index.int(), 3, 5))
@@ -55,14 +60,17 @@ def test_keyed_uniform_is_a_fixed_function_of_the_key():
 GOLDEN = [0.5422650575637817, 0.36569565534591675, 0.5245974063873291, 0.5816314220428467]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", [CIFAR, PHOTO], ids=["pad_crop", "resized_crop"])
-def test_same_key_same_pixels_whatever_the_batch(spec):
-    images, index = smooth_images(8, 32, 32), torch.arange(100, 108)
+def test_same_key_same_pixels_whatever_the_batch(spec, device):
+    images, index = smooth_images(8, 32, 32).to(device), torch.arange(100, 108, device=device)
     size = 32 if spec is CIFAR else 24
     full = train_view(images, index, seed=1, view=2, size=size, spec=spec)
-    order = torch.tensor([5, 2, 7])
+    order = torch.tensor([5, 2, 7], device=device)
     part = train_view(images[order], index[order], seed=1, view=2, size=size, spec=spec)
-    assert torch.equal(part, full[order])
+    # pad_crop only gathers; normalised, a grey level is 1 / (255 std) units
+    atol = 0.0 if spec is CIFAR else GREY_ATOL[device] / (255 * min(spec.std))
+    assert torch.allclose(part, full[order], rtol=0, atol=atol)
     other_view = train_view(images, index, seed=1, view=3, size=size, spec=spec)
     assert not torch.equal(other_view, full)
 
@@ -88,9 +96,10 @@ def test_resized_crop_falls_back_to_a_centred_clamped_box():
     assert boxes.tolist() == [[0, 193, 10, 13]] * 4
 
 
-def test_pad_crop_flip_equals_torchvision_exactly():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pad_crop_flip_equals_torchvision_exactly(device):
     images, index = smooth_images(16, 32, 32), torch.arange(16)
-    out = pad_crop_flip(images, 5, index, 1, pad=4, flip=True)
+    out = pad_crop_flip(images.to(device), 5, index.to(device), 1, pad=4, flip=True).cpu()
     top = (keyed_uniform(5, index, 1, 1) * 9).long()
     left = (keyed_uniform(5, index, 1, 2) * 9).long()
     mirrored = flip_mask(5, index, 1)
@@ -104,14 +113,16 @@ def test_pad_crop_flip_equals_torchvision_exactly():
 @pytest.mark.parametrize("box,size", [((3, 5, 40, 50), 20), ((10, 4, 12, 9), 24),
                                       ((1, 2, 61, 37), 17), ((0, 0, 64, 64), 64)],
                          ids=["shrink", "enlarge", "odd", "identity"])
-def test_box_resampling_equals_torchvision_resized_crop(box, size):
+@pytest.mark.parametrize("device", DEVICES)
+def test_box_resampling_equals_torchvision_resized_crop(box, size, device):
     images = smooth_images(2, 64, 64)
-    ours = resample_boxes(images, torch.tensor([box, box]), size)
+    ours = resample_boxes(images.to(device), torch.tensor([box, box], device=device), size).cpu()
     for i in range(2):
         expected = TF.resized_crop(images[i].float(), *box, [size, size], antialias=True)
-        assert torch.allclose(ours[i], expected, atol=1e-3)
-    mirrored = resample_boxes(images, torch.tensor([box, box]), size, torch.tensor([True, False]))
-    assert torch.allclose(mirrored[0], ours[0].flip(-1), atol=1e-4)
+        assert torch.allclose(ours[i], expected, atol=1e-3 + GREY_ATOL[device])
+    mirrored = resample_boxes(images.to(device), torch.tensor([box, box], device=device), size,
+                              torch.tensor([True, False], device=device)).cpu()
+    assert torch.allclose(mirrored[0], ours[0].flip(-1), atol=1e-4 + GREY_ATOL[device])
     assert torch.equal(mirrored[1], ours[1])
 
 
@@ -134,7 +145,8 @@ def test_normalize_matches_torchvision_and_is_channels_last():
     assert torch.allclose(out.float(), expected, atol=0.05)
 
 
-def test_photo_crops_stay_inside_the_extent():
+@pytest.mark.parametrize("device", DEVICES)
+def test_photo_crops_stay_inside_the_extent(device):
     canvas = torch.zeros(2, 3, 40, 40, dtype=torch.uint8)
     canvas[0, :, :30, :20] = 200  # photo 0: 30x20 at the top-left; the rest is undefined
     canvas[1, :, :12, :40] = 100
@@ -143,8 +155,8 @@ def test_photo_crops_stay_inside_the_extent():
     extent = torch.tensor([[30, 20], [12, 40]])
     spec = dataclasses.replace(PHOTO, mean=(0, 0, 0), std=(1 / 255,) * 3)
     for view in range(20):
-        out = train_view(canvas, torch.tensor([0, 1]), seed=0, view=view, size=16, spec=spec,
-                         extent=extent)
+        out = train_view(canvas.to(device), torch.tensor([0, 1]), seed=0, view=view, size=16,
+                         spec=spec, extent=extent)
         # Bilinear border samples may reach one pixel past the extent, which data.py fills
         # with the edge; here it holds 7, so a wrong box shows as values far from 200/100.
         assert (out[0] - 200).abs().mean() < 10 and (out[1] - 100).abs().mean() < 10
@@ -157,12 +169,38 @@ def test_progressive_sizes():
     assert train_size(5, AugmentConfig()) == 32
 
 
-def test_eval_images_is_the_eval_view_of_a_loader_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_images_is_the_eval_view_of_a_loader_batch(device):
     images = smooth_images(3, 40, 40)
     extent = torch.tensor([[40, 40], [30, 20], [12, 40]])
     batch = Batch(images, torch.zeros(3, dtype=torch.long), torch.arange(3), extent)
-    ours = eval_images(batch, PHOTO, torch.device("cpu"))
-    assert torch.equal(ours, eval_view(images, size=PHOTO.eval_size, spec=PHOTO, extent=extent))
+    ours = eval_images(batch, PHOTO, torch.device(device))
+    assert ours.device.type == device
+    assert torch.equal(ours, eval_view(images.to(device), size=PHOTO.eval_size, spec=PHOTO,
+                                       extent=extent))
     assert ours.shape == (3, 3, 24, 24)
-    fixed = eval_images(Batch(images, batch.label, batch.index), CIFAR, torch.device("cpu"))
-    assert torch.equal(fixed, eval_view(images, size=CIFAR.eval_size, spec=CIFAR, extent=None))
+    fixed = eval_images(Batch(images, batch.label, batch.index), CIFAR, torch.device(device))
+    assert torch.equal(fixed, eval_view(images.to(device), size=CIFAR.eval_size, spec=CIFAR,
+                                        extent=None))
+
+
+@pytest.mark.skipif(len(DEVICES) == 1, reason="needs a GPU; benchmarks/gpu_check.py runs it")
+@pytest.mark.parametrize("device", DEVICES[1:])
+@pytest.mark.parametrize("spec", [CIFAR, PHOTO], ids=["pad_crop", "resized_crop"])
+def test_a_view_drawn_on_the_gpu_is_the_one_drawn_on_the_cpu(spec, device):
+    # A cache built on one device teaches a student on another: same boxes and mirrors.
+    images, index = smooth_images(32, 40, 40), torch.arange(500, 532)
+    extent = None if spec is CIFAR else torch.randint(12, 41, (32, 2))
+    size = 40 if spec is CIFAR else 24
+    host = train_view(images, index, seed=9, view=4, size=size, spec=spec, extent=extent)
+    there = train_view(images.to(device), index.to(device), seed=9, view=4, size=size,
+                       spec=spec, extent=extent).cpu()
+    atol = 0.0 if spec is CIFAR else GREY_ATOL[device] / (255 * min(spec.std))
+    assert torch.allclose(there, host, rtol=0, atol=atol)
+    heights, widths = extent.unbind(1) if extent is not None else (None, None)
+    if heights is not None:
+        boxes = resized_crop_boxes(9, index, 4, heights, widths, spec.scale, spec.ratio)
+        assert torch.equal(resized_crop_boxes(9, index.to(device), 4, heights.to(device),
+                                              widths.to(device), spec.scale, spec.ratio).cpu(),
+                           boxes)
+    assert torch.equal(flip_mask(9, index.to(device), 4).cpu(), flip_mask(9, index, 4))

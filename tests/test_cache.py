@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPE, ROOT, tiny_recipe, tiny_run_flags
+from conftest import DEVICES, RECIPE, ROOT, tiny_recipe, tiny_run_flags
 from rich.console import Console
 
 from fasttt.augment import eval_view, generation_key, train_size, train_view
@@ -31,6 +31,12 @@ from fasttt.train import main as train
 # an all-class float32 cache.
 CACHE_RUN = {"data.train_limit": 192, "schedule.epochs": 3, "cache.views": 2,
              "cache.dtype": '"float32"', "cache.batch_size": 50}
+
+
+# The cache against a teacher run at hand: on a GPU both run in bf16 (the recipe's), in
+# batches of other sizes, for which cuDNN may pick other kernels.
+ATOL = {"cpu": 1e-4, "cuda": 0.1}
+RTOL = {"cpu": 1e-6, "cuda": 0.02}  # a student's losses from the cache and from the teacher
 
 
 def flags(digits: Path, **overrides) -> list[str]:
@@ -70,6 +76,7 @@ def first_samples(recipe, accelerator):
 
 def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, digits):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
+    device = accelerator.device.type
     wanted = ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
     assert (wanted["top_k"], wanted["views"], wanted["stored_views"]) == (10, 2, 2)
     assert wanted["teacher_view"] == "student" and wanted["samples"] == 192
@@ -88,12 +95,12 @@ def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, d
                            size=train_size(view, recipe.augment), spec=recipe.augment,
                            extent=None)
         assert torch.equal(shown, schedule.student_pixels(images, index, epoch, None))
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():
             want = TopKTeacher.from_logits(model(shown), 10)
         for got in (teacher(index, view), online(index, view, images, None)):
             assert torch.equal(got.ids, want.ids)
-            assert torch.allclose(got.values, want.values, atol=1e-4)
-            assert torch.allclose(got.log_partition, want.log_partition, atol=1e-4)
+            assert torch.allclose(got.values.float(), want.values.float(), atol=ATOL[device])
+            assert torch.allclose(got.log_partition, want.log_partition, atol=ATOL[device])
     assert "bytes per sample per view: 54" in describe(gen0 / CACHE)  # 10 * (4 + 1) + 4
 
 
@@ -101,6 +108,7 @@ def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch,
                                                                      tmp_path):
     recipe, accelerator, gen0, schedule = setup(
         patriarch, digits, **{"cache.teacher_view": '"unaugmented"'})
+    device = accelerator.device.type
     teacher_dir = tmp_path / "gen0"
     teacher_dir.mkdir()
     shutil.copy2(gen0 / WEIGHTS, teacher_dir / WEIGHTS)
@@ -115,11 +123,11 @@ def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch,
     batch = first_samples(recipe, accelerator)
     plain = eval_view(batch.image, size=recipe.augment.eval_size, spec=recipe.augment,
                       extent=None)
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():
         want = TopKTeacher.from_logits(model(plain), 10)
     got = teacher(batch.index, 0)
     assert torch.equal(got.ids, want.ids)
-    assert torch.allclose(got.values, want.values, atol=1e-4)
+    assert torch.allclose(got.values.float(), want.values.float(), atol=ATOL[device])
     # The student's pixels are ignored: an online teacher labels the plain view too.
     shown = schedule.student_pixels(batch.image, batch.index, 1, None)
     online = OnlineTeacher(model, schedule, 10, 1.0)(batch.index, 0, batch.image, None, shown)
@@ -135,7 +143,7 @@ def test_a_student_from_the_cache_follows_the_online_students_trajectory(digits,
         rows = (run / "digits_d06" / "gen1" / "metrics.jsonl").read_text().splitlines()
         losses[mode] = [json.loads(r)["train_loss"] for r in rows]
     assert len(losses["online"]) == 3
-    assert np.allclose(losses["online"], losses["precomputed"], rtol=1e-6, atol=0)
+    assert np.allclose(losses["online"], losses["precomputed"], rtol=RTOL[DEVICES[-1]], atol=0)
 
 
 @pytest.mark.parametrize("change,what", [

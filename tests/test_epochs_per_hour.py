@@ -8,12 +8,14 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import RECIPE, ROOT, set_flags
 from PIL import Image
 from rich.console import Console
+from torch.autograd import DeviceType
 
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
@@ -35,6 +37,7 @@ def _load_benchmark():
 
 bench = _load_benchmark()
 synthetic = importlib.import_module("synthetic")
+step_profile = importlib.import_module("step_profile")
 
 
 def tiny(**overrides) -> list[str]:
@@ -75,6 +78,7 @@ def check_rows(result: dict, printed: str) -> None:
         rows["student_step_cache"]["images_per_s"]
     assert "epochs per hour" in printed
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert "profile" not in result  # only with --profile (tests/test_gpu_check.py)
 
 
 def test_digits_recipe_measures_every_row(digits, tmp_path, capsys, monkeypatch):
@@ -143,9 +147,39 @@ def test_synthetic_photos_look_like_imagenet_files():
     assert 70 <= np.mean(sizes) / 1024 <= 140
 
 
+def test_a_gpu_backward_on_the_autograd_thread_counts_for_its_range():
+    # On a GPU the autograd engine runs the backward's tasks on a thread of its own, outside
+    # the tree of the main thread's fasttt.backward: their kernels still count for it.
+    def event(name, start, end, thread, device_us, parent=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
+                               thread=thread, device_type=DeviceType.CPU,
+                               cpu_time_total=end - start, device_time_total=device_us,
+                               cpu_parent=parent)
+
+    main, engine, loader = 1, 2, 3
+    task = "autograd::engine::evaluate_function: ConvolutionBackward0"
+    top = event(task, 1200, 1500, engine, 900)
+    events = [event("fasttt.forward_loss", 0, 1000, main, 400),
+              event("fasttt.backward", 1000, 2000, main, 10),
+              top, event(task, 1300, 1400, engine, 500, parent=top),  # within top: once
+              event(task, 2100, 2200, engine, 70),  # between steps, in no range
+              event("aten::copy_", 1100, 1150, loader, 30),  # the loader's, not the backward's
+              event("fasttt.forward_loss", 3000, 4000, main, 400),
+              event("fasttt.backward", 4000, 5000, main, 10),
+              event(task, 4500, 4600, engine, 100)]
+    assert step_profile.phases(events, steps=2) == {
+        "fasttt.forward_loss": {"host_ms_per_step": 1.0, "device_ms_per_step": 0.4,
+                                "calls_per_step": 1.0},
+        "fasttt.backward": {"host_ms_per_step": 1.0,
+                            "device_ms_per_step": (10 + 900 + 10 + 100) / 1000 / 2,
+                            "calls_per_step": 1.0}}
+
+
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(UserError, match="--steps"):
         bench.main([str(RECIPE), "--steps", "0"])
+    with pytest.raises(UserError, match="--profile-steps"):
+        bench.main([str(RECIPE), "--profile-steps", "0"])
     with pytest.raises(UserError, match="fewer images than one batch"):
         bench.main([str(RECIPE), "--synthetic", "8", "--data-dir", str(tmp_path / "s")])
     foreign = tmp_path / "mine"

@@ -3,6 +3,7 @@ runs every step end to end and writes its JSON, so its bugs are found here, not 
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -26,6 +27,34 @@ def test_the_gpu_check_runs_every_step_tiny_and_writes_its_figures(tmp_path):
         assert all(rows[r]["images_per_s"] > 0 for r in ("loader", "patriarch_step",
                                                           "student_step_cache",
                                                           "student_step_online"))
+        for row in ("patriarch_step", "student_step_cache"):
+            check_profile(result, tmp_path / "profiles" / name, name, row)
     assert len(result["demo_val_top1"]) == 2  # patriarch and one student, through accelerate
     assert (tmp_path / "logs" / "demo.log").is_file()
-    assert "images/s" in done.stdout
+    assert "images/s" in done.stdout and "where a step's time goes" in done.stdout
+
+
+def check_profile(result: dict, directory, name: str, row: str) -> None:
+    """A row's profile files and its phase breakdown: each phase of a step once per step."""
+    breakdown = result["phases"][f"{name} {row}"]
+    phases = breakdown["phases"]
+    assert list(phases) == ["fasttt.augment", "fasttt.teacher", "fasttt.forward_loss",
+                            "fasttt.backward", "fasttt.optimizer", "fasttt.metrics"]
+    assert all(p["calls_per_step"] == 1 for p in phases.values())
+    assert phases["fasttt.forward_loss"]["host_ms_per_step"] > 0
+    assert phases["fasttt.backward"]["host_ms_per_step"] > 0
+    assert sum(p["host_ms_per_step"] for p in phases.values()) <= breakdown["wall_ms_per_step"]
+    assert breakdown["steps"] == 2
+    summary = result["epochs_per_hour"][name]["profile"][row]
+    assert summary["phases"] == phases and len(summary["top_ops"]) == 15
+    own = [op["self_device_ms_per_step" if breakdown["device"] == "cuda" else
+              "self_cpu_ms_per_step"] for op in summary["top_ops"]]
+    assert own == sorted(own, reverse=True) and own[0] > 0
+    assert "Self CPU" in (directory / f"{row}.txt").read_text()
+    # the file is written before the benchmark adds the unprofiled step's time
+    written = json.loads((directory / f"{row}.json").read_text())
+    assert written == {k: v for k, v in summary.items() if k != "timed_ms_per_step"}
+    assert summary["timed_ms_per_step"] > 0
+    trace = json.loads(gzip.decompress((directory / f"{row}.trace.json.gz").read_bytes()))
+    assert {"fasttt.forward_loss", "fasttt.backward"} <= {e.get("name")
+                                                          for e in trace["traceEvents"]}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 
 from fasttt.losses import (
     cp_loss,
@@ -31,11 +32,11 @@ def _half(teacher: TopKTeacher) -> TopKTeacher:
                        teacher.temperature)
 
 
-def _batch(batch=8, classes=10, scale=3.0, seed=0):
+def _batch(batch=8, classes=10, scale=3.0, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, classes, generator=gen) * scale
     labels = torch.randint(0, classes, (batch,), generator=gen)
-    return logits, labels
+    return logits.to(device), labels.to(device)
 
 
 # ---------------------------------------------------------------- u <-> eta
@@ -77,9 +78,10 @@ def _tsd_reference(logits, labels, eta, k):
     return total / len(labels)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [2, 5, 10])
-def test_tsd_matches_brute_force(k):
-    logits, labels = _batch()
+def test_tsd_matches_brute_force(k, device):
+    logits, labels = _batch(device=device)
     eta = eta_from_u(0.6, k)
     loss, parts = tsd_loss(logits, labels, eta, k)
     assert loss.item() == pytest.approx(_tsd_reference(logits, labels, eta, k), rel=1e-5)
@@ -203,10 +205,11 @@ def test_student_kl_is_zero_against_itself(temperature):
         assert abs(loss.item()) < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
-def test_student_kl_matches_torch_kl_div(temperature):
-    logits, labels = _batch(seed=1)
-    teacher, _ = _batch(seed=2)
+def test_student_kl_matches_torch_kl_div(temperature, device):
+    logits, labels = _batch(seed=1, device=device)
+    teacher, _ = _batch(seed=2, device=device)
     log_s = (logits / temperature).log_softmax(dim=1)
     p_t = (teacher / temperature).softmax(dim=1)
     reference = F.kl_div(log_s, p_t, reduction="batchmean")
@@ -218,10 +221,11 @@ def test_student_kl_matches_torch_kl_div(temperature):
     assert mixed.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_topk_at_all_classes_equals_full_kl(temperature):
-    logits, labels = _batch(classes=20, seed=3)
-    teacher, _ = _batch(classes=20, seed=4)
+def test_topk_at_all_classes_equals_full_kl(temperature, device):
+    logits, labels = _batch(classes=20, seed=3, device=device)
+    teacher, _ = _batch(classes=20, seed=4, device=device)
     full, full_parts = student_loss(logits, labels, teacher, 0.4, temperature)
     topk = TopKTeacher.from_logits(teacher, 20, temperature)
     loss, parts = student_loss(logits, labels, topk, 0.4, temperature)
@@ -271,16 +275,17 @@ def test_topk_kl_bound_and_gap_shrinks_with_k():
     assert (_per_sample_kl(logits, TopKTeacher.from_logits(teacher, 1)) < full).all()
 
 
-def test_topk_tail_edges_are_finite():
-    logits, labels = _batch(classes=10)
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_tail_edges_are_finite(device):
+    logits, labels = _batch(classes=10, device=device)
     logits.requires_grad_()
-    teacher = torch.zeros(8, 10)
+    teacher = torch.zeros(8, 10, device=device)
     teacher[:, 0] = 200.0  # the teacher's tail underflows to exactly zero mass
-    student_peaked = torch.zeros(8, 10)
+    student_peaked = torch.zeros(8, 10, device=device)
     student_peaked[:, :3] = 60.0  # the student's tail is ~e^-60, far below 1 - sum resolution
     student_peaked.requires_grad_()
     # a teacher whose kept ids are the student's peak, with real mass (~1e-4) in its tail
-    confident = torch.randn(8, 10, generator=torch.Generator().manual_seed(9))
+    confident = torch.randn(8, 10, generator=torch.Generator().manual_seed(9)).to(device)
     confident[:, :3] += 10.0
     cases = [(logits, TopKTeacher.from_logits(teacher, 1)),
              (logits, _half(TopKTeacher.from_logits(teacher, 10))),
@@ -312,8 +317,9 @@ def test_topk_teacher_temperature_mismatch_and_shapes_rejected():
         TopKTeacher(torch.zeros(4, 3), torch.zeros(4, 2, dtype=torch.long), torch.zeros(4))
 
 
-def test_topk_teacher_from_logits_probabilities_are_exact():
-    teacher, _ = _batch(classes=30, seed=7)
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_teacher_from_logits_probabilities_are_exact(device):
+    teacher, _ = _batch(classes=30, seed=7, device=device)
     exact = TopKTeacher.from_logits(teacher, 4, temperature=2.0)
     assert exact.values.dtype == teacher.dtype and exact.log_partition.dtype == torch.float32
     assert exact.ids.equal(teacher.topk(4, dim=1).indices) and exact.temperature == 2.0
@@ -328,12 +334,13 @@ def test_topk_teacher_from_logits_probabilities_are_exact():
 
 # ---------------------------------------------------------------- low precision
 
-def test_all_losses_have_finite_gradients_under_bf16_autocast():
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_losses_have_finite_gradients_under_bf16_autocast(device):
     torch.manual_seed(0)
-    model = torch.nn.Linear(16, 10)
-    x = torch.randn(8, 16) * 4
-    labels = torch.randint(0, 10, (8,))
-    teacher = torch.randn(8, 10) * 5
+    model = torch.nn.Linear(16, 10).to(device)
+    x = (torch.randn(8, 16) * 4).to(device)
+    labels = torch.randint(0, 10, (8,)).to(device)
+    teacher = (torch.randn(8, 10) * 5).to(device)
     losses = {
         "ce": lambda z: cross_entropy(z, labels),
         "tsd": lambda z: tsd_loss(z, labels, eta_from_u(0.6, K), K),
@@ -347,7 +354,7 @@ def test_all_losses_have_finite_gradients_under_bf16_autocast():
     }
     for name, fn in losses.items():
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             z = model(x)
             assert z.dtype == torch.bfloat16
             loss, parts = fn(z)

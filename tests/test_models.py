@@ -144,13 +144,21 @@ def test_weight_init():
     assert (model.get_classifier().bias == 0).all()
 
 
-def test_run_compile_compiles_in_place_and_keeps_checkpoint_keys():
-    defaults, compiling = build_recipe({}, "defaults"), build_recipe({"run": {"compile": True}},
-                                                                      "defaults")
+def test_run_compile_compiles_in_place_and_keeps_checkpoint_keys(monkeypatch):
+    defaults, compiling = build_recipe({}, "defaults"), build_recipe(
+        {"run": {"compile": True, "compile_mode": "reduce-overhead"}}, "defaults")
+    modes, compile_lazily = [], torch.compile
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return compile_lazily(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
     plain = build_model(defaults.model, defaults.run, 10, seed=0)
     compiled = build_model(compiling.model, compiling.run, 10, seed=0)
     # nn.Module.compile: the forward is compiled lazily, the module and its keys stay.
     assert compiled._compiled_call_impl is not None and plain._compiled_call_impl is None
+    assert modes == ["reduce-overhead"]  # CUDA graphs: the mode reaches torch.compile
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(compiled.state_dict().values(),
                                                  plain.state_dict().values(), strict=True))

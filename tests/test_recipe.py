@@ -47,6 +47,7 @@ def test_a_recipe_reads_into_typed_frozen_sections(tmp_path):
     ("[optim]\nlr = 'fast'", "optim.lr must be number"),
     ("[run]\nseed = 1.5", "run.seed must be integer"),
     ("[run]\ncompile = 1", "run.compile must be true or false"),
+    ("[run]\ncompile_mode = 'fast'", 'run.compile_mode must be "default" or "reduce-overhead" or'),
     ("[run]\nmixed_precision = 'fp8'", 'run.mixed_precision must be "no" or "bf16" or "fp16"'),
     ("[schedule]\nmilestones = [82, 'x']", "schedule.milestones must be a list of integers"),
     ("[generations]\nu = 0.0", "generations.u must be in (0, 1]"),

@@ -1,0 +1,110 @@
+"""A tiny run on the device this machine trains on, and the cache's rows on every device.
+
+The run trains where Accelerate puts it: the CPU in CI, the GPU on a GPU machine, where
+benchmarks/gpu_check.py runs this module first. A cached student is killed in its first
+epoch and resumed; the resume must replay exactly the batches and views an uninterrupted
+run reads. On the CPU its numbers are equal to the bit. On a GPU, cuDNN picks its kernels
+per process (fasttt/processes.py turns its autotuner on) and some sum in another order,
+so there the numbers must be close instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES, RECIPE, interrupt_at_evaluation, tiny_run_flags
+from rich.console import Console
+
+from fasttt.cache import open_teacher, read_cache_manifest
+from fasttt.engine import TIMINGS
+from fasttt.processes import make_accelerator
+from fasttt.rundir import CACHE, METRICS
+from fasttt.teachers import ViewSchedule
+from fasttt.train import main as train
+
+RUN_DEVICE = DEVICES[-1]  # where Accelerate trains: the GPU when there is one
+# A patriarch and one student reading a 2-view all-class cache, 2 epochs of 128 samples.
+CACHED_STUDENT = {"data.train_limit": 128, "generations.students": 1, "cache.views": 2,
+                  "cache.dtype": '"float32"'}
+RELATIVE = {"cpu": 0.0, "cuda": 0.05}  # how far a resumed run's numbers may drift
+
+
+def recorded_run(digits: Path, runs: Path, monkeypatch) -> list[tuple]:
+    """Train the cached student's run into `runs`; (generation key, epoch, batch) it read."""
+    seen, student_pixels = [], ViewSchedule.student_pixels
+
+    def spy(schedule, images, index, epoch, extent):
+        seen.append((schedule.key, epoch, tuple(index.tolist())))
+        return student_pixels(schedule, images, index, epoch, extent)
+
+    monkeypatch.setattr(ViewSchedule, "student_pixels", spy)
+    train([str(RECIPE), *tiny_run_flags(digits, **CACHED_STUDENT), "--runs-dir", str(runs)])
+    return seen
+
+
+def numbers(gen_dir: Path) -> list[dict]:
+    """A generation's metrics rows without their wall-clock fields."""
+    rows = [json.loads(line) for line in (gen_dir / METRICS).read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits, tmp_path_factory):
+    """(run directory, batches read) of the cached student's run, trained in one go."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        runs = tmp_path_factory.mktemp("device") / "runs"
+        seen = recorded_run(digits, runs, monkeypatch)
+    return runs / "digits_d06", seen
+
+
+def test_a_killed_cached_student_resumes_with_the_same_batches_and_views(
+        digits, uninterrupted, tmp_path, monkeypatch):
+    run, seen = uninterrupted
+    interrupt_at_evaluation(monkeypatch, call=3)  # gen0's 2 epochs, then gen1's first
+    with pytest.raises(KeyboardInterrupt):
+        recorded_run(digits, tmp_path, monkeypatch)
+    monkeypatch.undo()
+    resumed = recorded_run(digits, tmp_path, monkeypatch)
+    steps = len(seen) // 4  # 2 generations x 2 epochs
+    assert resumed == seen[2 * steps:]  # gen1 from its first epoch, batch for batch
+    assert len({key for key, _, _ in seen}) == 2  # each generation its own views
+    for gen in ("gen0", "gen1"):
+        ours, theirs = numbers(tmp_path / "digits_d06" / gen), numbers(run / gen)
+        assert [r["epoch"] for r in ours] == [1, 2]
+        for mine, other in zip(ours, theirs, strict=True):
+            assert mine.keys() == other.keys()
+            for name, value in mine.items():
+                assert math.isclose(value, other[name], rel_tol=RELATIVE[RUN_DEVICE],
+                                    abs_tol=RELATIVE[RUN_DEVICE]), (gen, name, value, other)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_cache_serves_its_stored_rows_on_every_device(uninterrupted, device):
+    cache_dir = uninterrupted[0] / "gen0" / CACHE
+    manifest = read_cache_manifest(cache_dir)
+    teacher = open_teacher(cache_dir, manifest, 1.0, torch.device(device))
+    stored = {name: np.load(cache_dir / f"{name}.npy") for name in ("values", "ids")}
+    index = torch.tensor([127, 3, 64, 3, 0])  # any order, repeats allowed
+    for view in range(manifest["stored_views"]):
+        got = teacher(index, view)
+        assert got.values.device.type == got.ids.device.type == device
+        assert torch.equal(got.values.cpu(), torch.from_numpy(stored["values"][view][index]))
+        assert torch.equal(got.ids.cpu(), torch.from_numpy(stored["ids"][view][index]).long())
+        # every class kept: the log-partition is the stored logits' logsumexp
+        expected = torch.from_numpy(stored["values"][view][index]).logsumexp(dim=1)
+        torch.testing.assert_close(got.log_partition.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_accelerate_launch_cpu_trains_on_the_cpu_in_float32_beside_a_gpu(monkeypatch):
+    # `accelerate launch --cpu` says so through ACCELERATE_USE_CPU; a GPU is pretended here.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    console = Console(record=True, width=200)
+    accelerator = make_accelerator("bf16", console)
+    assert accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
+    assert "training on the CPU: float32 instead of bf16" in console.export_text()
