@@ -55,7 +55,7 @@ ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online",
         "cache_build")  # of epochs_per_hour's JSON, in the summary table
 # of each profile summary in epochs_per_hour's JSON: the phase breakdown and its context
 PHASE_KEYS = ("device", "steps", "wall_ms_per_step", "loader_wait_ms_per_step",
-              "timed_ms_per_step", "phases")
+              "timed_ms_per_step", "kernel_ms_per_step", "phases")
 DEMO_TINY = ["schedule.epochs=1", "schedule.peak_epoch=1", "generations.students=1",
              "data.train_limit=256", "data.num_workers=1", "run.log_with=[]"]
 
@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if "tests" not in args.skip:
         tests = ["tests/test_losses.py"] if args.tiny else DEVICE_TESTS
         # the project's addopts ask for pytest-xdist, which a bare GPU machine may lack
-        workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
+        # by module, so each module's shared runs train once
+        workers = (["-n", "4", "--dist", "loadscope"] if importlib.util.find_spec("xdist")
+                   else [])
         # the two-rank cache build hides CUDA (gloo on the CPU): nothing of the GPU's
         result["steps"]["tests"] = step(
             "tests", [*python, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "--synthetic", str(images), "--data-dir", str(out / "data" / name),
             "--out", str(json_out), "--profile", str(out / "profiles" / name), *timing,
             *(a for s in sets for a in ("--set", s))],
-            out, 300 if args.tiny else {"imagenet": 180, "cifar": 100}[name], console)
+            out, 300 if args.tiny else {"imagenet": 190, "cifar": 110}[name], console)
         if json_out.is_file():
             figures = result["epochs_per_hour"][name] = json.loads(json_out.read_text())
             for row, summary in figures.get("profile", {}).items():
@@ -187,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(speeds)
     if result["phases"]:
         console.print(phase_table("where a step's time goes (profiles/)", result["phases"]))
+        for name, profile in result["phases"].items():
+            if profile["device"] == "cuda" and not profile["phases"].get(
+                    "fasttt.backward", {}).get("device_ms_per_step"):
+                console.print(f"{name}: no GPU kernel was credited to fasttt.backward; "
+                              "compare the phases with 'GPU kernels, all'")
     if result.get("demo_val_top1"):
         console.print("demo, last-epoch val top-1 per generation: "
                       + ", ".join(f"{v:.2f}%" for v in result["demo_val_top1"]))

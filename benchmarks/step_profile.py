@@ -7,7 +7,8 @@ fasttt.metrics). `step_profiler` records a few steps after a warm-up
 one; `save_profile` writes the op table (sorted by self GPU time on a GPU, else self CPU
 time) and a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev), and returns the
 summary: wall and loader wait per step, each phase's host and GPU kernel time per step,
-the top ops. `phase_table` prints the phases of several profiles side by side.
+all GPU kernels' time per step (what the phases leave out shows beside it), the top ops.
+`phase_table` prints the phases of several profiles side by side.
 """
 
 from __future__ import annotations
@@ -61,9 +62,17 @@ def phases(events, steps: int) -> dict:
             for name, (host, device, calls) in totals.items()}
 
 
+def kernel_ms(events, steps: int) -> float:
+    """Every GPU kernel's and copy's time per step, whichever range launched it (if any)."""
+    return _ms(sum(e.device_time_total for e in events
+                   if e.device_type != DeviceType.CPU and not e.is_user_annotation), steps)
+
+
 def top_ops(averages, sort: str, steps: int) -> list[dict]:
-    """The ops with the most self time per step (the ranges and ProfilerStep* left out)."""
-    ops = sorted((a for a in averages if not a.is_user_annotation),
+    """The host-side ops with the most self time per step, their kernels' time counted in
+    (the ranges, ProfilerStep* and the kernels' own rows left out, so none counts twice)."""
+    ops = sorted((a for a in averages
+                  if not a.is_user_annotation and a.device_type == DeviceType.CPU),
                  key=lambda a: getattr(a, sort), reverse=True)
     return [{"name": a.key, "self_cpu_ms_per_step": _ms(a.self_cpu_time_total, steps),
              "self_device_ms_per_step": _ms(a.self_device_time_total, steps),
@@ -77,7 +86,7 @@ def save_profile(profiler: torch.profiler.profile, directory: Path, name: str, s
     `timing` (images, seconds, waited) covers exactly the profiled steps.
     """
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = profiler.key_averages()
+    averages, events = profiler.key_averages(), profiler.events()
     directory.mkdir(parents=True, exist_ok=True)
     table = averages.table(sort_by=sort, row_limit=TABLE_ROWS)
     (directory / f"{name}.txt").write_text(table + "\n")
@@ -85,7 +94,9 @@ def save_profile(profiler: torch.profiler.profile, directory: Path, name: str, s
     summary = {"steps": steps, "device": device.type, "sorted_by": sort,
                "wall_ms_per_step": _ms(1e6 * timing.seconds, steps),
                "loader_wait_ms_per_step": _ms(1e6 * timing.waited, steps),
-               "phases": phases(profiler.events(), steps),
+               "phases": phases(events, steps),
+               # on a GPU: what the phases' kernels leave out (a backward credited to no range)
+               "kernel_ms_per_step": kernel_ms(events, steps),
                "top_ops": top_ops(averages, sort, steps),
                "files": [f"{name}.txt", f"{name}.trace.json.gz", f"{name}.json"]}
     (directory / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -101,7 +112,8 @@ def phase_table(title: str, profiles: dict[str, dict]) -> Table:
         table.add_column(column, justify="right")
     for name in dict.fromkeys(n for p in profiles.values() for n in p["phases"]):
         table.add_row(name, *(_cell(p["phases"].get(name), gpu) for p in profiles.values()))
-    for key, label in (("wall_ms_per_step", "step (wall, profiled)"),
+    totals = (("kernel_ms_per_step", "GPU kernels, all"),) if gpu else ()
+    for key, label in (*totals, ("wall_ms_per_step", "step (wall, profiled)"),
                        ("loader_wait_ms_per_step", "waiting for the batch"),
                        ("timed_ms_per_step", "step (wall, timed rows)")):
         table.add_row(label, *(f"{p[key]:.1f}" if key in p else "" for p in profiles.values()))

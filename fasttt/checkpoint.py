@@ -55,7 +55,7 @@ def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_s
         extra = {"optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state()}
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # a run on the GPU (not `accelerate launch --cpu`)
             extra["cuda_rng"] = torch.cuda.get_rng_state()
         # Serialised in memory first: torch.save reports a full disk as a RuntimeError.
         buffer = io.BytesIO()
@@ -110,7 +110,7 @@ def load_checkpoint(gen_dir: Path, model, optimizer, scaler) -> dict | None:
         if scaler is not None and "scaler" in extra:
             scaler.load_state_dict(extra["scaler"])
         torch.set_rng_state(extra["cpu_rng"])
-        if "cuda_rng" in extra and torch.cuda.is_available():
+        if "cuda_rng" in extra and torch.cuda.is_initialized():
             torch.cuda.set_rng_state(extra["cuda_rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"{state} does not match this run's optimizer ({one_line(err)}): "

@@ -68,8 +68,8 @@ class RunConfig:
     seed: int = 0  # keys the augmentation views and every loader order
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # "no" on the CPU
     compile: bool = False  # torch.compile the model's forward (GPU: faster after warm-up)
-    # torch.compile's mode: "reduce-overhead" replays CUDA graphs, for small models whose
-    # steps are bound by kernel launches rather than arithmetic (CIFAR ResNets, batch 128)
+    # torch.compile's mode: "reduce-overhead" replays CUDA graphs, meant for small models
+    # whose steps are bound by kernel launches (CIFAR ResNets, batch 128); not yet measured
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     channels_last: bool = True
     # experiment trackers, by Accelerate's names (tensorboard, wandb, mlflow, comet_ml,

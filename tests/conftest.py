@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import fasttt.engine as engine
@@ -32,6 +32,7 @@ RECIPE = ROOT / "recipes" / "digits_d06.toml"  # the embedded demo recipe
 # The devices present: tests of the code a GPU runs take each (benchmarks/gpu_check.py runs
 # them on a GPU machine); CI has the CPU alone.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+RUN_DEVICE = DEVICES[-1]  # where Accelerate puts a run: the GPU when there is one
 # A run of seconds on the digits: few samples and epochs, the patriarch alone.
 TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 64,
             "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0,
@@ -60,6 +61,7 @@ def fresh_accelerate_state():
     """
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

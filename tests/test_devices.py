@@ -17,21 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, RECIPE, interrupt_at_evaluation, tiny_run_flags
+from conftest import DEVICES, RECIPE, RUN_DEVICE, interrupt_at_evaluation, tiny_run_flags
 from rich.console import Console
 
 from fasttt.cache import open_teacher, read_cache_manifest
-from fasttt.engine import TIMINGS
+from fasttt.engine import PERCENT, TIMINGS
 from fasttt.processes import make_accelerator
 from fasttt.rundir import CACHE, METRICS
 from fasttt.teachers import ViewSchedule
 from fasttt.train import main as train
 
-RUN_DEVICE = DEVICES[-1]  # where Accelerate trains: the GPU when there is one
 # A patriarch and one student reading a 2-view all-class cache, 2 epochs of 128 samples.
 CACHED_STUDENT = {"data.train_limit": 128, "generations.students": 1, "cache.views": 2,
                   "cache.dtype": '"float32"'}
-RELATIVE = {"cpu": 0.0, "cuda": 0.05}  # how far a resumed run's numbers may drift
+# How far a resumed run's numbers may drift: relatively, and in accuracies (% of 128
+# samples) by two samples, as one argmax may flip near chance.
+RELATIVE = {"cpu": 0.0, "cuda": 0.05}
+SAMPLES = {"cpu": 0.0, "cuda": 100 * 2 / 128}
 
 
 def recorded_run(digits: Path, runs: Path, monkeypatch) -> list[tuple]:
@@ -79,8 +81,10 @@ def test_a_killed_cached_student_resumes_with_the_same_batches_and_views(
         for mine, other in zip(ours, theirs, strict=True):
             assert mine.keys() == other.keys()
             for name, value in mine.items():
+                accuracy = name in PERCENT or name.startswith("val_top")
+                slack = (SAMPLES if accuracy else RELATIVE)[RUN_DEVICE]
                 assert math.isclose(value, other[name], rel_tol=RELATIVE[RUN_DEVICE],
-                                    abs_tol=RELATIVE[RUN_DEVICE]), (gen, name, value, other)
+                                    abs_tol=slack), (gen, name, value, other)
 
 
 @pytest.mark.parametrize("device", DEVICES)

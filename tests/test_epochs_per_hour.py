@@ -189,3 +189,14 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(UserError, match="not made by --synthetic"):
         bench.synthetic_betons(spec, foreign, Console(file=io.StringIO()))
     assert (foreign / "keep.txt").is_file()
+
+
+def test_all_kernels_count_once_and_the_ranges_gpu_copies_not_at_all():
+    def event(device_type, device_us, annotation=False):
+        return SimpleNamespace(device_type=device_type, device_time_total=device_us,
+                               is_user_annotation=annotation)
+
+    events = [event(DeviceType.CPU, 500),  # a host op: its kernels are the rows below
+              event(DeviceType.CUDA, 300), event(DeviceType.CUDA, 200),
+              event(DeviceType.CUDA, 900, annotation=True)]  # fasttt.backward's GPU span
+    assert step_profile.kernel_ms(events, steps=2) == 0.25

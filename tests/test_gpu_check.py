@@ -45,6 +45,7 @@ def check_profile(result: dict, directory, name: str, row: str) -> None:
     assert phases["fasttt.backward"]["host_ms_per_step"] > 0
     assert sum(p["host_ms_per_step"] for p in phases.values()) <= breakdown["wall_ms_per_step"]
     assert breakdown["steps"] == 2
+    assert (breakdown["kernel_ms_per_step"] > 0) == (breakdown["device"] == "cuda")
     summary = result["epochs_per_hour"][name]["profile"][row]
     assert summary["phases"] == phases and len(summary["top_ops"]) == 15
     own = [op["self_device_ms_per_step" if breakdown["device"] == "cuda" else
