@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from conftest import RECIPE, tiny_run_flags
 from safetensors.torch import load_file
 
 from fasttt.engine import PERCENT
+from fasttt.models import build_model
+from fasttt.recipe import ModelConfig, RunConfig
 from fasttt.rundir import METRICS, WEIGHTS
 from fasttt.train import main as train
 
@@ -54,3 +57,12 @@ def test_a_compiled_run_trains_like_the_eager_one(digits, tmp_path, monkeypatch)
             elif key.startswith("train_") or key == "teacher_top1_prob":
                 assert math.isclose(compiled[key], value, rel_tol=2e-2), key
         assert math.isclose(compiled["val_loss"], eager["val_loss"], rel_tol=0.1)
+
+
+@pytest.mark.parametrize("name,side", [("cifar_resnet20", 32), ("cifar_densenet_bc100", 32),
+                                       ("resnet18", 64)])
+def test_the_recipes_models_train_as_one_graph(name, side):
+    # A graph break splits a CUDA graph and, where it reads a value, syncs with the host.
+    model = build_model(ModelConfig(name=name), RunConfig(), 100, seed=0)
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, side, side))
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import RECIPE, ROOT, set_flags
 from PIL import Image
 from rich.console import Console
@@ -19,6 +20,8 @@ from torch.autograd import DeviceType
 
 from fasttt.data import read_manifest
 from fasttt.errors import UserError
+from fasttt.models import build_model
+from fasttt.recipe import ModelConfig, RunConfig
 
 STEP_ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online")
 
@@ -200,3 +203,21 @@ def test_all_kernels_count_once_and_the_ranges_gpu_copies_not_at_all():
               event(DeviceType.CUDA, 300), event(DeviceType.CUDA, 200),
               event(DeviceType.CUDA, 900, annotation=True)]  # fasttt.backward's GPU span
     assert step_profile.kernel_ms(events, steps=2) == 0.25
+
+
+def test_the_benchmarks_norm_statistics_cost_the_step_no_host_read():
+    # A cumulative average reads each BatchNorm's batch count on the host: a graph break
+    # under torch.compile, and a GPU sync per layer per step that the trainer never pays.
+    model = build_model(ModelConfig(name="cifar_resnet20"), RunConfig(), 10, seed=0)
+    bench.last_batch_norm_statistics(model)
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    one, other = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) * 5 + 3
+    with torch.no_grad():
+        model(one)
+        after_one = first.running_var.clone()
+        model(other)
+        assert not torch.allclose(first.running_var, after_one)
+        model(one)
+    assert torch.allclose(first.running_var, after_one)  # the last batch's statistics alone
