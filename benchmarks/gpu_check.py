@@ -1,10 +1,13 @@
 """One prepared command for a GPU machine: does fasttt run there, and how fast.
 
     source .gpukit/activate && python benchmarks/gpu_check.py [--out bench_out/gpu_check]
+        [--work bench_out/gpu_check_work]
     python benchmarks/gpu_check.py --tiny        # the same steps in seconds, on any CPU
 
 Runs each step as its own process with a time limit, keeps going when one fails, and
-writes everything under --out: `logs/<step>.log`, each benchmark's JSON, and
+writes its results under --out (the synthetic betons, GBs, and the demo's run go to
+--work, so a remote machine's --out stays small): `logs/<step>.log`, each benchmark's
+JSON, and
 `gpu_check.json` (the environment line, the commit and date, each step's exit status and
 seconds, and every figure). Steps:
 
@@ -122,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     """Every step in turn; the table; gpu_check.json. Exit 1 when a step failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="seconds-long steps, any CPU")
-    parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_check"))
+    parser.add_argument("--out", type=Path, default=Path("bench_out/gpu_check"),
+                        help="logs, JSON and profiles: what a remote run sends back")
+    parser.add_argument("--work", type=Path, default=Path("bench_out/gpu_check_work"),
+                        help="the synthetic betons (GBs) and the demo's run directory")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["tests", "imagenet", "cifar", "demo"])
     args = parser.parse_args(argv)
-    out = args.out.resolve()
+    out, work = args.out.resolve(), args.work.resolve()
     out.mkdir(parents=True, exist_ok=True)
     # Wide when captured (a remote machine's log): rich would cut its tables to 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   if args.tiny else [])
         result["steps"][name] = step(name, [
             *python, "benchmarks/epochs_per_hour.py", f"recipes/{recipe}.toml",
-            "--synthetic", str(images), "--data-dir", str(out / "data" / name),
+            "--synthetic", str(images), "--data-dir", str(work / "data" / name),
             "--out", str(json_out), "--profile", str(out / "profiles" / name), *timing,
             *(a for s in sets for a in ("--set", s))],
             out, 300 if args.tiny else {"imagenet": 190, "cifar": 110}[name], console)
@@ -168,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         result["steps"]["demo"] = step("demo", [
             *python, "-m", "accelerate.commands.launch", "--num_processes", "1",
             "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-            "fasttt/train.py", "recipes/digits_d06.toml", "--runs-dir", str(out / "runs"),
-            "--set", f'data.beton_dir="{out / "data" / "digits"}"',
+            "fasttt/train.py", "recipes/digits_d06.toml", "--runs-dir", str(work / "runs"),
+            "--set", f'data.beton_dir="{work / "data" / "digits"}"',
             *(a for s in sets for a in ("--set", s))], out, 300 if args.tiny else 100, console)
-        result["demo_val_top1"] = demo_results(out / "runs" / "digits_d06")
+        result["demo_val_top1"] = demo_results(work / "runs" / "digits_d06")
     table = Table(title=f"gpu_check{' --tiny' if args.tiny else ''}: {describe(facts)}")
     for column in ("step", "status", "seconds"):
         table.add_column(column, justify="right")

@@ -25,6 +25,7 @@ from fasttt.rundir import EVAL, WEIGHTS
 
 if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core: each keeps to one thread
     os.environ["OMP_NUM_THREADS"] = "1"  # for the runs the tests start as subprocesses
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # read at the first torch.compile
     torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,8 @@ from conftest import ROOT
 def test_the_gpu_check_runs_every_step_tiny_and_writes_its_figures(tmp_path):
     # The tests step is left out: it would run part of this suite again inside it.
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--skip",
-                           "tests", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           "tests", "--out", str(tmp_path), "--work",
+                           str(tmp_path / "work")], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -31,6 +32,8 @@ def test_the_gpu_check_runs_every_step_tiny_and_writes_its_figures(tmp_path):
             check_profile(result, tmp_path / "profiles" / name, name, row)
     assert len(result["demo_val_top1"]) == 2  # patriarch and one student, through accelerate
     assert (tmp_path / "logs" / "demo.log").is_file()
+    betons = list(tmp_path.rglob("*.beton"))  # data stays out of what comes back
+    assert betons and all(p.is_relative_to(tmp_path / "work") for p in betons)
     assert "images/s" in done.stdout and "where a step's time goes" in done.stdout
 
 
