@@ -48,7 +48,8 @@ from step_profile import phase_table  # benchmarks/step_profile.py
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_TESTS = ["tests/test_devices.py", "tests/test_augment.py", "tests/test_losses.py",
-                "tests/test_views.py", "tests/test_cache.py", "tests/test_train.py"]
+                "tests/test_views.py", "tests/test_cache.py", "tests/test_train.py",
+                "tests/test_compile.py"]  # the last: CUDA graphs, compiled for real
 FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, []),
         "cifar": ("cifar100_resnet56_d06", 50_000, [])}
 TINY_SETS = ["data.num_workers=1", "optim.batch_size=16", "cache.batch_size=32"]
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         result["steps"]["tests"] = step(
             "tests", [*python, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
                       "--durations=10", "-k", "not two_ranks", *workers, *tests], out,
-            300 if args.tiny else 150, console)
+            300 if args.tiny else 170, console)
     for name, (recipe, images, sets) in (TINY if args.tiny else FULL).items():
         if name in args.skip:
             continue
