@@ -12,9 +12,9 @@ JSON, and
 seconds, and every figure). Steps:
 
 1. environment: GPU, driver, torch, CUDA, CPU cores (printed as one line);
-2. device tests: the tests of the code a GPU runs (first a tiny run on the GPU, killed and
+2. device tests: the tests of the code a GPU runs (a tiny run on the GPU, killed and
    resumed; augmentation, losses, views and the teacher cache, a tiny run with a cached
-   student and its resume);
+   student; last, a run compiled with CUDA graphs against the eager one);
 3. `benchmarks/epochs_per_hour.py` for `imagenet_r18_d06_fast` on a synthetic ImageNet-like
    beton (20,000 JPEGs of about 400x350) and for `cifar100_resnet56_d06` on a synthetic
    50,000-image 32x32 beton: loader ceiling, patriarch, cached and online student, cache

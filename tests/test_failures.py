@@ -388,6 +388,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# torch's elastic launcher on machine 0 holds the store; when it leaves the launchers' exit
+# barrier first, machine 1's launcher, still waiting there, has c10d print this warning
+# with a DistNetworkError backtrace (from TCPStore::doWait), after every process of the
+# run exited 0. It is the launchers' race, not the run's: the run's processes are gone.
+STORE_GONE = "Connection was likely closed. Did the remote server shutdown or crash?"
+
+
+def exited_cleanly(stderr: str, machine_rank: int) -> bool:
+    """No abort, and no store error but the launchers' exit race on machine 1."""
+    if "terminate called" in stderr:
+        return False
+    return "DistNetworkError" not in stderr or (
+        machine_rank == 1 and STORE_GONE in stderr and "TCPStore::doWait" in stderr)
+
+
 def test_two_machines_of_one_process_each_exit_cleanly_and_train_the_same_weights(digits, tmp_path):
     for attempt in range(2):  # the abort at exit came in 1 try of 4: repeat
         machines = []
@@ -405,7 +420,7 @@ def test_two_machines_of_one_process_each_exit_cleanly_and_train_the_same_weight
         results = [machine.communicate(timeout=300) for machine in machines]
         for rank, (machine, (_, stderr)) in enumerate(zip(machines, results, strict=True)):
             assert machine.returncode == 0, (attempt, rank, stderr[-2000:])
-            assert "terminate called" not in stderr and "DistNetworkError" not in stderr
+            assert exited_cleanly(stderr, rank), stderr[-3000:]
         assert (tmp_path / f"runs{attempt}" / NAME / "summary.md").is_file()
     # two processes give other numbers than one, but the same on every run
     weights = [(tmp_path / f"runs{attempt}" / NAME / "gen0" / "last.safetensors").read_bytes()
@@ -494,3 +509,14 @@ def test_pool_workers_leave_signals_to_their_parent(monkeypatch):
     found = []
     exit_on_user_error(lambda: found.extend(imagefolder.probe_all([(Path("x"), 0)], 1, "probe")))
     assert found == [signal.SIG_DFL]
+
+
+def test_only_the_launchers_exit_race_passes_for_a_clean_exit():
+    race = ("[W1201 04:25:01 socket.cpp:460] [c10d] wait failed\nframe #2: "
+            "c10::DistNetworkError::DistNetworkError(...)\nframe #5: c10d::TCPStore::doWait("
+            f"...)\n[W1201 04:25:01 TCPStore.cpp:106] recvValue failed: {STORE_GONE}\n")
+    assert exited_cleanly("", 0) and exited_cleanly(race, 1)
+    assert not exited_cleanly(race, 0)  # machine 0 holds the store: it never loses it
+    assert not exited_cleanly("terminate called after throwing an instance of 'c10::"
+                              "DistNetworkError'\n", 1)
+    assert not exited_cleanly("c10::DistNetworkError: Connection reset by peer\n", 1)
