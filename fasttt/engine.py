@@ -133,12 +133,13 @@ def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
             labels = batch.label.to(device, non_blocking=True)
             shown = spec.views.student_pixels(images, batch.index.to(device, non_blocking=True),
                                               epoch, batch.extent)
-        with record_function("fasttt.teacher"), accelerator.autocast():
-            target = (spec.teacher(batch.index, teacher_view, images, batch.extent, shown)
-                      if spec.teacher else None)
-        with record_function("fasttt.forward_loss"), accelerator.autocast():
-            logits = model(shown)
-            loss, parts = spec.objective(logits, labels, target)
+        with accelerator.autocast():
+            with record_function("fasttt.teacher"):
+                target = (spec.teacher(batch.index, teacher_view, images, batch.extent, shown)
+                          if spec.teacher else None)
+            with record_function("fasttt.forward_loss"):
+                logits = model(shown)
+                loss, parts = spec.objective(logits, labels, target)
         with record_function("fasttt.backward"):
             accelerator.backward(loss)
         with record_function("fasttt.optimizer"):
