@@ -1,7 +1,8 @@
 """FFCV loaders over the betons: train (shuffled), and sequential passes for eval and caching.
 
-Every loader yields `Batch(image, label, index, extent)` as CPU torch tensors (or on
-`device`, copied without blocking; `index` always stays on the CPU): `image` is the
+Every loader yields `Batch(image, label, index, extent)` on `device` (the CPU unless told;
+`index` always stays on the host), copied there by FFCV's ToDevice on the CPU as on a GPU,
+so a CPU run takes the same pipeline steps as a GPU run and fails where it would: `image` is the
 uint8 canvas as an NCHW view of NHWC memory (channels_last), `label` and `index` are
 int64 of shape (B,), `extent` is the region of the canvas a photo fills and None for
 fixed-size sources. Random augmentation happens later on the device
@@ -16,6 +17,7 @@ import contextlib
 import json
 import queue
 import shlex
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +28,7 @@ from accelerate import Accelerator
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption, epoch_iterator
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.types import (
@@ -47,6 +50,7 @@ MANIFEST = "manifest.json"
 READER_POLL_S = 0.5  # how often a wait for FFCV's reader thread checks that it still runs
 HOLDOUT_KEY = 0x5EED_401D  # keys data.holdout's draw, the same for every run
 PHOTO_OPTIONS = ("max_resolution", "jpeg_quality", "write_mode", "compress_probability")
+CPU = torch.device("cpu")
 
 
 def rebuild_hint(beton_dir: Path, manifest: dict) -> str:
@@ -269,9 +273,9 @@ def _integer(to_device: list) -> list:
 
 
 def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
-               device: torch.device | None) -> dict:
+               device: torch.device) -> dict:
     """One pipeline per Batch field, in Batch order; every other beton field is skipped."""
-    to_device = [] if device is None else [ToDevice(torch.device(device), non_blocking=True)]
+    to_device = [ToDevice(torch.device(device), non_blocking=True)]
     if is_photo(manifest):
         if not canvas_size:
             raise UserError("photo betons need a canvas size (data.canvas_size, e.g. 512)")
@@ -295,8 +299,8 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
 class BetonLoader:
     """An FFCV Loader over one split whose iteration yields `Batch`es."""
 
-    def __init__(self, loader: Loader):
-        self.loader = loader
+    def __init__(self, loader: Loader, path: Path, manifest: dict):
+        self.loader, self.path, self.manifest = loader, path, manifest
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -308,10 +312,15 @@ class BetonLoader:
     def __iter__(self):
         epoch = None
         try:
-            with signals_deferred():
+            _keep_reader_errors()
+            # The epoch allocates the buffers its reader thread copies batches into. Made
+            # inside a caller's inference mode they would be inference tensors, which the
+            # reader (a thread, where that mode is off) may not write: whatever the caller's
+            # mode, they are plain tensors, and a batch read under inference mode is fine.
+            with signals_deferred(), torch.inference_mode(False):
                 epoch = iter(self.loader)
             raise_if_interrupted()
-            while (fields := _next_batch(epoch)) is not None:
+            while (fields := _next_batch(epoch, self)) is not None:
                 raise_if_interrupted()
                 yield Batch(*fields)
         finally:
@@ -320,7 +329,29 @@ class BetonLoader:
                     _stop(epoch)
 
 
-def _next_batch(epoch) -> tuple | None:
+def _keep_reader_errors() -> None:
+    """Have an FFCV reader thread's exception kept for its consumer, not printed to stderr.
+
+    The reader's loop catches nothing but the end of the epoch, so its error would reach
+    threading.excepthook and the consumer would only see the thread gone. Installed when an
+    epoch starts rather than at import, so it wraps whichever hook is in place by then (a
+    test runner's), and passes every other thread's exception on to it.
+    """
+    passed_on = threading.excepthook
+    if getattr(passed_on, "keeps_reader_errors", False):
+        return
+
+    def keep(args) -> None:
+        if isinstance(args.thread, EpochIterator):
+            args.thread.error = args.exc_value  # read by _next_batch
+        else:
+            passed_on(args)
+
+    keep.keeps_reader_errors = True
+    threading.excepthook = keep
+
+
+def _next_batch(epoch, loader: BetonLoader) -> tuple | None:
     """The reader thread's next batch, or None at the end of the epoch.
 
     As FFCV's own `__next__`, but never waiting forever on a reader thread that died.
@@ -332,15 +363,36 @@ def _next_batch(epoch) -> tuple | None:
         except queue.Empty:
             if alive:
                 continue
-            raise UserError("FFCV's reader thread stopped without finishing the epoch (its "
-                            "error is printed above): check the beton, or rebuild it with "
-                            f"--force ({BUILD_HINT})") from None
+            raise reader_failure(loader.path, loader.manifest,
+                                 getattr(epoch, "error", None)) from None
         if item is None:
             return None
         slot, fields = item
         if epoch_iterator.IS_CUDA:  # the batch's copy ran on the reader's stream
             epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
         return fields
+
+
+def reader_failure(path: Path, manifest: dict, error: BaseException | None) -> UserError:
+    """The one line for a reader thread that died of `error`, blaming the beton only if due.
+
+    The beton is checked again first: damage found since it was opened is said as such,
+    with the command that rebuilds it. A beton that passes was not the cause (unless it
+    cannot be read at all), so rebuilding it is not advised then.
+    """
+    split = next(name for name, s in manifest["splits"].items() if s["file"] == path.name)
+    beton_fields(path, manifest, manifest["splits"][split]["count"])  # raises if damaged
+    what = "it gave no error" if error is None else (
+        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    if isinstance(error, MemoryError):
+        return UserError(f"FFCV's reader thread ran out of memory reading {path} ({what}): "
+                         "lower optim.batch_size or data.num_workers")
+    if isinstance(error, OSError):
+        return UserError(f"FFCV's reader thread could not read {path} ({what}): check the "
+                         f"disk, then {rebuild_hint(path.parent, manifest)}")
+    return UserError(f"FFCV's reader thread failed on {path}, which passes its checks, so "
+                     f"rebuilding it would not help ({what}): this is a fasttt bug; please "
+                     "report it with this line")
 
 
 def _stop(epoch) -> None:
@@ -383,12 +435,12 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
     loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)
     loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
-    return BetonLoader(loader)
+    return BetonLoader(loader, path, manifest)
 
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
                  distributed: bool = False, os_cache: bool = True, split: str = "train",
-                 canvas_size: int | None = None, device=None, limit: int = 0,
+                 canvas_size: int | None = None, device=CPU, limit: int = 0,
                  rows: np.ndarray | None = None) -> BetonLoader:
     """Shuffled, drop_last loader; distributed=True shards it over the process group.
 
@@ -410,7 +462,7 @@ def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: in
 
 def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_workers: int = 2,
                       rank: int = 0, world_size: int = 1, os_cache: bool = True,
-                      canvas_size: int | None = None, device=None,
+                      canvas_size: int | None = None, device=CPU,
                       limit: int = 0, rows: np.ndarray | None = None) -> BetonLoader:
     """In-order loader over `rank`'s disjoint slice: every sample exactly once across ranks.
 
@@ -441,9 +493,8 @@ def train_samples(data: DataConfig, manifest: dict) -> int:
 
 
 def _loader_settings(data: DataConfig, accelerator: Accelerator) -> dict:
-    device = accelerator.device if accelerator.device.type == "cuda" else None
     return dict(num_workers=data.num_workers, os_cache=data.os_cache,
-                canvas_size=data.canvas_size or None, device=device)
+                canvas_size=data.canvas_size or None, device=accelerator.device)
 
 
 def split_loader(data: DataConfig, accelerator: Accelerator, split: str, batch_size: int,

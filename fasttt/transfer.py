@@ -165,7 +165,7 @@ def target_loaders(target: Target, data: DataConfig, batch_size: int,
     return [(int(offset), sequential_loader(
                 target.beton_dir, split=split, batch_size=batch_size,
                 num_workers=data.num_workers, os_cache=data.os_cache,
-                canvas_size=target.canvas_size, device=device if device.type == "cuda" else None))
+                canvas_size=target.canvas_size, device=device))
             for offset, split in zip(offsets[:-1], splits, strict=True)]
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_recipe, write_image_folder
+from conftest import DEVICES, one_line_refusal, tiny_recipe, write_image_folder
+from ffcv.transforms import ToDevice
 from PIL import Image
 
 from beton_builders.__main__ import main
@@ -155,3 +158,67 @@ def test_generation_loaders_follow_the_recipe_and_the_generations_key(digits):
     assert np.array_equal(epoch_indices(val), np.arange(360))
     limited = split_loader(recipe.data, accelerator, "train", 50, limit=120)
     assert np.array_equal(epoch_indices(limited), np.arange(120))
+
+
+def val_batches(digits, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every val batch's images and labels, copied to the host."""
+    loader = sequential_loader(digits, split="val", batch_size=64, num_workers=1,
+                               device=torch.device(device))
+    return [(batch.image.cpu().clone(), batch.label.cpu().clone()) for batch in loader]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_loader_read_under_inference_mode_gives_the_batches_read_outside(digits, device):
+    # FFCV's reader thread, where inference mode is off (it is thread-local), copies each
+    # batch into buffers allocated when the epoch starts: inference tensors, if the epoch
+    # started inside inference mode, which then refuse the copy (the first H200 run).
+    outside = val_batches(digits, device)
+    with torch.inference_mode():
+        inside = val_batches(digits, device)
+    assert len(inside) == len(outside) == 6
+    for (image, label), (image_out, label_out) in zip(inside, outside, strict=True):
+        assert torch.equal(image, image_out) and torch.equal(label, label_out)
+
+
+def test_the_cpu_loaders_take_the_gpu_loaders_pipeline_steps(digits):
+    def steps(device: str) -> dict[str, list[str]]:
+        pipelines = sequential_loader(digits, split="val", batch_size=8, num_workers=1,
+                                      device=torch.device(device)).loader.pipeline_specs
+        return {field: [type(op).__name__ for op in spec.transforms]
+                for field, spec in pipelines.items()}
+
+    cpu = steps("cpu")
+    assert cpu == steps("cuda")  # FFCV builds its pipelines without touching the device
+    assert "ToDevice" in cpu["image"] and "ToDevice" in cpu["label"]
+    assert "ToDevice" not in cpu["index"]  # cache lookups read host rows with it
+
+
+def failing_device_copy(monkeypatch, error: BaseException) -> None:
+    """Make FFCV's device copy, which runs in the reader thread, raise `error`."""
+    def generate_code(op):
+        def to_device(inp, dst):
+            raise error
+        return to_device
+
+    monkeypatch.setattr(ToDevice, "generate_code", generate_code)
+
+
+def test_a_reader_error_on_a_sound_beton_is_named_and_no_rebuild_is_advised(digits,
+                                                                             monkeypatch):
+    failing_device_copy(monkeypatch, RuntimeError("Inplace update to inference tensor\nmore"))
+    loader = sequential_loader(digits, split="val", batch_size=64, num_workers=1)
+    message = one_line_refusal(lambda: list(loader), "RuntimeError: Inplace update to "
+                               "inference tensor)", "passes its checks", "fasttt bug")
+    assert "rebuild it" not in message
+
+
+def test_a_reader_error_on_a_beton_damaged_since_it_was_opened_advises_the_rebuild(
+        digits, tmp_path, monkeypatch):
+    work = tmp_path / "digits"
+    shutil.copytree(digits, work)
+    failing_device_copy(monkeypatch, IndexError("index 4096 is out of bounds"))
+    loader = sequential_loader(work, split="val", batch_size=64, num_workers=1)
+    with open(work / read_manifest(work)["splits"]["val"]["file"], "r+b") as beton:
+        beton.write(b"\xff" * 8)  # the header's format version
+    one_line_refusal(lambda: list(loader), "is damaged (FFCV format",
+                     "rebuild it with `python -m beton_builders digits")
