@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -47,3 +49,22 @@ def test_lr_schedule_is_lr_at_as_a_function_of_the_step_alone():
     assert lr(200) == pytest.approx(2.0) and lr(1000) == pytest.approx(0.2)
     assert lr_schedule(optim, schedule, steps_per_epoch=50)(200) == pytest.approx(
         2.0 * (1 - 0.9 * 2 / 8))  # epoch 4 of 10 with 50 steps an epoch
+
+
+def test_sgd_is_fused_on_the_cpu_as_on_a_gpu_with_the_foreach_updates_numbers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    twin = copy.deepcopy(model)
+    optim = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    fused = make_optimizer(model, optim)
+    assert fused.defaults["fused"]  # the update a GPU runs, not a CPU-only variant
+    foreach = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4, foreach=True)
+    for step in range(3):
+        for optimizer, net in ((fused, model), (foreach, twin)):
+            optimizer.zero_grad()
+            net(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))).sum(
+                ).backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(),
+                                                 strict=True))
