@@ -59,8 +59,16 @@ def fresh_accelerate_state():
 
     Accelerate keeps one state per process and refuses another device or precision
     later; on a GPU machine the tests mix CUDA bf16 runs with explicit CPU accelerators.
+    Reset before the test too: a module fixture that made an Accelerator and then failed
+    never reached the previous test's reset (the first H200 run).
     """
+    reset_accelerate_state()
     yield
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
+    """Forget this process's Accelerate state: the next Accelerator chooses afresh."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 

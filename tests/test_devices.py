@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, RECIPE, RUN_DEVICE, interrupt_at_evaluation, tiny_run_flags
-from rich.console import Console
 
 from fasttt.cache import open_teacher, read_cache_manifest
 from fasttt.engine import PERCENT, TIMINGS
-from fasttt.processes import make_accelerator
 from fasttt.rundir import CACHE, METRICS
 from fasttt.teachers import ViewSchedule
 from fasttt.train import main as train
@@ -104,11 +105,23 @@ def test_the_cache_serves_its_stored_rows_on_every_device(uninterrupted, device)
         torch.testing.assert_close(got.log_partition.cpu(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_accelerate_launch_cpu_trains_on_the_cpu_in_float32_beside_a_gpu(monkeypatch):
-    # `accelerate launch --cpu` says so through ACCELERATE_USE_CPU; a GPU is pretended here.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    console = Console(record=True, width=200)
-    accelerator = make_accelerator("bf16", console)
-    assert accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
-    assert "training on the CPU: float32 instead of bf16" in console.export_text()
+# In a process of its own: Accelerate's state is per process and refuses to move to the
+# CPU once a CUDA Accelerator exists, whatever ran before in this test worker.
+LAUNCHED_WITH_CPU = """
+import torch
+from rich.console import Console
+from fasttt.processes import make_accelerator
+torch.cuda.is_available = lambda: True  # a GPU is pretended where there is none
+console = Console(record=True, width=200)
+accelerator = make_accelerator("bf16", console)
+print(accelerator.device.type, accelerator.mixed_precision, console.export_text().strip())
+"""
+
+
+def test_accelerate_launch_cpu_trains_on_the_cpu_in_float32_beside_a_gpu():
+    # `accelerate launch --cpu` says so through ACCELERATE_USE_CPU
+    done = subprocess.run([sys.executable, "-c", LAUNCHED_WITH_CPU], capture_output=True,
+                          text=True, timeout=120, env=os.environ | {"ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == ("cpu no training on the CPU: float32 instead of "
+                                            "bf16"), done.stdout
