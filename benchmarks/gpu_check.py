@@ -1,31 +1,38 @@
 """One prepared command for a GPU machine: does fasttt run there, and how fast.
 
     source .gpukit/activate && python benchmarks/gpu_check.py [--out bench_out/gpu_check]
-        [--work bench_out/gpu_check_work]
+        [--work bench_out/gpu_check_work] [--archive bench_out/gpu_check.tar.gz]
     python benchmarks/gpu_check.py --tiny        # the same steps in seconds, on any CPU
 
-Runs each step as its own process with a time limit, keeps going when one fails, and
-writes its results under --out (the synthetic betons, GBs, and the demo's run go to
---work, so a remote machine's --out stays small): `logs/<step>.log`, each benchmark's
-JSON, and
+Runs each step as its own process group with a time limit (the whole of it at most
+STEP_LIMITS' 9 minutes), keeps going when one fails or times out, and writes its results
+under --out (the synthetic betons, GBs, and the demo's run go to --work, so a remote
+machine's --out stays small): `logs/<step>.log`, each benchmark's JSON, and
 `gpu_check.json` (the environment line, the commit and date, each step's exit status and
-seconds, and every figure). Steps:
+seconds, and every figure), rewritten after every step so that a run stopped from outside
+still leaves what it measured. Steps, the speed first:
 
 1. environment: GPU, driver, torch, CUDA, CPU cores (printed as one line);
-2. device tests: the tests of the code a GPU runs (a tiny run on the GPU, killed and
-   resumed; augmentation, losses, views and the teacher cache, a tiny run with a cached
-   student; last, a run compiled with CUDA graphs against the eager one);
-3. `benchmarks/epochs_per_hour.py` for `imagenet_r18_d06_fast` on a synthetic ImageNet-like
+2. `benchmarks/epochs_per_hour.py` for `imagenet_r18_d06_fast` on a synthetic ImageNet-like
    beton (20,000 JPEGs of about 400x350) and for `cifar100_resnet56_d06` on a synthetic
    50,000-image 32x32 beton: loader ceiling, patriarch, cached and online student, cache
    build; then 6 steps of the patriarch and of the cached student under torch.profiler
    (`profiles/<recipe>/`: op tables, gzipped Chrome traces, summaries), whose phase
    breakdown (host and GPU kernel ms per step in each `fasttt.*` range of the training
    step) goes into gpu_check.json under "phases" and is printed;
-4. the embedded demo end to end through `accelerate launch --mixed_precision bf16`.
+3. the embedded demo end to end through `accelerate launch --mixed_precision bf16`;
+4. device tests: the tests of the code a GPU runs (a tiny run on the GPU, killed and
+   resumed; loaders, augmentation, losses, views and the teacher cache, a tiny run with a
+   cached student);
+5. the compile test (`tests/test_compile.py`, a run compiled with CUDA graphs against the
+   eager one), with a budget of its own: inductor compiles for real on a GPU. A step that
+   times out prints the last lines it reached.
 
-`--tiny` shrinks every step (a few hundred images, two steps per row, one epoch) so CI
-proves the script itself on a CPU; the figures it gives then mean nothing.
+`--archive FILE` packs everything --out holds into one .tar.gz for machines from which
+only a few files come back; the Chrome traces, when over TRACES_INLINE_MB together, go
+to FILE's sibling `<name>.traces.tar.gz` instead. `--tiny` shrinks every step (a few
+hundred images, two steps per row, one epoch) so CI proves the script itself on a CPU;
+the figures it gives then mean nothing.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -47,9 +56,14 @@ from rich.table import Table
 from step_profile import phase_table  # benchmarks/step_profile.py
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_TESTS = ["tests/test_devices.py", "tests/test_augment.py", "tests/test_losses.py",
-                "tests/test_views.py", "tests/test_cache.py", "tests/test_train.py",
-                "tests/test_compile.py"]  # the last: CUDA graphs, compiled for real
+DEVICE_TESTS = ["tests/test_devices.py", "tests/test_data.py", "tests/test_augment.py",
+                "tests/test_losses.py", "tests/test_views.py", "tests/test_cache.py",
+                "tests/test_train.py"]
+COMPILE_TESTS = ["tests/test_compile.py"]  # CUDA graphs, compiled for real: a budget of its own
+# seconds per step: 9 minutes in all, so a 10-minute remote call leaves time to send it back
+STEP_LIMITS = {"imagenet": 170, "cifar": 90, "demo": 90, "tests": 100, "compile": 90}
+TINY_LIMIT = 300
+TRACES_INLINE_MB = 4  # Chrome traces larger than this together get an archive of their own
 FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, []),
         "cifar": ("cifar100_resnet56_d06", 50_000, [])}
 TINY_SETS = ["data.num_workers=1", "optim.batch_size=16", "cache.batch_size=32"]
@@ -96,21 +110,67 @@ def commit() -> str | None:
 
 
 def step(name: str, command: list[str], out: Path, timeout: float, console: Console) -> dict:
-    """Run one step's command with its output in logs/<name>.log; its status and seconds."""
+    """Run one step's command with its output in logs/<name>.log; its status and seconds.
+
+    The step runs in a process group of its own, killed whole at its time limit (or when
+    this script is stopped): pytest's workers and accelerate's training process go with it.
+    """
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"{datetime.datetime.now():%H:%M:%S} {name}: {' '.join(command)}")
     start = time.perf_counter()
     with open(log, "w") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         try:
-            status = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                    timeout=timeout).returncode
+            status = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             status = "timeout"
+        finally:  # also when this script is stopped meanwhile
+            kill_group(process)
     seconds = time.perf_counter() - start
     console.print(f"  {name}: {'ok' if status == 0 else f'FAILED ({status})'} in "
                   f"{seconds:.0f} s, log {log}")
+    if status == "timeout":
+        console.print(f"  {name} reached, at {timeout:.0f} s:\n    "
+                      + "\n    ".join(last_lines(log, 6)))
     return {"status": status, "seconds": seconds, "log": str(log.relative_to(out))}
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """Kill what is left of a step's process group (its leader may have ended) and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def last_lines(log: Path, count: int) -> list[str]:
+    """The last `count` non-empty lines of a log, each cut to 150 characters."""
+    lines = [line[:150] for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-count:] or ["(nothing)"]
+
+
+def archive(out: Path, work: Path, target: Path, console: Console) -> list[Path]:
+    """Pack `out` (less `work`) into `target`; large traces into a sibling. The archives."""
+    traces = sorted(out.rglob("*.trace.json.gz"))
+    apart = sum(t.stat().st_size for t in traces) > TRACES_INLINE_MB * 2**20
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = [target]
+    with tarfile.open(target, "w:gz") as tar:
+        for path in sorted(out.rglob("*")):
+            if path.is_file() and not path.is_relative_to(work) and path != target and not (
+                    apart and path in traces):
+                tar.add(path, arcname=path.relative_to(out))
+    if apart:
+        written.append(target.with_name(target.name.removesuffix(".tar.gz") + ".traces.tar.gz"))
+        with tarfile.open(written[-1], "w:gz") as tar:
+            for path in traces:
+                tar.add(path, arcname=path.relative_to(out))
+    for path in written:
+        console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MB)")
+    return written
 
 
 def demo_results(run_dir: Path) -> list[float] | None:
@@ -130,56 +190,103 @@ def main(argv: list[str] | None = None) -> int:
                         help="logs, JSON and profiles: what a remote run sends back")
     parser.add_argument("--work", type=Path, default=Path("bench_out/gpu_check_work"),
                         help="the synthetic betons (GBs) and the demo's run directory")
-    parser.add_argument("--skip", action="append", default=[],
-                        choices=["tests", "imagenet", "cifar", "demo"])
+    parser.add_argument("--archive", type=Path,
+                        help="also pack everything --out holds into this .tar.gz")
+    parser.add_argument("--skip", action="append", default=[], choices=list(STEP_LIMITS))
+    parser.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS",
+                        help="another time limit for a step, e.g. compile=300")
     args = parser.parse_args(argv)
+    limits = dict.fromkeys(STEP_LIMITS, TINY_LIMIT) if args.tiny else dict(STEP_LIMITS)
+    for setting in args.limit:
+        name, _, seconds = setting.partition("=")
+        if name not in limits or not seconds.replace(".", "", 1).isdigit():
+            parser.error(f"--limit {setting}: expected STEP=SECONDS, STEP one of "
+                         f"{', '.join(limits)}")
+        limits[name] = float(seconds)
     out, work = args.out.resolve(), args.work.resolve()
     out.mkdir(parents=True, exist_ok=True)
     # Wide when captured (a remote machine's log): rich would cut its tables to 80 columns.
     console = Console(width=None if sys.stdout.isatty() else 160)
     facts = environment()
     console.print(f"environment: {describe(facts)}")
-    python = [sys.executable]
     result = {"commit": commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(
         timespec="seconds"), "tiny": args.tiny, "environment": facts,
         "environment_line": describe(facts), "steps": {}, "epochs_per_hour": {}, "phases": {}}
-    if "tests" not in args.skip:
-        tests = ["tests/test_losses.py"] if args.tiny else DEVICE_TESTS
-        # the project's addopts ask for pytest-xdist, which a bare GPU machine may lack
-        # by module, so each module's shared runs train once
-        workers = (["-n", "4", "--dist", "loadscope"] if importlib.util.find_spec("xdist")
-                   else [])
-        # the two-rank cache build hides CUDA (gloo on the CPU): nothing of the GPU's
-        result["steps"]["tests"] = step(
-            "tests", [*python, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                      "--durations=10", "-k", "not two_ranks", *workers, *tests], out,
-            300 if args.tiny else 170, console)
+    # A stop from outside (the remote call's limit, Ctrl-C) ends the running step's group
+    # and still leaves the table, gpu_check.json and the archive of what was measured.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for name, command in steps(args, work):
+            result["steps"][name] = step(name, command, out, limits[name], console)
+            collect(name, out, work, result)
+            write_result(out, result)
+    except KeyboardInterrupt:
+        console.print("stopped: the table and gpu_check.json hold the steps that finished")
+        result["stopped"] = True
+    summarize(result, args.tiny, console)
+    write_result(out, result)
+    console.print(f"wrote {out / 'gpu_check.json'}")
+    if args.archive:
+        archive(out, work, args.archive.resolve(), console)
+    return 0 if all(o["status"] == 0 for o in result["steps"].values()) else 1
+
+
+def steps(args: argparse.Namespace, work: Path):
+    """(name, command) of each step not skipped, the speed steps first."""
+    python = [sys.executable]
     for name, (recipe, images, sets) in (TINY if args.tiny else FULL).items():
         if name in args.skip:
             continue
-        json_out = out / f"epochs_per_hour_{name}.json"
         timing = (["--steps", "2", "--warmup", "1", "--repeats", "1", "--profile-steps", "2"]
                   if args.tiny else [])
-        result["steps"][name] = step(name, [
+        yield name, [
             *python, "benchmarks/epochs_per_hour.py", f"recipes/{recipe}.toml",
             "--synthetic", str(images), "--data-dir", str(work / "data" / name),
-            "--out", str(json_out), "--profile", str(out / "profiles" / name), *timing,
-            *(a for s in sets for a in ("--set", s))],
-            out, 300 if args.tiny else {"imagenet": 190, "cifar": 110}[name], console)
-        if json_out.is_file():
-            figures = result["epochs_per_hour"][name] = json.loads(json_out.read_text())
-            for row, summary in figures.get("profile", {}).items():
-                result["phases"][f"{name} {row}"] = {k: summary[k] for k in PHASE_KEYS}
+            "--out", str(args.out.resolve() / f"epochs_per_hour_{name}.json"),
+            "--profile", str(args.out.resolve() / "profiles" / name), *timing,
+            *(a for s in sets for a in ("--set", s))]
     if "demo" not in args.skip:
         sets = DEMO_TINY if args.tiny else []
-        result["steps"]["demo"] = step("demo", [
+        yield "demo", [
             *python, "-m", "accelerate.commands.launch", "--num_processes", "1",
             "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
             "fasttt/train.py", "recipes/digits_d06.toml", "--runs-dir", str(work / "runs"),
             "--set", f'data.beton_dir="{work / "data" / "digits"}"',
-            *(a for s in sets for a in ("--set", s))], out, 300 if args.tiny else 100, console)
+            *(a for s in sets for a in ("--set", s))]
+    # the project's addopts ask for pytest-xdist, which a bare GPU machine may lack
+    # by module, so each module's shared runs train once
+    workers = ["-n", "4", "--dist", "loadscope"] if importlib.util.find_spec("xdist") else []
+    pytest = [*python, "-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider",
+              "--durations=10"]
+    if "tests" not in args.skip:
+        # the two-rank cache build hides CUDA (gloo on the CPU): nothing of the GPU's
+        yield "tests", [*pytest, "-q", "-k", "not two_ranks", *workers,
+                        *(["tests/test_losses.py"] if args.tiny else DEVICE_TESTS)]
+    if "compile" not in args.skip:  # -v: a timeout's log shows which tests it reached
+        yield "compile", [*pytest, "-v", *COMPILE_TESTS]
+
+
+def collect(name: str, out: Path, work: Path, result: dict) -> None:
+    """Read a finished step's figures into `result`."""
+    json_out = out / f"epochs_per_hour_{name}.json"
+    if name in FULL and json_out.is_file():
+        figures = result["epochs_per_hour"][name] = json.loads(json_out.read_text())
+        for row, summary in figures.get("profile", {}).items():
+            result["phases"][f"{name} {row}"] = {k: summary[k] for k in PHASE_KEYS}
+    if name == "demo":
         result["demo_val_top1"] = demo_results(work / "runs" / "digits_d06")
-    table = Table(title=f"gpu_check{' --tiny' if args.tiny else ''}: {describe(facts)}")
+
+
+def write_result(out: Path, result: dict) -> None:
+    """gpu_check.json, replaced whole."""
+    (out / "gpu_check.json.tmp").write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(out / "gpu_check.json.tmp", out / "gpu_check.json")
+
+
+def summarize(result: dict, tiny: bool, console: Console) -> None:
+    """Print the steps, the speeds and the phase breakdown measured so far."""
+    facts = result["environment"]
+    table = Table(title=f"gpu_check{' --tiny' if tiny else ''}: {describe(facts)}")
     for column in ("step", "status", "seconds"):
         table.add_column(column, justify="right")
     for name, outcome in result["steps"].items():
@@ -204,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("demo_val_top1"):
         console.print("demo, last-epoch val top-1 per generation: "
                       + ", ".join(f"{v:.2f}%" for v in result["demo_val_top1"]))
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {out / 'gpu_check.json'}")
-    return 0 if all(o["status"] == 0 for o in result["steps"].values()) else 1
 
 
 if __name__ == "__main__":
