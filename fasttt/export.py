@@ -16,11 +16,16 @@ and crop fraction), so a single generation loads in timm itself:
 
 `load_export(OUT_DIR)` loads either kind; `python -m fasttt.predict OUT_DIR IMAGE...`
 classifies images with the run's evaluation view.
+
+OUT_DIR is replaced whole, so it must be new, empty, or an earlier export holding nothing
+but what that export wrote (its `.fasttt-export` lists them), and lie outside every run
+and the current directory; anything else is refused in one line, untouched (files.py).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from fasttt.recipe import AugmentConfig, load_recipe
 from fasttt.rundir import RECIPE, finished_generations, generation_weights, read_eval
 
 CONFIG, WEIGHTS, ONNX = "config.json", "model.safetensors", "model.onnx"
+MARKER = ".fasttt-export"  # in every export: a rerun may replace the directory (files.py)
 USAGE = "python -m fasttt.export RUN_DIR OUT_DIR [--generation M] [--ensemble] [--onnx]"
 
 
@@ -74,6 +80,13 @@ def write_onnx(model: nn.Module, config: dict, path: Path) -> None:
     write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
 
 
+def export_command(run_dir: Path, generation: int | None, ensemble: bool, onnx: bool) -> str:
+    """The command line of this export into NEW_DIR: a refusal's advice."""
+    flags = [*(["--generation", str(generation)] if generation is not None else []),
+             *(["--ensemble"] if ensemble else []), *(["--onnx"] if onnx else [])]
+    return shlex.join(["python", "-m", "fasttt.export", str(run_dir), "NEW_DIR", *flags])
+
+
 def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool,
            onnx: bool = False) -> dict:
     """Write generation `generation` (default: the last finished) or the ensemble 0..it."""
@@ -90,12 +103,6 @@ def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool,
                         f"0..{finished[-1]}): give --generation 0..{finished[-1]}")
     names = [str(n) for n in read_manifest(recipe.data.beton_dir)["class_names"]]
     members = list(range(m + 1)) if ensemble else [m]
-    networks = []
-    for k in members:
-        network = build_model(recipe.model, recipe.run, len(names), seed=0)
-        load_weights(network, generation_weights(run_dir, k))  # verified against eval.json
-        networks.append(network)
-    model = SoftmaxAverage(networks) if ensemble else networks[0]
     config = {
         "architecture": recipe.model.name, "num_classes": len(names), "label_names": names,
         "pretrained_cfg": pretrained_cfg(recipe.augment, len(names)),
@@ -103,7 +110,15 @@ def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool,
                    "outputs": "probabilities" if ensemble else "logits",
                    "val_top1": [read_eval(run_dir, k)["last"]["val_top1"] for k in members]},
     }
-    with staged_dir(out_dir) as staging:  # a half-written export never has the final name
+    command = export_command(run_dir, generation, ensemble, onnx)
+    # Refused before anything is loaded or written; a half-written export never has the name.
+    with staged_dir(out_dir, MARKER, command) as staging:
+        networks = []
+        for k in members:
+            network = build_model(recipe.model, recipe.run, len(names), seed=0)
+            load_weights(network, generation_weights(run_dir, k))  # verified against eval.json
+            networks.append(network)
+        model = SoftmaxAverage(networks) if ensemble else networks[0]
         save_weights(model, staging / WEIGHTS)
         write_json(staging / CONFIG, config)
         if onnx:

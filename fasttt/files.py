@@ -5,6 +5,11 @@ fsynced, then renamed), and every directory that must appear whole (a checkpoint
 teacher cache, a beton build) is filled under a hidden staging name and renamed once
 complete. A process killed at any moment leaves only hidden leftovers, which the next
 writer of the same name removes first.
+
+Replacing a directory deletes what it held, so `replaceable_dir` decides first, for every
+writer: never a file, a run, a directory holding a run, or the current directory. A
+directory the user names (an export) must also be new, empty, or this writer's own earlier
+output holding nothing else (its marker file lists what it wrote), and lie outside every run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from fasttt.errors import UserError
 
 
 def sha256_file(path: Path) -> str:
@@ -134,21 +141,116 @@ def staging_dir(final: Path) -> Path:
     return staging
 
 
-def publish_dir(staging: Path, final: Path) -> None:
-    """Make a complete staging directory `final` in one rename (replacing an older one)."""
+def _is_run(path: Path) -> bool:
+    """A run directory as fasttt.rundir lays one out: recipe.toml with inputs.json or .lock."""
+    from fasttt.rundir import INPUTS, LOCK, RECIPE  # rundir builds on this module
+
+    return (path / RECIPE).is_file() and ((path / INPUTS).is_file() or (path / LOCK).is_file())
+
+
+def _run_below(path: Path) -> Path | None:
+    """The first run directory under `path` (symbolic links not followed), or None."""
+    for root, _, _ in os.walk(path):
+        if _is_run(Path(root)):
+            return Path(root)
+    return None
+
+
+def _cwd() -> Path | None:
+    """The current directory, resolved; None if it was deleted."""
+    try:
+        return Path.cwd().resolve()
+    except FileNotFoundError:
+        return None
+
+
+def _marked(final: Path, marker: str) -> set[str]:
+    """The names `final/marker` says its writer put in `final`, the marker's own included."""
+    try:
+        files = json.loads((final / marker).read_bytes())["files"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return set()
+    valid = isinstance(files, list) and all(isinstance(f, str) for f in files)
+    return {*files, marker} if valid else set()
+
+
+def replaceable_dir(final: Path, marker: str | None = None, command: str | None = None) -> Path:
+    """`final` resolved, if replacing it deletes nothing its writer did not write; else refuse.
+
+    Refused in one line for every writer: a run (`_is_run`), a directory holding one, a file,
+    the current directory or one above it. `marker` is given for a directory the user names:
+    it must then lie outside every run and be new, empty, or an earlier output holding its
+    `marker` and only the files that lists. `command` (with NEW_DIR for the directory) is
+    the refusal's advice. Without `marker` the directory is one fasttt names inside a run (a
+    checkpoint, a teacher cache): its earlier version is replaced.
+    """
+    final = Path(final).resolve()
+    advice = (f"choose a new or empty directory outside any run{f': {command}' if command else ''}"
+              if marker else "move it out of the way and rerun the same command")
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"refusing to replace {final}: {why}; nothing was changed: {advice}")
+
+    if _is_run(final):
+        raise refuse("it is a run directory, which replacing would delete")
+    inside = next((p for p in final.parents if _is_run(p)), None) if marker else None
+    if inside is not None:
+        raise refuse(f"it lies inside the run {inside}, where only training writes")
+    if final.exists() and not final.is_dir():
+        raise refuse("it is a file, not a directory")
+    cwd = _cwd()
+    if cwd is not None and (cwd == final or final in cwd.parents):
+        raise refuse("it is the current directory or holds it, which replacing would pull "
+                     "from under your shell")
+    entries = {p.name for p in final.iterdir()} if final.is_dir() else set()
+    run = next((final / name for name in sorted(entries) if _is_run(final / name)), None)
+    if run is not None:  # a runs directory: said before its other files
+        raise refuse(f"it holds the run {run}, which replacing it would delete")
+    strangers = sorted(entries - _marked(final, marker)) if marker else []
+    if strangers and marker not in entries:
+        raise refuse(f"it is not empty and holds no {marker}, so it is no earlier output of "
+                     "this command; replacing it would delete its files")
+    if strangers:
+        more = f" and {len(strangers) - 3} more" if len(strangers) > 3 else ""
+        raise refuse(f"it holds {', '.join(strangers[:3])}{more}, which its earlier output did "
+                     "not write and replacing it would delete")
+    run = _run_below(final) if entries else None
+    if run is not None:
+        raise refuse(f"it holds the run {run}, which replacing it would delete")
+    return final
+
+
+def publish_dir(staging: Path, final: Path, marker: str | None = None,
+                command: str | None = None) -> None:
+    """Make a complete staging directory `final` in one rename (replacing an older one).
+
+    Only a `final` that `replaceable_dir` allows is replaced. With a `marker`, the
+    directory gets that file first, listing what it holds, so a rerun may replace it.
+    """
+    final = replaceable_dir(final, marker, command)
+    if marker is not None:
+        names = sorted(p.name for p in Path(staging).iterdir())
+        write_json(staging / marker, {"note": "written by fasttt, which may replace this "
+                                              "directory while it holds only these files",
+                                      "files": names})
     fsync_path(staging)
     remove_dir(final)
     os.replace(staging, final)
-    fsync_path(Path(final).parent)
+    fsync_path(final.parent)
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path):
-    """Yield a staging directory that becomes `final` if the block ends without an error."""
+def staged_dir(final: Path, marker: str | None = None, command: str | None = None):
+    """Yield a staging directory that becomes `final` if the block ends without an error.
+
+    `final` is checked (`replaceable_dir`) before anything is written, and again as it is
+    published.
+    """
+    final = replaceable_dir(final, marker, command)
     staging = staging_dir(final)
     try:
         yield staging
+        publish_dir(staging, final, marker, command)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    publish_dir(staging, final)
