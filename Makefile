@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpukit clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/loader_throughput.py --out bench_out/loader_throughput.json
+
+# .gpukit/: FFCV and the libraries it loads, for a GPU machine without network (README, Speed)
+gpukit: setup
+	bash benchmarks/make_gpukit.sh
 
 clean:
 	rm -rf $(VENV) data runs bench_out .pytest_cache .ruff_cache *.egg-info
