@@ -1,14 +1,19 @@
 """Classify images with an exported model: its top-5 classes, named, with probabilities.
 
-    python -m fasttt.predict OUT_DIR IMAGE [IMAGE ...]
+    python -m fasttt.predict OUT_DIR IMAGE [IMAGE ...] [--max-pixels N]
 
 Each image is shown to the model in the run's evaluation view (fasttt.augment.eval_view:
 a centre crop of `crop_pct` of the shorter side, resized to the input size, normalised
-with the run's mean and std), read from the export's config.json.
+with the run's mean and std), read from the export's config.json. Images of 16 bits per
+channel (PNG, TIFF, PGM; 12-bit TIFF too) are scaled to 8 bits by their own bit depth, as
+the 8-bit copy of the image would read; images of more than Pillow's decompression-bomb
+limit of pixels (2 x Image.MAX_IMAGE_PIXELS) are refused before they are decoded, unless
+--max-pixels allows them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -21,18 +26,76 @@ from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 from fasttt.export import load_export
 from fasttt.recipe import AugmentConfig
 
-USAGE = "python -m fasttt.predict OUT_DIR IMAGE [IMAGE ...]"
+USAGE = "python -m fasttt.predict OUT_DIR IMAGE [IMAGE ...] [--max-pixels N]"
+# One channel of unsigned integers wider than 8 bits; Pillow's convert() clips them at 255.
+WIDE_GREY = {"I;16", "I;16L", "I;16B", "I;16N"}
+BITS_PER_SAMPLE = 258  # the TIFF tag
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """An image file as a (1, 3, H, W) uint8 tensor, or a one-line refusal."""
+def default_max_pixels() -> int | None:
+    """Pillow's own limit: it refuses an image of more than 2 x MAX_IMAGE_PIXELS pixels."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+@contextlib.contextmanager
+def _size_checked_here():
+    """Pillow's decompression-bomb check off while opening: read_image checks the size itself.
+
+    (Pillow keeps its limit in a module global; predict runs one image at a time.)
+    """
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as err:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _grey_bits(image: Image.Image) -> int | None:
+    """The bit depth of a one-channel image Pillow holds in 16 or 32 bits; None if unknown."""
+    if image.mode in WIDE_GREY:
+        if image.format == "TIFF":  # a 12-bit TIFF reads as values 0..4095
+            bits = image.tag_v2.get(BITS_PER_SAMPLE, 16)
+            bits = bits[0] if isinstance(bits, tuple) else bits
+            return bits if 8 < bits <= 16 else 16
+        return 16
+    if image.mode == "I" and image.format in ("PNG", "PPM"):  # PGM: scaled to 0..65535
+        return 16
+    return None  # 32-bit integers, signed 16-bit TIFF, floating point
+
+
+def _rgb8(path: Path, image: Image.Image) -> np.ndarray:
+    """An open image's pixels as (H, W, 3) uint8, scaled by its own bit depth."""
+    if image.mode not in WIDE_GREY and image.mode not in ("I", "F"):
+        return np.asarray(image.convert("RGB"))  # 16-bit RGB(A): Pillow keeps the high byte
+    bits = _grey_bits(image)
+    if bits is None:
+        raise UserError(f"{path} holds pixels of Pillow mode {image.mode} (32-bit or signed "
+                        "integers, or floating point), whose range predict cannot tell: save "
+                        "it as an 8- or 16-bit PNG")
+    grey = np.asarray(image).astype(np.float64) * (255 / (2 ** bits - 1))
+    return np.repeat(np.rint(grey).clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def read_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
+    """An image file as a (1, 3, H, W) uint8 tensor, or a one-line refusal.
+
+    `max_pixels` (default: Pillow's limit) refuses larger images from their header alone.
+    """
+    limit = default_max_pixels() if max_pixels is None else max_pixels
+    try:
+        with _size_checked_here(), Image.open(path) as image:
+            pixels = image.width * image.height
+            if limit is not None and pixels > limit:
+                raise UserError(f"{path} is {image.width} x {image.height} = {pixels:,} "
+                                f"pixels, more than the limit of {limit:,} (Pillow's guard "
+                                "against decompression bombs): if you trust the file, rerun "
+                                f"with --max-pixels {pixels}")
+            array = _rgb8(path, image)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UserError(f"cannot read {path} as an image ({err.__class__.__name__}): give "
                         "a JPEG, PNG or another format Pillow reads") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
 
 
 def top5(model: torch.nn.Module, config: dict, image: torch.Tensor) -> list[tuple[str, float]]:
@@ -54,10 +117,15 @@ def main(argv: list[str] | None = None) -> None:
                            usage_line=USAGE)
     parser.add_argument("out_dir", type=Path, help="a directory made by python -m fasttt.export")
     parser.add_argument("images", type=Path, nargs="+")
+    parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                        help="refuse images of more pixels (default: Pillow's limit, "
+                             f"{default_max_pixels() or 'none'})")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UserError(f"--max-pixels {args.max_pixels}: must be at least 1")
     model, config = load_export(args.out_dir)
     for path in args.images:
-        ranked = top5(model, config, read_image(path))
+        ranked = top5(model, config, read_image(path, args.max_pixels))
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))
 
 

@@ -13,7 +13,9 @@ trained by fasttt/train.py in a process of its own, N at a time: on a CPU the co
 shared out, on several GPUs the points are spread over them, and small models share one.
 A rerun skips the points that finished and resumes the others. As points finish,
 runs/NAME/sweep.json, sweep.md and figures/sweep_<key>.png give the val top-1 of each
-point's last generation, mean ± std over seeds, against each swept key.
+point's last generation, mean ± std over seeds, against each swept key. Stopped (Ctrl-C,
+SIGTERM), the sweep stops its running points (SIGINT; SIGTERM 30 s later; SIGKILL 10 s
+after that), says in one line each how each stopped, and stops within 45 s.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ TRAIN = Path(__file__).resolve().parent / "train.py"
 SWEEP_JSON, SWEEP_MD, POINT_LOG = "sweep.json", "sweep.md", "train.log"
 FIXED = ("run.name", "run.seed", "generations.teacher")  # set by the sweep itself, or --seeds
 POLL_S = 0.2
+# How a stopping sweep stops its points: each signal, then the seconds the points still
+# running get to end before the next. train.py raises at SIGINT where it is (its writes are
+# atomic; it saves nothing more) and exits in seconds: 7-8 s for the tiny runs of
+# tests/test_sweep.py on a loaded 2-core CPU, so 30 s leave room for bigger loaders and a
+# busier machine. SIGTERM reaches the same handler: a second chance where the first signal
+# was swallowed (a C callback) or ignored; 10 s. SIGKILL, to the point's whole process
+# group (its loader workers too), cannot be refused, yet a process blocked in the kernel
+# (I/O to a dead network disk) ends only when that returns: after 5 s the sweep leaves it.
+STOP_STEPS = ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 
 
 @dataclass(frozen=True)
@@ -223,12 +234,57 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
+def _send(process: subprocess.Popen, signum: int) -> None:
+    """A signal to a point; SIGKILL to its process group (the point leads its own session)."""
+    try:
+        if signum == signal.SIGKILL:
+            os.killpg(process.pid, signum)  # not yet reaped, so the group is the point's
+        else:
+            process.send_signal(signum)
+    except ProcessLookupError:  # it has just ended
+        pass
+
+
+def stop_points(running: dict[subprocess.Popen, Point], console: Console,
+                steps=STOP_STEPS) -> None:
+    """Stop the running points, each signal of `steps` in turn; one line per point says how.
+
+    Every wait is bounded: a point still there after the last step is named and left.
+    """
+    left, started, unanswered = dict(running), time.monotonic(), []
+    if not left:
+        return
+    log_line(console, f"stopping {len(left)} running point(s): " + ", then ".join(
+        f"{signal.Signals(s).name} ({grace:g} s)" for s, grace in steps))
+    for signum, grace in steps:
+        if not left:
+            return
+        name = signal.Signals(signum).name
+        for process in left:
+            _send(process, signum)
+        deadline = time.monotonic() + grace
+        while True:
+            for process in [p for p in left if p.poll() is not None]:
+                why = f" (no answer to {', '.join(unanswered)})" if unanswered else ""
+                log_line(console, f"{left.pop(process).name}: stopped by {name} after "
+                                  f"{time.monotonic() - started:.1f} s{why}")
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(max(0.0, min(POLL_S, deadline - time.monotonic())))
+        unanswered.append(f"{name} in {grace:g} s")
+    for process, point in left.items():
+        log_line(console, f"{point.name}: still running after {time.monotonic() - started:.0f}"
+                          f" s (no answer to {', '.join(unanswered)}), pid {process.pid}: "
+                          "left running; stop it before rerunning the sweep")
+
+
 def run_points(todo: list[Point], command: list[str], directory: Path, parallel: int,
-               console: Console, on_finish) -> None:
+               console: Console, on_finish, stop_steps=STOP_STEPS) -> None:
     """Train the points, `parallel` at a time.
 
-    A signal to the sweep reaches each running point (in its own session) once; each
-    saves its last epoch and stops, and the sweep waits for them before it stops too.
+    When the sweep stops (a signal, an error), `stop_points` stops each running point (in
+    its own session): SIGINT, then SIGTERM, then SIGKILL, each after `stop_steps`' grace;
+    the sweep stops after them, and a rerun resumes each from its last saved epoch.
     `on_finish(point, status, seconds)` runs as each point ends.
     """
     pending, running, ended = deque(todo), {}, 0
@@ -257,11 +313,9 @@ def run_points(todo: list[Point], command: list[str], directory: Path, parallel:
                     progress.advance(task)
                 time.sleep(POLL_S)
         except BaseException:
-            with signals_deferred():  # the points must stop whole before the sweep does
-                for process in running:
-                    process.send_signal(signal.SIGINT)
-                for process in running:
-                    process.wait()
+            with signals_deferred():  # the points must stop before the sweep does
+                stop_points({p: point for p, (point, _, _) in running.items()}, console,
+                            stop_steps)
             raise
 
 

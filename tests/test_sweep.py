@@ -8,7 +8,12 @@ its cache once between them, are shared by the module.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -54,7 +59,9 @@ def sweep_args(digits: Path, runs: Path, *extra: str, grid: list[str] = GRID,
 def swept(digits, tmp_path_factory) -> Path:
     """runs/ holding the teacher run and two sweeps of its patriarch's students, run at once.
 
-    "sweep" is 2 x 2 points, two at a time; "second" one more point, started beside it.
+    "sweep" is 2 x 2 points, two at a time: started as a command, stopped by SIGTERM half
+    way through its first point (its output in runs/../stopped.log), then rerun to the
+    end. "second" is one more point, started beside it.
     """
     runs = tmp_path_factory.mktemp("sweep") / "runs"
     train(tiny_run_args(digits, runs, **CACHE, **{"cache.keep": '"last"', "run.name": "teacher"}))
@@ -62,9 +69,36 @@ def swept(digits, tmp_path_factory) -> Path:
     second = threading.Thread(target=sweep, args=(sweep_args(
         digits, runs, grid=["--grid", "generations.lam=0.5"], name="second"),))
     second.start()
+    stopped = subprocess.Popen([sys.executable, "-m", "fasttt.sweep",
+                                *sweep_args(digits, runs, "--parallel", "2")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first, deadline = runs / "sweep" / POINTS[0] / "train.log", time.monotonic() + 600
+        while not (first.is_file() and "gen 1/1 epoch 1/2" in first.read_text()):
+            assert stopped.poll() is None, stopped.communicate()[0]
+            assert time.monotonic() < deadline, "no epoch in 10 minutes"
+            time.sleep(0.05)
+        stopped.send_signal(signal.SIGTERM)
+        output = stopped.communicate(timeout=120)[0]
+    finally:
+        stopped.kill()
+    (runs.parent / "stopped.log").write_text(f"exit {stopped.returncode}\n{output}")
     sweep(sweep_args(digits, runs, "--parallel", "2"))
     second.join()
     return runs
+
+
+def test_a_sweep_stopped_by_sigterm_stops_its_points_and_a_rerun_finishes_them(swept):
+    # The rerun finished every point (the next test), and the one stopped half way as the
+    # teacher's own student, bit for bit (test_the_point_with_the_teachers_own_settings_...).
+    output = (swept.parent / "stopped.log").read_text()
+    assert output.startswith("exit 143\n"), output
+    assert output.rstrip().endswith("interrupted: rerun the same command to resume"), output
+    assert "running point(s): SIGINT (30 s), then SIGTERM (10 s), then SIGKILL (5 s)" in (
+        output), output
+    assert re.search(rf"{POINTS[0]}: stopped by SIGINT after \d+\.\d s\n", output), output
+    log = (swept / "sweep" / POINTS[0] / "train.log").read_text()
+    assert "gen1: resuming after epoch 1" in log, log
 
 
 def test_every_point_trains_students_only_from_one_cache_built_once(swept):
@@ -202,29 +236,78 @@ def test_grids_points_and_seed_statistics():
     assert (cells[1]["seeds_finished"], cells[1]["val_top1_std"]) == (1, None)
 
 
-def test_a_signal_to_the_sweep_stops_every_running_point_first(tmp_path):
-    # Each "point" runs this script: the first exits at once, the others wait for a signal.
-    script = ("import signal, sys, time\n"
-              "if 'run.seed=0' in sys.argv: sys.exit(0)\n"
-              "signal.signal(signal.SIGINT, lambda *a: (print('saved, stopping'), sys.exit(130)))\n"
-              "print('training', flush=True)\n"
-              "time.sleep(60)\n")
-    points = grid_points({"generations.lam": ["0.3"]}, [0, 1, 2])
+# Each "point" runs this script: seed 0 exits at once; seed 1 stops on SIGINT; seed 2
+# ignores SIGINT and stops on SIGTERM; seed 3 ignores both, as does a helper it started.
+STAND_IN = """import signal, subprocess, sys, time
+seed = int(next(a for a in sys.argv if a.startswith('run.seed='))[9:])
+if seed == 0: sys.exit(0)
+if seed >= 2: signal.signal(signal.SIGINT, signal.SIG_IGN)
+if seed == 1: signal.signal(signal.SIGINT, lambda *a: (print('saved, stopping'), sys.exit(130)))
+if seed == 2: signal.signal(signal.SIGTERM, lambda *a: (print('stopping'), sys.exit(143)))
+if seed == 3:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    print('helper', helper.pid)
+print('training', flush=True)
+time.sleep(60)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie no init reaps in a container does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_a_signal_to_the_sweep_stops_every_running_point_in_bounded_time(tmp_path):
+    # A sweep hung after SIGTERM: it waited without a timeout for a point that did not stop.
+    points = grid_points({"generations.lam": ["0.3"]}, [0, 1, 2, 3, 4])
+    logs = [tmp_path / point.name / "train.log" for point in points]
 
     def interrupt(point, status, seconds):
-        log = tmp_path / points[1].name / "train.log"
-        while "training" not in log.read_text():  # its handler is in place
+        while not all("training" in log.read_text() for log in logs[1:4]):  # handlers set
             time.sleep(0.05)
         raise KeyboardInterrupt  # as a signal to the sweep would, once a point has ended
 
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run_points(points, [sys.executable, "-c", script], tmp_path, 2, Console(quiet=True),
-                   interrupt)
-    assert time.monotonic() - started < 30  # nobody waited for the sleeping point to end
-    log = (tmp_path / points[1].name / "train.log").read_text()
-    assert "training" in log and "saved, stopping" in log  # it got the signal, and ended
-    assert not (tmp_path / points[2].name).exists()  # never started
+    def hung(signum, frame):
+        raise AssertionError("the sweep is still waiting for its points after 30 s")
+
+    output, started = io.StringIO(), time.monotonic()
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)  # fail, not hang, without bounded waits
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_points(points, [sys.executable, "-c", STAND_IN], tmp_path, 4,
+                       Console(file=output, width=300), interrupt,
+                       stop_steps=((signal.SIGINT, 2.0), (signal.SIGTERM, 2.0),
+                                   (signal.SIGKILL, 5.0)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        helper = int(logs[3].read_text().split("helper ")[1].split()[0])
+        if alive(helper):
+            os.kill(helper, signal.SIGKILL)
+    assert time.monotonic() - started < 30  # nobody waited for a sleeping point to end
+    lines = output.getvalue()
+    assert "stopping 3 running point(s): SIGINT (2 s), then SIGTERM (2 s), then SIGKILL (5 s)" in (
+        lines)
+    stopped = dict(re.findall(r"(lam0.3-seed\d): (stopped by .*)\n", lines))
+    assert set(stopped) == {"lam0.3-seed1", "lam0.3-seed2", "lam0.3-seed3"}, lines
+    times = {name: float(re.search(r"after (\d+\.\d) s", how)[1])
+             for name, how in stopped.items()}
+    assert stopped["lam0.3-seed1"].startswith("stopped by SIGINT after")
+    assert times["lam0.3-seed1"] < 2
+    assert stopped["lam0.3-seed2"].endswith("s (no answer to SIGINT in 2 s)")
+    assert stopped["lam0.3-seed2"].startswith("stopped by SIGTERM after")
+    assert 2 <= times["lam0.3-seed2"] < 4
+    assert stopped["lam0.3-seed3"].endswith("s (no answer to SIGINT in 2 s, SIGTERM in 2 s)")
+    assert stopped["lam0.3-seed3"].startswith("stopped by SIGKILL after")
+    assert times["lam0.3-seed3"] >= 4
+    assert "saved, stopping" in logs[1].read_text() and "stopping" in logs[2].read_text()
+    assert not alive(helper)  # killed with its point's process group
+    assert not (tmp_path / points[4].name).exists()  # never started
 
 
 def test_a_failed_point_is_reported_in_one_line_and_in_the_sweep_report(swept, digits):
