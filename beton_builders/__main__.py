@@ -17,7 +17,7 @@ from beton_builders.cifar import build_cifar
 from beton_builders.digits import build_digits
 from beton_builders.imagefolder import PhotoOptions, build_imagefolder, default_workers
 from beton_builders.writing import finish_manifest, print_summary, staged_output
-from fasttt.data import MANIFEST, PHOTO_OPTIONS, read_manifest
+from fasttt.betons import MANIFEST, PHOTO_OPTIONS, read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 
 SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")

@@ -7,10 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from beton_builders.writing import ImageRows, raw_image_fields, write_beton
+from beton_builders.writing import (
+    ImageRows,
+    finish_manifest,
+    print_summary,
+    raw_image_fields,
+    staged_output,
+    write_beton,
+)
 
 SIZE = 32
 VAL_FRACTION = 0.2
@@ -27,6 +32,10 @@ def upsample_digits(pixels: np.ndarray) -> np.ndarray:
 
 def build_digits(staging: Path) -> tuple[dict, dict]:
     """Write the digits train/val betons into `staging`; return (manifest, counts)."""
+    # Imported here: scikit-learn costs a second, and fasttt/train.py imports this module.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = upsample_digits(digits.images)
     rows = np.arange(len(images))
@@ -47,3 +56,15 @@ def build_digits(staging: Path) -> tuple[dict, dict]:
         "split_policy": {"kind": "stratified", "val_fraction": VAL_FRACTION, "seed": SPLIT_SEED},
     }
     return manifest, counts
+
+
+def build_digits_dir(out_dir: Path) -> dict:
+    """`python -m beton_builders digits OUT_DIR` for a missing OUT_DIR, as a function.
+
+    Builds atomically, prints the summary, and returns the manifest; the entry points call it
+    to build the embedded default on first use.
+    """
+    with staged_output(out_dir) as staging:
+        manifest = finish_manifest(staging, *build_digits(staging))
+    print_summary(out_dir, manifest)
+    return manifest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def list_split(split_dir: Path, class_names: list[str]) -> list[tuple[Path, int]
     return items
 
 
+# torchvision's ImageNet dataset unpacks ILSVRC2012's flat val/ into one folder per class
+# (its wnid), from the devkit's ground truth, when it finds both archives in its root.
+SORT_VAL = "python -c \"import torchvision; torchvision.datasets.ImageNet('{src}', split='val')\""
+
+
 def check_layout(src: Path) -> list[str]:
     """Class names (sorted train folders) after checking the ImageNet layout of `src`."""
     hint = "expected SRC/train/<class>/*.JPEG and SRC/val/<class>/*"
@@ -58,7 +64,10 @@ def check_layout(src: Path) -> list[str]:
     if extra:
         raise UserError(f"{src / 'val'} has classes not in train ({', '.join(extra[:3])}): {hint}")
     if not any(p.is_dir() for p in (src / "val").iterdir()):
-        raise UserError(f"{src / 'val'} has no class folders (a flat ImageNet val?): {hint}")
+        raise UserError(f"{src / 'val'} has no class folders (a flat ImageNet val?): {hint}; "
+                        f"to sort ILSVRC2012's, move {src / 'val'} aside, put "
+                        f"ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz in {src} and "
+                        f"run `{SORT_VAL.format(src=shlex.quote(str(src)))}`")
     return class_names
 
 

@@ -22,7 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from beton_builders import BUILDER_VERSION
-from fasttt.data import MANIFEST
+from fasttt.betons import MANIFEST
 from fasttt.errors import UserError, one_line
 from fasttt.files import fsync_path, sha256_file, staged_dir, write_json
 from fasttt.progress import progress_bar as fasttt_progress_bar

@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from fasttt.augment import eval_images
-from fasttt.data import read_manifest, split_loader, train_samples, training_rows
+from fasttt.betons import read_manifest
+from fasttt.data import split_loader, train_samples, training_rows
 from fasttt.errors import UserError
 from fasttt.files import write_atomically, write_json
 from fasttt.models import last_epoch_model, penultimate_features

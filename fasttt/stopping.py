@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from fasttt.analysis import analyze_run, ensemble_accuracies
-from fasttt.data import holdout_rows, read_manifest, split_loader
+from fasttt.betons import read_manifest
+from fasttt.data import holdout_rows, split_loader
 from fasttt.files import write_json
 from fasttt.models import last_epoch_model
 from fasttt.processes import on_main_process

@@ -28,7 +28,8 @@ from rich.table import Table
 from sklearn.svm import LinearSVC
 
 from fasttt.augment import eval_images
-from fasttt.data import MANIFEST, BetonLoader, is_photo, read_manifest, sequential_loader
+from fasttt.betons import MANIFEST, is_photo, read_manifest
+from fasttt.data import BetonLoader, sequential_loader
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 from fasttt.files import write_json
 from fasttt.models import last_epoch_model, penultimate_features

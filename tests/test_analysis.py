@@ -25,8 +25,9 @@ from fasttt.analysis import (
     second_class_counts,
     superclass_map,
 )
+from fasttt.betons import read_manifest
 from fasttt.checkpoint import save_weights
-from fasttt.data import read_manifest, sequential_loader, split_loader
+from fasttt.data import sequential_loader, split_loader
 from fasttt.errors import UserError
 from fasttt.models import create_model
 from fasttt.rundir import WEIGHTS, generation_dir

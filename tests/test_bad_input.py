@@ -34,9 +34,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beton_builders.__main__ import main as build_betons
+from fasttt.betons import read_manifest
 from fasttt.cache import array_specs, build_cache, expected_manifest, open_arrays
 from fasttt.checkpoint import save_weights
-from fasttt.data import read_manifest, sequential_loader, split_loader, train_loader
+from fasttt.data import sequential_loader, split_loader, train_loader
 from fasttt.errors import UserError
 from fasttt.recipe import SECTIONS, load_recipe, write_recipe
 from fasttt.teachers import CACHE_ARRAYS, OnlineTeacher, view_schedule

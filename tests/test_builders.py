@@ -22,7 +22,8 @@ from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 
 from beton_builders.__main__ import main
-from fasttt.data import read_manifest, sequential_loader
+from fasttt.betons import read_manifest
+from fasttt.data import sequential_loader
 from fasttt.errors import exit_on_user_error
 
 
@@ -276,7 +277,7 @@ def test_missing_source_and_wrong_layout(tmp_path, capsys):
     (flat / "val").mkdir()
     (flat / "val" / "x.JPEG").write_bytes(b"")
     err = expect_one_line_error(capsys, "imagefolder", flat, tmp_path / "out")
-    assert "flat ImageNet val" in err
+    assert "flat ImageNet val" in err and "torchvision.datasets.ImageNet(" in err
     err = expect_one_line_error(capsys, "digits", tmp_path / "a", tmp_path / "b")
     assert "digits takes OUT_DIR" in err
     assert not (tmp_path / "out").exists()

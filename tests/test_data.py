@@ -13,10 +13,12 @@ from ffcv.transforms import ToDevice
 from PIL import Image
 
 from beton_builders.__main__ import main
+from beton_builders.digits import build_digits_dir
+from fasttt.betons import read_manifest
 from fasttt.canvas import dct_denominator, fit_extent
 from fasttt.data import (
+    ensure_betons,
     generation_loaders,
-    read_manifest,
     sequential_loader,
     shard_indices,
     split_loader,
@@ -222,3 +224,16 @@ def test_a_reader_error_on_a_beton_damaged_since_it_was_opened_advises_the_rebui
         beton.write(b"\xff" * 8)  # the header's format version
     one_line_refusal(lambda: list(loader), "is damaged (FFCV format",
                      "rebuild it with `python -m beton_builders digits")
+
+
+def test_ensure_betons_builds_missing_digits_once_with_the_builder_it_is_given(digits, tmp_path):
+    data, built = tiny_recipe(tmp_path / "digits").data, []  # the demo recipe: builtin digits
+
+    def build(out_dir):
+        built.append(out_dir)
+        build_digits_dir(out_dir)
+
+    accelerator = Accelerator(cpu=True)
+    manifest = ensure_betons(data, accelerator, build)
+    assert built == [tmp_path / "digits"] and manifest == read_manifest(digits)
+    assert ensure_betons(data, accelerator, build) == manifest and len(built) == 1

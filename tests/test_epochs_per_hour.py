@@ -18,7 +18,7 @@ from PIL import Image
 from rich.console import Console
 from torch.autograd import DeviceType
 
-from fasttt.data import read_manifest
+from fasttt.betons import read_manifest
 from fasttt.errors import UserError
 from fasttt.models import build_model
 from fasttt.recipe import ModelConfig, RunConfig

@@ -13,7 +13,8 @@ import pytest
 from accelerate import Accelerator
 from conftest import one_line_refusal, tiny_recipe, tiny_run_args
 
-from fasttt.data import check_fits, generation_loaders, holdout_rows, read_manifest, train_labels
+from fasttt.betons import read_manifest, train_labels
+from fasttt.data import check_fits, generation_loaders, holdout_rows
 from fasttt.status import run_status
 from fasttt.stopping import stop_after
 from fasttt.train import main as train

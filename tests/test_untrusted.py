@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from beton_builders.__main__ import main as build_betons
+from fasttt.betons import read_manifest
 from fasttt.cache import FORMAT_VERSION, array_specs, open_arrays, seal_manifest
 from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from fasttt.data import read_manifest
 from fasttt.errors import UserError
 from fasttt.files import sha256_file, write_json
 
