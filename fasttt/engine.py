@@ -32,11 +32,21 @@ from fasttt.files import write_json, write_text
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer, set_lr
 from fasttt.progress import Position, log_line, mean_epoch_seconds, progress_bar
-from fasttt.recipe import AugmentConfig, Recipe
+from fasttt.recipe import AugmentConfig, Recipe, derived_name
 from fasttt.rundir import EVAL, METRICS, WEIGHTS, best_and_last
 from fasttt.teachers import TopKTeacher, ViewSchedule
 
-DIVERGED_LOSS = 100  # x ln C, chance level: a mean epoch loss above it has diverged
+# x ln C, chance level: a mean training loss above DIVERGED_LOSS, or a validation loss
+# above DIVERGED_VAL_LOSS, has diverged. ln C is a model that learned nothing and says so
+# (uniform); 100 x ln C means the true class trails the top logit by ~230 (C = 10) on
+# average. The validation loss reads BatchNorm's running statistics, which one short first
+# epoch leaves far off in a healthy network (a tiny DenseNet-BC-100 run: 440 x ln C in
+# epoch 1), while statistics or weights that blew up give far more (optim.lr=3 on the
+# digits: 6e8 x in epoch 1; optim.lr=1: 1.5e8 x in epoch 2). Healthy digits runs stay
+# below 2 x (the demo's epochs 1-2 at 1.2 x; a 2-step tiny run at optim.lr=0.3, 9 x). Not
+# chance accuracy: the healthy demo is at 14 % (chance 10 %) after its LR peak.
+DIVERGED_LOSS = 100
+DIVERGED_VAL_LOSS = 10_000
 PERCENT = ("train_top1", "teacher_agreement")  # counts shown as % of the samples
 # a metrics row's wall-clock fields: they differ from run to run, the others never do (CPU)
 TIMINGS = ("images_per_s", "seconds", "loader_wait_s", "step_s")
@@ -165,27 +175,38 @@ def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
 
 
 def check_converging(row: dict, model: torch.nn.Module, num_classes: int, generation: int,
-                     lr: float) -> None:
+                     lr: float, run_name: str) -> None:
     """Stop a diverged generation before its epoch is checkpointed or it is marked finished.
 
-    Divergence: a non-finite loss, a loss far above chance (ln C; the TSD, LSR and CP
-    terms are bounded), or a non-finite parameter or buffer (BatchNorm's running
-    variance overflows while the loss can still look finite).
+    Divergence: a non-finite parameter or buffer (BatchNorm's running variance overflows
+    while the loss can still look finite), or a training or validation loss that is not
+    finite or far above chance (ln C; the TSD, LSR and CP terms are bounded; the validation
+    loss is cross-entropy whatever the objective). Blown-up BatchNorm statistics show in
+    the validation loss alone: the training loss uses the batch's own.
     """
     floats = {name: value for name, value in model.state_dict().items()
               if value.is_floating_point()}
     finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist()  # 1 sync
     broken = [name for name, ok in zip(floats, finite, strict=True) if not ok]
-    loss = row["train_loss"]
-    if math.isfinite(loss) and loss <= DIVERGED_LOSS * math.log(num_classes) and not broken:
+    bounds = {"train_loss": DIVERGED_LOSS, "val_loss": DIVERGED_VAL_LOSS}
+    far = {name: row[name] for name, times in bounds.items()
+           if not (math.isfinite(row[name]) and row[name] <= times * math.log(num_classes))}
+    if not broken and not far:
         return
-    what = (f"{len(broken)} non-finite parameters or buffers (first: {broken[0]})" if broken
-            else f"the training loss reached {loss:.3g}")
+    if broken:
+        what = f"{len(broken)} non-finite parameters or buffers (first: {broken[0]})"
+    else:
+        name, loss = next(iter(far.items()))
+        what = (f"the {'training' if name == 'train_loss' else 'validation'} loss reached "
+                f"{loss:.3g}, over {bounds[name]:,} x chance (ln {num_classes} = "
+                f"{math.log(num_classes):.3g}), at val top-1 {row['val_top1']:.1f}%")
+    lower = f"{lr / 10:g}"
+    fresh = derived_name(run_name, f"-lr{lower}")
     raise UserError(f"gen{generation} diverged in epoch {row['epoch']}: {what}; nothing of "
-                    f"that epoch was saved. Rerun the same command with --set "
-                    f"optim.lr={lr / 10:g} and another --set run.name (the learning rate is "
-                    "part of the run's recipe), or with --set run.mixed_precision=no if it "
-                    "diverged only in low precision")
+                    f"that epoch was saved. Rerun the same command with --set optim.lr={lower} "
+                    f"--set run.name={fresh} (the learning rate is part of the run's recipe), "
+                    "or with --set run.mixed_precision=no and another run.name if it diverged "
+                    "only in low precision")
 
 
 def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
@@ -216,10 +237,10 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                 label += f" ({done.eta(mean_epoch_seconds(state['history']))})"
             train.set_epoch(epoch)
             row = train_epoch(learner, train, spec, epoch, accelerator, progress, label)
-            check_converging(row, accelerator.unwrap_model(model), num_classes, spec.index,
-                             recipe.optim.lr)
             # Unwrapped: DDP's forward would broadcast buffers, a collective per eval batch.
             row |= evaluate(accelerator.unwrap_model(model), val, recipe.augment, accelerator)
+            check_converging(row, accelerator.unwrap_model(model), num_classes, spec.index,
+                             recipe.optim.lr, recipe.run.name)
             state = {"epoch": epoch + 1, "history": [*state["history"], row]}
             accelerator.wait_for_everyone()
             if main:

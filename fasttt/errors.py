@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 
 
@@ -47,13 +48,49 @@ class Interrupted(KeyboardInterrupt):
 
 _signals_received: list[int] = []
 _deferring: list[bool] = []
+_complete: list[bool] = []  # `results_complete` was called: only the teardown is left
 RESUME_HINT = "interrupted: rerun the same command to resume"
+COMPLETE_HINT = "interrupted as the run ended: its results are complete, nothing to resume"
 
 
 def _interrupt(signum, frame):
+    if _complete and _signals_received:  # a second one in the teardown: it may hang, stop
+        _leave(signum)
     _signals_received.append(signum)
-    if not _deferring:
+    if not _deferring and not _complete:
         raise Interrupted(signum)
+
+
+def _leave(signum: int) -> typing.NoReturn:
+    """End the process at once, after what it printed, with one line and 128 + signum."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    print(COMPLETE_HINT if _complete else RESUME_HINT, file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def results_complete() -> None:
+    """Everything the process was to write is written whole: what is left is its teardown.
+
+    From here a signal (SIGINT, SIGTERM, SIGHUP) changes nothing: the teardown finishes
+    (trackers closed, the process group destroyed) and the process ends quietly with the
+    status it has without the signal, 0, under `exit_on_user_error`. A second signal, as a
+    teardown that hangs would need, ends it at once with one line and 128 + its number.
+    """
+    _complete.append(True)
+
+
+def ignore_signals_once_complete() -> None:
+    """A script's last step: after `results_complete`, ignore SIGINT, SIGTERM and SIGHUP for
+    the rest of the interpreter's exit (a second or more with torch loaded).
+
+    Python hands its signal handlers back to the default there, and a signal would kill
+    the process without a line, its results complete.
+    """
+    if _complete:
+        for signum in _handled_signals():
+            signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -102,27 +139,34 @@ def leave_signals_to_the_parent() -> None:
 
 
 def exit_at_once_on_interrupt() -> None:
-    """Until `exit_on_user_error` takes over (imports), a signal ends the process quietly."""
+    """Until `exit_on_user_error` takes over (imports), and once it has handed the signals
+    back (the interpreter's exit), a signal ends the process quietly: one line, 128 + its
+    number."""
     def leave(signum, frame):
-        print(RESUME_HINT, file=sys.stderr)
-        os._exit(128 + signum)
+        _leave(signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _handled_signals():
         signal.signal(signum, leave)
+
+
+def _handled_signals() -> list[int]:
+    """SIGINT, SIGTERM, and SIGHUP unless nohup asked to ignore it."""
+    handled = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        handled.append(signal.SIGHUP)  # a closed terminal: stop as cleanly as on SIGTERM
+    return handled
 
 
 def exit_on_user_error(main):
     """Run `main()`; a UserError or an OS error becomes `error: ...` on stderr and exit 2.
 
     SIGINT, SIGTERM and SIGHUP become `interrupted: ...` and exit 130, 143 or 129, wherever
-    they land.
+    they land, until `main` says its results are complete (`results_complete`).
     """
-    handled = [signal.SIGINT, signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to ignore it
-        handled.append(signal.SIGHUP)  # a closed terminal: stop as cleanly as on SIGTERM
+    _complete.clear()
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {signum: signal.signal(signum, _interrupt) for signum in handled}
+        previous = {signum: signal.signal(signum, _interrupt) for signum in _handled_signals()}
     print_unraisable = sys.unraisablehook
 
     def unless_known(unraisable):
@@ -133,7 +177,8 @@ def exit_on_user_error(main):
     sys.unraisablehook = unless_known
     try:
         result = main()
-        raise_if_interrupted()
+        if not _complete:  # else a signal came once the results were whole: nothing to stop
+            raise_if_interrupted()
         return result
     except UserError as err:
         message = str(err)

@@ -4,6 +4,7 @@ work done once on the main process whose refusal every process sees."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +27,9 @@ def make_accelerator(mixed_precision: str, console: Console, log_with: tuple[str
     # without it, processes started by torchrun each train alone.
     accelerator = Accelerator(mixed_precision=mixed_precision if gpu else "no", cpu=not gpu,
                               log_with=list(log_with) or None, project_dir=run_dir)
-    asked = launched_processes()
-    if asked > accelerator.num_processes == 1:
-        raise UserError(f"accelerate launch was asked for {asked} processes, but on a machine "
-                        "without GPUs it starts one unless told --multi_gpu: run `accelerate "
-                        f"launch --multi_gpu --num_processes {asked} --num_machines 1 "
-                        "--mixed_precision no --dynamo_backend no fasttt/train.py RECIPE.toml`")
+    asked = launch_request()
+    if accelerator.num_processes == 1 and (asked.processes > 1 or asked.machines > 1):
+        raise UserError(one_process_advice(asked, parse_flag_from_env("ACCELERATE_USE_CPU")))
     if gpu:  # fixed shapes: let cuDNN pick its fastest kernels; TF32 for float32 matmuls
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -40,21 +38,66 @@ def make_accelerator(mixed_precision: str, console: Console, log_with: tuple[str
     return accelerator
 
 
-def launched_processes() -> int:
-    """The --num_processes `accelerate launch` was given, read from the parent process; 0 if
-    the parent is not accelerate's launcher (Linux /proc; elsewhere 0)."""
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except (OSError, UnicodeDecodeError):
-        return 0
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What `accelerate launch` was asked for on its command line; 0 / "" where not given."""
+
+    processes: int = 0
+    machines: int = 0
+    machine_rank: str = ""
+    main_process_ip: str = ""
+    main_process_port: str = ""
+
+
+def launch_request(argv: list[str] | None = None) -> LaunchRequest:
+    """The processes and machines `accelerate launch` was given, read from the parent process
+    (Linux /proc; elsewhere, or under another parent, nothing asked)."""
+    if argv is None:
+        try:
+            argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        except (OSError, UnicodeDecodeError):
+            return LaunchRequest()
     if not any(a.endswith(("accelerate", "accelerate.commands.launch")) for a in argv[:3]):
-        return 0
-    for i, arg in enumerate(argv[:-1]):
-        value = arg.split("=", 1)[1] if arg.startswith("--num_processes=") else (
-            argv[i + 1] if arg == "--num_processes" else "")
-        if value.isdigit():
-            return int(value)
-    return 0
+        return LaunchRequest()
+
+    def flag(name: str) -> str:
+        for i, arg in enumerate(argv):
+            if arg.startswith(f"--{name}="):
+                return arg.split("=", 1)[1]
+            if arg == f"--{name}" and i + 1 < len(argv):
+                return argv[i + 1]
+        return ""
+
+    def count(name: str) -> int:
+        value = flag(name)
+        return int(value) if value.isdigit() else 0
+
+    return LaunchRequest(count("num_processes"), count("num_machines"), flag("machine_rank"),
+                         flag("main_process_ip"), flag("main_process_port"))
+
+
+def one_process_advice(asked: LaunchRequest, cpu_asked: bool) -> str:
+    """The refusal of a launch that started one process where several were asked, with the
+    command that starts them: on the CPU only accelerate's --multi_gpu launcher (torchrun)
+    starts several processes, on one machine or on several (gloo); --cpu starts one."""
+    env = "ACCELERATE_USE_CPU=1 " if cpu_asked else ""  # else --multi_gpu takes the GPUs
+    how = "with --cpu" if cpu_asked else "on a machine without GPUs"
+    tail = "--mixed_precision no --dynamo_backend no fasttt/train.py RECIPE.toml"
+    if asked.machines <= 1:
+        return (f"accelerate launch was asked for {asked.processes} processes, but {how} it "
+                f"starts one unless told --multi_gpu: run `{env}accelerate launch --multi_gpu "
+                f"--num_processes {asked.processes} --num_machines 1 {tail}`")
+    machines = asked.machines
+    each = max(1, -(-asked.processes // machines))  # --num_processes counts every machine's
+    port = f" --main_process_port {asked.main_process_port}" if asked.main_process_port else ""
+    ip = asked.main_process_ip or "H"
+    return (f"accelerate launch was asked for {machines} machines, but {how} it starts one "
+            f"process on each, which trains alone: run `{env}accelerate launch --multi_gpu "
+            f"--num_machines {machines} --num_processes {machines * each} --machine_rank "
+            f"{asked.machine_rank or 'R'} --main_process_ip {ip}{port} {tail}` on each of the "
+            f"{machines} machines, with its own --machine_rank from 0 to {machines - 1} (0 on "
+            f"{'the main machine, H its address' if ip == 'H' else ip}): {each} "
+            f"process{'es' if each > 1 else ''} per machine, joined with gloo")
 
 
 def accelerator_and_console(mixed_precision: str, log_with: tuple[str, ...] = (),

@@ -45,6 +45,8 @@ MAX_STUDENTS = 100
 MAX_BASE_DEPTH = 32  # `base =` links followed from one recipe
 MAX_TEMPERATURES = 64
 TEACHER_PATTERN = re.compile(r"[^\0]*[^/\0]/gen(0|[1-9][0-9]{0,2})")  # runs/NAME/genM
+RUN_NAME = re.compile(r"\w[\w.+=,@-]*")  # \w: letters, digits, _ (any script)
+MAX_NAME_BYTES = 200  # of a file name's 255
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive",
             "swanlab", "trackio")  # Accelerate's LoggerType names
 # Keys that change how fast a run goes or what it logs, never what it trains on or computes:
@@ -60,11 +62,27 @@ BOOKKEEPING = frozenset({
 })
 
 
+def plain_name(text: str) -> str:
+    """`text` made a valid run.name: each run of other characters becomes one _."""
+    cleaned = re.sub(r"[^\w.+=,@-]+", "_", text.strip()).lstrip(".+=,@-")
+    cleaned = cleaned.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
+    return cleaned or "run"
+
+
+def derived_name(name: str, suffix: str) -> str:
+    """A valid run.name for a new run that advice derives from run `name`: name + suffix."""
+    room = MAX_NAME_BYTES - len(suffix.encode())
+    return name.encode()[:room].decode(errors="ignore") + suffix
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """[run]: naming, seeding and numerics of the whole run."""
 
-    name: str = "run"  # runs/<name>/ holds everything the run writes
+    # runs/<name>/ holds everything the run writes: a plain file name on one line, of
+    # letters, digits and . _ - + = , @ (no spaces, quotes or control characters), starting
+    # with a letter, digit or _, at most 200 bytes
+    name: str = "run"
     seed: int = 0  # keys the augmentation views and every loader order
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # "no" on the CPU
     compile: bool = False  # torch.compile the model's forward (GPU: faster after warm-up)
@@ -77,8 +95,11 @@ class RunConfig:
     log_with: tuple[str, ...] = ("tensorboard",)
 
     def check(self) -> None:
-        _require(self.name.strip() not in ("", ".", "..") and "/" not in self.name, "name",
-                 "must be a non-empty directory name without '/'")
+        _require(RUN_NAME.fullmatch(self.name) is not None
+                 and len(self.name.encode()) <= MAX_NAME_BYTES, "name",
+                 "must be a plain file name on one line: letters, digits and . _ - + = , @, "
+                 f"starting with a letter, digit or _, at most {MAX_NAME_BYTES} bytes, e.g. "
+                 f"\"{plain_name(self.name)}\"")
         _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}")
         unknown = [name for name in self.log_with if name not in TRACKERS]
         _require(not unknown, "log_with", f"must name trackers among {', '.join(TRACKERS)}")
@@ -88,7 +109,9 @@ class RunConfig:
 class DataConfig:
     """[data]: which betons to read and how."""
 
-    beton_dir: str = "data/digits"  # a directory made by `python -m beton_builders`
+    # a directory made by `python -m beton_builders`; with builtin, one it may build (it
+    # must then have a name: not "", ".", ".." or "/")
+    beton_dir: str = "data/digits"
     canvas_size: int = 0  # photos only: canvas side in pixels (>= the beton's max resolution)
     num_workers: int = 2  # FFCV decoding threads per process
     os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
@@ -103,6 +126,11 @@ class DataConfig:
     superclasses: tuple[int, ...] = ()
 
     def check(self) -> None:
+        _require(self.beton_dir.strip() != "" and self.beton_dir.isprintable(), "beton_dir",
+                 "must name the betons' directory on one line, e.g. \"data/digits\"")
+        _require(not self.builtin or Path(self.beton_dir).name not in ("", ".."), "beton_dir",
+                 f"must name a directory of its own to build the {self.builtin} betons in "
+                 "(not \".\", \"..\" or \"/\"), e.g. \"data/digits\"")
         _require(self.canvas_size >= 0, "canvas_size", "must be >= 0")
         _require(self.canvas_size <= MAX_SIDE, "canvas_size", f"must be <= {MAX_SIDE}")
         _require(all(c >= 0 for c in self.superclasses), "superclasses", "must be >= 0")
@@ -242,8 +270,10 @@ class GenerationsConfig:
         _require(self.k >= 2, "k", "must be >= 2")
         _require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         _require(0.01 <= self.temperature <= 100, "temperature", "must be in [0.01, 100]")
-        _require(self.teacher == "" or TEACHER_PATTERN.fullmatch(self.teacher) is not None,
-                 "teacher", "must name a finished generation of another run, runs/NAME/genM")
+        _require(self.teacher == "" or (TEACHER_PATTERN.fullmatch(self.teacher) is not None
+                                        and self.teacher.isprintable()),
+                 "teacher", "must name a finished generation of another run on one line, "
+                 "runs/NAME/genM")
         _require(1 <= self.patience <= MAX_STUDENTS, "patience", f"must be in 1..{MAX_STUDENTS}")
         _require(0 <= self.min_delta <= 100, "min_delta", "must be in [0, 100]")
 

@@ -14,8 +14,9 @@ from PIL import Image
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.augment import train_size
+from fasttt.betons import read_manifest
 from fasttt.cache import array_specs, expected_manifest
-from fasttt.data import read_manifest, train_samples
+from fasttt.data import train_samples
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.losses import eta_from_u
 from fasttt.optim import peak_lr
