@@ -26,17 +26,19 @@ from rich.console import Console
 from rich.table import Table
 
 from beton_builders.__main__ import main as build_betons
+from fasttt.betons import read_manifest
 from fasttt.cache import build_cache, expected_manifest, open_teacher
 from fasttt.checkpoint import save_weights
-from fasttt.data import generation_loaders, read_manifest, split_loader, train_samples
+from fasttt.data import generation_loaders, split_loader, train_samples
 from fasttt.engine import GenerationSpec, Learner, train_epoch
+from fasttt.generation import generation_views
 from fasttt.losses import patriarch_objective, student_objective
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer
 from fasttt.processes import make_accelerator
 from fasttt.progress import progress_bar
 from fasttt.recipe import load_recipe
-from fasttt.teachers import OnlineTeacher, view_schedule
+from fasttt.teachers import OnlineTeacher
 
 
 def epoch_seconds(spec, recipe, accelerator, num_classes, epochs: int) -> float:
@@ -66,8 +68,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     beton = read_manifest(recipe.data.beton_dir)
     num_classes, samples = len(beton["class_names"]), train_samples(recipe.data, beton)
     method = recipe.generations
-    patriarch_views, views = (view_schedule(recipe.run.seed, m, recipe.schedule.epochs,
-                                            recipe.augment, recipe.cache) for m in (0, 1))
+    patriarch_views, views = (generation_views(recipe, m) for m in (0, 1))
     teacher_model = build_model(recipe.model, recipe.run, num_classes, seed=0)
     teacher_model = teacher_model.to(accelerator.device)
     save_weights(teacher_model, work / "teacher.safetensors")

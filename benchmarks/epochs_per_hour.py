@@ -60,27 +60,24 @@ from rich.console import Console
 from rich.table import Table
 from step_profile import phase_table, save_profile, step_profiler  # benchmarks/step_profile.py
 
+from beton_builders.digits import build_digits_dir
 from beton_builders.imagefolder import default_workers
 from fasttt.augment import train_size
+from fasttt.betons import read_manifest
 from fasttt.cache import build_cache, expected_manifest, open_teacher
 from fasttt.checkpoint import save_weights
-from fasttt.data import (
-    ensure_betons,
-    generation_loaders,
-    read_manifest,
-    split_loader,
-    train_samples,
-)
+from fasttt.data import ensure_betons, generation_loaders, split_loader, train_samples
 from fasttt.engine import GenerationSpec, Learner, train_epoch
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.files import write_json
+from fasttt.generation import generation_views
 from fasttt.losses import patriarch_objective, student_objective
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer
 from fasttt.processes import accelerator_and_console
 from fasttt.progress import progress_bar as steps_bar
 from fasttt.recipe import Recipe, load_recipe
-from fasttt.teachers import OnlineTeacher, view_schedule
+from fasttt.teachers import OnlineTeacher
 
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
 PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
@@ -227,8 +224,7 @@ def measured_recipe(recipe: Recipe, epoch_samples: int, batches: int) -> Recipe:
 
 def recipe_views(recipe: Recipe) -> int:
     """How many views the recipe's teachers label (its caches' stored views)."""
-    return view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
-                         recipe.cache).teacher_views
+    return generation_views(recipe, 1).teacher_views
 
 
 def loader_alone(train, args, recipe: Recipe, accelerator) -> Timing:
@@ -326,8 +322,7 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     bench = measured_recipe(recipe, epoch_samples, args.warmup + args.steps)
     method, device = bench.generations, accelerator.device
     beton = read_manifest(bench.data.beton_dir)
-    patriarch_views, views = (view_schedule(bench.run.seed, m, bench.schedule.epochs,
-                                            bench.augment, bench.cache) for m in (0, 1))
+    patriarch_views, views = (generation_views(bench, m) for m in (0, 1))
     train, _ = generation_loaders(bench.data, bench.optim.batch_size, views.key, accelerator)
     patriarch = GenerationSpec(0, work, patriarch_objective(method.patriarch_loss, method.u,
                                                             method.k, method.eta),
@@ -535,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = load_recipe(args.recipe, args.set)
     accelerator, console = accelerator_and_console(recipe.run.mixed_precision)
     recipe = prepare_data(recipe, args, accelerator, console)
-    beton = ensure_betons(recipe.data, accelerator)
+    beton = ensure_betons(recipe.data, accelerator, build_digits_dir)
     epoch_samples = train_samples(recipe.data, beton)
     out = args.out or Path("bench_out") / f"epochs_per_hour_{args.recipe.stem}.json"
     # Teacher weights and caches, in one place for every process (each would get its own

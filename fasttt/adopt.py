@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fasttt.errors import UserError
 from fasttt.files import copy_file, sha256_file, write_json
-from fasttt.recipe import AugmentConfig, CacheConfig, Recipe, load_recipe
+from fasttt.recipe import Recipe, load_recipe
 from fasttt.rundir import (
     ADOPTED,
     ANALYSIS,
@@ -33,7 +33,6 @@ from fasttt.rundir import (
     generation_weights,
     has_trained,
 )
-from fasttt.teachers import ViewSchedule, view_schedule
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,6 @@ class Adopted:
     def weights(self) -> Path:
         """The original, verified weights (the shared cache lives beside them)."""
         return generation_weights(self.run_dir, self.generation)
-
-    def student_views(self, epochs: int, augment: AugmentConfig,
-                      cache: CacheConfig) -> ViewSchedule:
-        """The first student's views: those the teacher's run labelled for its own student."""
-        return view_schedule(self.seed, self.generation + 1, epochs, augment, cache)
 
     def describe(self) -> str:
         """The teacher in words, as logs and reports name it."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from fasttt.adopt import adopted_teacher
+from fasttt.adopt import adopted_teacher, parse_teacher
 from fasttt.augment import train_size
 from fasttt.data import read_manifest, split_loader, train_samples, training_rows
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
@@ -56,11 +57,10 @@ from fasttt.files import (
 from fasttt.models import last_epoch_model
 from fasttt.processes import accelerator_and_console, main_value, on_main_process
 from fasttt.progress import duration, log_line, progress_bar
-from fasttt.recipe import CacheConfig, Recipe, load_recipe
+from fasttt.recipe import CacheConfig, Recipe, derived_name, load_recipe
 from fasttt.rundir import (
     CACHE,
     generation_dir,
-    generation_weights,
     is_finished,
     lock_run_dir,
     try_lock_run_dir,
@@ -73,7 +73,6 @@ from fasttt.teachers import (
     ViewSchedule,
     log_partitions,
     top_logits,
-    view_schedule,
 )
 
 FORMAT_VERSION = 3  # 3: log-partitions at several temperatures
@@ -209,6 +208,46 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
     return arrays
 
 
+class CacheOverflow(UserError):
+    """The teacher's logits do not fit the cache's dtype, or are not finite at all."""
+
+    def __init__(self, logits: np.ndarray, dtype: np.dtype):
+        self.finite = bool(np.isfinite(logits).all())
+        self.peak = float(np.abs(logits).max()) if self.finite else float("nan")
+        self.dtype = np.dtype(dtype)
+        if not self.finite:
+            super().__init__("the teacher's logits are not finite: it diverged")
+        else:
+            super().__init__(f"the teacher's logits reach {self.peak:.3g}, beyond cache.dtype "
+                             f"= \"{self.dtype}\" (at most {np.finfo(self.dtype).max:.0f})")
+
+
+def overflow_advice(err: CacheOverflow, weights: Path, recipe: Recipe,
+                    lock_dir: Path | None) -> str:
+    """What to do when a finished teacher's cache cannot be built: a command that works.
+
+    cache.dtype defines what the students learn from, so a run that trained keeps its own;
+    the teacher need not train again: a new run adopts it (generations.teacher) and stores
+    float32. Its students are the ones this run has still to train.
+    """
+    teacher = weights.parent
+    if not err.finite:
+        return (f"the teacher {teacher} gives non-finite logits on its student's views: it "
+                "diverged; train it again with a lower optim.lr under another run.name")
+    taught = 0 if lock_dir else parse_teacher(str(teacher))[1]  # its index in this run
+    students = max(1, recipe.generations.students - taught)
+    flags = " ".join(f"--set {shlex.quote(pair)}" for pair in (
+        "cache.dtype=float32", f"generations.teacher={teacher}",
+        f"generations.students={students}",
+        f"run.name={derived_name(recipe.run.name, '-float32')}"))
+    return (f"the teacher {teacher}'s logits reach {err.peak:.3g}, beyond cache.dtype = "
+            f"\"{err.dtype}\" (at most {np.finfo(err.dtype).max:.0f}), so its cache cannot be "
+            f"built (so confident a teacher may have diverged: check its metrics.jsonl). To "
+            f"keep it, train its students in a new run that adopts it and stores float32 (the "
+            f"cache's dtype is part of a run's recipe): rerun fasttt/train.py with the same "
+            f"recipe and flags, adding {flags}")
+
+
 def _label(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[float],
            accelerator: Accelerator, console: Console) -> None:
     """Fill this rank's rows of the arrays with the teacher's answers on every stored view.
@@ -230,12 +269,11 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[floa
                     logits = teacher.logits(index, v, images, batch.extent)
                     top_values, top_ids = top_logits(logits, k)
                     partitions = log_partitions(logits, temperatures)
+                exact = top_values.float().cpu().numpy()
                 with np.errstate(over="ignore"):  # an overflow is refused just below
-                    values = top_values.cpu().numpy().astype(arrays["values"].dtype)
+                    values = exact.astype(arrays["values"].dtype)
                 if not np.isfinite(values).all():
-                    raise UserError(f"the teacher's logits do not fit cache.dtype = "
-                                    f"\"{values.dtype}\" (or are not finite): set cache.dtype "
-                                    "= \"float32\", or check the teacher's training")
+                    raise CacheOverflow(exact, values.dtype)
                 arrays["values"][v, rows] = values
                 arrays["ids"][v, rows] = top_ids.cpu().numpy()
                 arrays["log_partition"][v, rows] = partitions.cpu().numpy()
@@ -285,19 +323,19 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
     accelerator.wait_for_everyone()
 
 
-def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
-                 accelerator: Accelerator, console: Console = QUIET,
+def ensure_cache(weights: Path, schedule: ViewSchedule, temperature: float, recipe: Recipe,
+                 num_classes: int, accelerator: Accelerator, console: Console = QUIET,
                  lock_dir: Path | None = None) -> dict:
     """Build (or verify) the cache beside a teacher's verified weights; its manifest.
+
+    `temperature`: the student's, whose log-partition the cache must serve.
 
     `lock_dir`: the teacher's run when it is not this one; the cache there is shared by
     every run that adopts the teacher, so a missing one is built under that run's lock.
     """
     beton = read_manifest(recipe.data.beton_dir)
-    method = recipe.generations
     wanted = expected_manifest(weights, beton, train_samples(recipe.data, beton), schedule,
-                               recipe.cache, num_classes, method.temperature,
-                               recipe.data.holdout)
+                               recipe.cache, num_classes, temperature, recipe.data.holdout)
     cache_dir = weights.parent / CACHE
     lock = None if lock_dir is None else _teacher_run_lock(cache_dir, lock_dir, accelerator,
                                                            console)
@@ -307,11 +345,14 @@ def ensure_cache(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_clas
         if not (cache_dir / MANIFEST).is_file():
             model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                      accelerator.device)
-            teacher = OnlineTeacher(model, schedule, wanted["top_k"], method.temperature)
+            teacher = OnlineTeacher(model, schedule, wanted["top_k"], temperature)
             loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
                                   limit=wanted["samples"],
                                   rows=training_rows(recipe.data, beton))
-            build_cache(cache_dir, teacher, wanted, loader, accelerator, console)
+            try:
+                build_cache(cache_dir, teacher, wanted, loader, accelerator, console)
+            except CacheOverflow as err:
+                raise UserError(overflow_advice(err, weights, recipe, lock_dir)) from None
         else:
             log_line(console, f"teacher cache: reading {cache_dir}, built earlier (no "
                               "teacher pass)")
@@ -363,14 +404,13 @@ def _check_shared(cache_dir: Path, wanted: dict, lock_dir: Path) -> None:
                         "top_k, dtype), or set cache.mode = \"online\"")
 
 
-def cached_teacher(weights: Path, schedule: ViewSchedule, recipe: Recipe, num_classes: int,
-                   accelerator: Accelerator, console: Console = QUIET,
+def cached_teacher(weights: Path, schedule: ViewSchedule, temperature: float, recipe: Recipe,
+                   num_classes: int, accelerator: Accelerator, console: Console = QUIET,
                    lock_dir: Path | None = None) -> CachedTeacher:
     """The teacher of these verified weights as a lookup into its cache, built if needed."""
-    wanted = ensure_cache(weights, schedule, recipe, num_classes, accelerator, console,
-                          lock_dir)
-    return open_teacher(weights.parent / CACHE, wanted, recipe.generations.temperature,
-                        accelerator.device)
+    wanted = ensure_cache(weights, schedule, temperature, recipe, num_classes, accelerator,
+                          console, lock_dir)
+    return open_teacher(weights.parent / CACHE, wanted, temperature, accelerator.device)
 
 
 def open_teacher(cache_dir: Path, wanted: dict, temperature: float,
@@ -431,17 +471,17 @@ def main(argv: list[str] | None = None) -> None:
     # The same lock as training: two builders would write one staging directory.
     lock = on_main_process(accelerator, lock_run_dir, run_dir)
     try:
+        # Here, not at the top: this command sits above the planner, which builds on us.
+        from fasttt.generation import generation_views, teacher_weights
+
         num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
+        # the cache generation M's student reads: an adopted gen0's is in the teacher's run
+        student = args.generation + 1
         adopted = adopted_teacher(run_dir) if args.generation == 0 else None
-        if adopted is None:
-            weights, lock_dir = generation_weights(run_dir, args.generation), None
-            schedule = view_schedule(recipe.run.seed, args.generation + 1,
-                                     recipe.schedule.epochs, recipe.augment, recipe.cache)
-        else:  # its cache is the teacher's, in the teacher's run (fasttt/adopt.py)
-            weights, lock_dir = adopted.weights(), adopted.run_dir
-            schedule = adopted.student_views(recipe.schedule.epochs, recipe.augment,
-                                             recipe.cache)
-        ensure_cache(weights, schedule, recipe, num_classes, accelerator, console, lock_dir)
+        weights, lock_dir = teacher_weights(run_dir, student, adopted)
+        ensure_cache(weights, generation_views(recipe, student, adopted),
+                     recipe.generations.temperature, recipe, num_classes, accelerator,
+                     console, lock_dir)
     finally:
         if lock is not None:
             lock.close()

@@ -23,10 +23,11 @@ import numpy as np
 from rich.console import Console
 
 from fasttt.adopt import adopted_teacher
-from fasttt.data import BUILD_HINT, MANIFEST, read_manifest
+from fasttt.betons import BUILD_HINT, MANIFEST, read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.figures import generation_label, write_figures
 from fasttt.files import write_json, write_text
+from fasttt.generation import generation_views
 from fasttt.paper import SERIES_LABELS, SINGLE_LABELS, match_paper, paper_patriarch, paper_summary
 from fasttt.recipe import Recipe, load_recipe
 from fasttt.rundir import (
@@ -47,7 +48,6 @@ from fasttt.rundir import (
     read_stopping,
     retrain_hint,
 )
-from fasttt.teachers import view_schedule
 
 
 def _round(x: float | None) -> float | None:
@@ -192,8 +192,7 @@ def _teacher_views(recipe: Recipe) -> str | None:
     """What the students' teachers label, in words (None without students)."""
     if recipe.generations.students == 0:
         return None
-    views = view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
-                          recipe.cache)
+    views = generation_views(recipe, 1)
     return f"{views.describe()} ({recipe.cache.mode} teacher)"
 
 

@@ -32,16 +32,22 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
+from beton_builders.digits import build_digits_dir
 from fasttt.adopt import Adopted, adopt_teacher, adopted_teacher
 from fasttt.analysis import analyze_run
-from fasttt.augment import generation_key
-from fasttt.cache import cached_teacher, drop_used_caches
+from fasttt.cache import drop_used_caches
 from fasttt.checkpoint import drop_checkpoints
 from fasttt.data import check_fits, ensure_betons
-from fasttt.engine import GenerationSpec, train_generation
-from fasttt.errors import OneLineParser, exit_on_user_error
-from fasttt.losses import patriarch_objective, student_objective
-from fasttt.models import check_model_name, last_epoch_model
+from fasttt.engine import train_generation
+from fasttt.errors import (
+    OneLineParser,
+    exit_at_once_on_interrupt,
+    exit_on_user_error,
+    ignore_signals_once_complete,
+    results_complete,
+)
+from fasttt.generation import plan_generation
+from fasttt.models import check_model_name
 from fasttt.processes import accelerator_and_console, finish, on_main_process
 from fasttt.progress import log_line
 from fasttt.recipe import Recipe, load_recipe
@@ -55,7 +61,6 @@ from fasttt.rundir import (
     read_eval,
 )
 from fasttt.stopping import judge_generation
-from fasttt.teachers import OnlineTeacher, ViewSchedule, view_schedule
 from fasttt.tracking import generation_trackers
 
 USAGE = "fasttt/train.py RECIPE.toml [--set SECTION.KEY=VALUE ...] [--runs-dir DIR]"
@@ -68,19 +73,6 @@ def parse_args(argv: list[str]):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     return parser.parse_args(argv)
-
-
-def teacher_for(views: ViewSchedule, weights: Path, recipe: Recipe, num_classes: int,
-                accelerator: Accelerator, console: Console, lock_dir: Path | None = None):
-    """Generation m-1 as its student's teacher: a lookup into its cache, or the model itself.
-
-    `lock_dir`: the teacher's own run, when this run adopted it.
-    """
-    if recipe.cache.mode == "online":
-        model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
-                                 accelerator.device)
-        return OnlineTeacher(model, views, num_classes, recipe.generations.temperature)
-    return cached_teacher(weights, views, recipe, num_classes, accelerator, console, lock_dir)
 
 
 def print_generations(results: list[dict], console: Console) -> None:
@@ -113,7 +105,7 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
             on_main_process(accelerator, drop_checkpoints, directory)  # a kill's leftovers
             results.append(read_eval(run_dir, m))
         else:
-            spec = generation_spec(run_dir, m, recipe, num_classes, adopted, accelerator,
+            spec = plan_generation(run_dir, m, recipe, num_classes, adopted, accelerator,
                                    console)
             with generation_trackers(accelerator, recipe, m, directory):
                 results.append(train_generation(spec, recipe, num_classes, accelerator,
@@ -129,32 +121,6 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
             break
 
 
-def generation_spec(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
-                    adopted: Adopted | None, accelerator: Accelerator,
-                    console: Console) -> GenerationSpec:
-    """Generation m's objective, views and teacher (generation m-1's last epoch)."""
-    method = recipe.generations
-    views = view_schedule(recipe.run.seed, m, recipe.schedule.epochs, recipe.augment,
-                          recipe.cache)
-    directory = generation_dir(run_dir, m)
-    if m == 1 and adopted is not None:  # the views the teacher's run labelled for its student
-        views = adopted.student_views(recipe.schedule.epochs, recipe.augment, recipe.cache)
-        console.print(f"gen1: {views.describe()}")
-        teacher = teacher_for(views, adopted.weights(), recipe, num_classes, accelerator,
-                              console, lock_dir=adopted.run_dir)
-        return GenerationSpec(1, directory, student_objective(method.lam, method.temperature),
-                              views, teacher, order_key=generation_key(recipe.run.seed, 1))
-    if m == 0:  # the patriarch learns from labels with the softened objective
-        return GenerationSpec(0, directory, patriarch_objective(
-            method.patriarch_loss, method.u, method.k, method.eta), views)
-    # a student learns from labels and generation m-1's last epoch, on its own views
-    console.print(f"gen{m}: {views.describe()}")
-    teacher = teacher_for(views, generation_weights(run_dir, m - 1), recipe, num_classes,
-                          accelerator, console)
-    return GenerationSpec(m, directory, student_objective(method.lam, method.temperature),
-                          views, teacher)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Train the patriarch and its students, then analyse the run and write its report."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -163,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator, console = accelerator_and_console(recipe.run.mixed_precision,
                                                    recipe.run.log_with,
                                                    args.runs_dir / recipe.run.name)
-    manifest = ensure_betons(recipe.data, accelerator)
+    manifest = ensure_betons(recipe.data, accelerator, build_digits_dir)
     check_fits(manifest, recipe.data, recipe.augment, k=recipe.generations.k,
                batch_size=recipe.optim.batch_size, processes=accelerator.num_processes)
     run_dir = args.runs_dir / recipe.run.name
@@ -179,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                           console)
         analyze_run(run_dir, recipe, accelerator, console)
         report = on_main_process(accelerator, write_report, run_dir, console)
+        results_complete()  # a signal from here on cuts nothing short (fasttt/errors.py)
         console.print(f"report: {report}")
         finish(accelerator)
     finally:
@@ -187,4 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_at_once_on_interrupt()  # also for `python -m fasttt.train`, as the interpreter exits
+    try:
+        exit_on_user_error(main)
+    finally:
+        ignore_signals_once_complete()  # a complete run ends quietly, with status 0

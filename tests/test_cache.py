@@ -17,9 +17,10 @@ from conftest import RECIPE, ROOT, RUN_DEVICE, tiny_recipe, tiny_run_flags
 from rich.console import Console
 
 from fasttt.augment import eval_view, generation_key, train_size, train_view
+from fasttt.betons import read_manifest
 from fasttt.cache import cached_teacher, describe, ensure_cache, expected_manifest, open_arrays
 from fasttt.cache import main as cache_cli
-from fasttt.data import read_manifest, split_loader, train_samples
+from fasttt.data import split_loader, train_samples
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.models import last_epoch_model
 from fasttt.processes import make_accelerator
@@ -77,10 +78,10 @@ def first_samples(recipe, accelerator):
 def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, digits):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
     device = accelerator.device.type
-    wanted = ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
+    wanted = ensure_cache(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
     assert (wanted["top_k"], wanted["views"], wanted["stored_views"]) == (10, 2, 2)
     assert wanted["teacher_view"] == "student" and wanted["samples"] == 192
-    teacher = cached_teacher(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
+    teacher = cached_teacher(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
     model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
                              accelerator.device).eval()
     online = OnlineTeacher(model, schedule, 10, recipe.generations.temperature)
@@ -114,12 +115,12 @@ def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch,
     teacher_dir = tmp_path / "gen0"
     teacher_dir.mkdir()
     shutil.copy2(gen0 / WEIGHTS, teacher_dir / WEIGHTS)
-    wanted = ensure_cache(teacher_dir / WEIGHTS, schedule, recipe, 10, accelerator)
+    wanted = ensure_cache(teacher_dir / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
     assert (wanted["views"], wanted["stored_views"], wanted["teacher_view"]) == (
         2, 1, "unaugmented")
     assert [schedule.teacher_view(e) for e in range(3)] == [0, 0, 0]
     assert [schedule.view(e) for e in range(3)] == [0, 1, 0]  # the student's own views
-    teacher = cached_teacher(teacher_dir / WEIGHTS, schedule, recipe, 10, accelerator)
+    teacher = cached_teacher(teacher_dir / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
     model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
                              accelerator.device).eval()
     batch = first_samples(recipe, accelerator)
@@ -159,7 +160,7 @@ def test_a_student_from_the_cache_follows_the_online_students_trajectory(digits,
 ])
 def test_a_cache_for_other_settings_is_refused(patriarch, digits, change, what):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
+    ensure_cache(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
     other, _, _, other_views = setup(patriarch, digits, **change)
     with pytest.raises(UserError, match=f"built for another {what}.*rerun the same command"):
         open_arrays(gen0 / CACHE, wanted_for(other, other_views, gen0))
@@ -168,7 +169,7 @@ def test_a_cache_for_other_settings_is_refused(patriarch, digits, change, what):
 def test_wrong_teacher_beton_incomplete_and_truncated_caches_are_refused(patriarch, digits,
                                                                         tmp_path):
     recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    wanted = ensure_cache(gen0 / WEIGHTS, schedule, recipe, 10, accelerator)
+    wanted = ensure_cache(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
     cache = tmp_path / "cache"
     shutil.copytree(gen0 / CACHE, cache)
     for key, what in (("teacher_sha256", "teacher weights"), ("beton_sha256", "beton")):

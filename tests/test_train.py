@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import fasttt.cache as cache_module
 import fasttt.engine as engine
-import fasttt.train as train_module
+import fasttt.generation as generation_module
 from fasttt.errors import UserError
 from fasttt.train import main as train
 
@@ -43,7 +43,7 @@ def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
         epoch_weights[(gen_dir.name, epoch)] = {k: v.clone() for k, v in
                                                 model.state_dict().items()}
 
-    original_teacher = train_module.last_epoch_model
+    original_teacher = generation_module.last_epoch_model
 
     def spy_teacher(*args):
         model = original_teacher(*args)
@@ -51,8 +51,8 @@ def test_two_generations_write_the_run_directory_and_teach_with_the_last_epoch(
         return model
 
     monkeypatch.setattr(engine, "save_checkpoint", keep_every_epoch)
-    # The teacher is loaded by train.py (online) or by the cache build (precomputed).
-    monkeypatch.setattr(train_module, "last_epoch_model", spy_teacher)
+    # The teacher is loaded by the planner (online) or by the cache build (precomputed).
+    monkeypatch.setattr(generation_module, "last_epoch_model", spy_teacher)
     monkeypatch.setattr(cache_module, "last_epoch_model", spy_teacher)
     train([str(RECIPE), *tiny(digits), "--runs-dir", str(tmp_path)])
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from fasttt.betons import read_manifest
 from fasttt.cache import build_cache, expected_manifest, open_arrays, open_teacher
 from fasttt.checkpoint import save_weights
-from fasttt.data import generation_loaders, read_manifest, sequential_loader, train_samples
+from fasttt.data import generation_loaders, sequential_loader, train_samples
 from fasttt.errors import UserError
 from fasttt.models import build_model
 from fasttt.paper import match_paper, paper_patriarch
