@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,11 @@ RUN_DEVICE = DEVICES[-1]  # where Accelerate puts a run: the GPU when there is o
 # A run of seconds on the digits: few samples and epochs, the patriarch alone.
 TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 64,
             "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0,
-            "run.log_with": "[]"}  # tests/test_watching.py checks the trackers
+            "run.log_with": "[]"}  # trackers: the shared run's (TWO_GENERATIONS) are checked
+# The patriarch and one student of the run several modules share (two_generation_run), 128
+# samples, 2 epochs, TensorBoard on for tests/test_watching.py: a rerun of it, or of a copy,
+# must pass the same keys (two_generation_args), or it is another recipe.
+TWO_GENERATIONS = {"generations.students": 1, "run.log_with": '["tensorboard"]'}
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +117,43 @@ def tiny_run_args(betons: Path, runs: Path, **overrides) -> list[str]:
     """train.py's arguments for a digits run of seconds (128 samples, 2 epochs) into `runs`."""
     flags = tiny_run_flags(betons, **{"data.train_limit": 128, **overrides})
     return [str(RECIPE), *flags, "--runs-dir", str(runs)]
+
+
+def two_generation_args(betons: Path, runs: Path, **overrides) -> list[str]:
+    """train.py's arguments for the shared run (TWO_GENERATIONS) on `betons` into `runs`."""
+    return tiny_run_args(betons, runs, **{**TWO_GENERATIONS, **overrides})
+
+
+@pytest.fixture(scope="session")
+def two_generation_run(digits, tmp_path_factory) -> Path:
+    """A finished patriarch and student (two_generation_args), trained once for the whole
+    session by `python fasttt/train.py`, stdout to a pipe: a folder holding `digits/` (its
+    betons, a copy), `runs/digits_d06/` and `stdout.txt` (what the run printed).
+
+    pytest-xdist gives each worker a session of its own: the first worker to ask trains the
+    run, under a file lock in the folder that holds every worker's temporary folder; the
+    others wait for it, then read it. Read it, never write into it: copy it to change it (a
+    copy of the whole folder is a run of its own once recipe.toml names the copy's betons).
+    The session's end checks that no test changed it.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # this session's; without xdist, the parent outlives it
+    root = shared / "two_generation_run"
+    with open(shared / "two_generation_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        if not (shared / "two_generation_run.done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # left by a worker whose run failed
+            shutil.copytree(digits, root / "digits")
+            done = subprocess.run([sys.executable, str(ROOT / "fasttt" / "train.py"),
+                                   *two_generation_args(root / "digits", root / "runs")],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            (root / "stdout.txt").write_text(done.stdout)
+            (shared / "two_generation_run.done").touch()
+    before = snapshot(root)
+    yield root
+    assert snapshot(root) == before, "a test wrote into the shared two-generation run"
 
 
 def tiny_recipe(betons: Path, recipe: Path = RECIPE, **overrides) -> Recipe:
@@ -221,6 +264,12 @@ def one_line_refusal(call, *needles: str) -> str:
     for needle in needles:
         assert needle in message, (needle, message)
     return message
+
+
+def one_error_line(stderr: str) -> str:
+    """The last line of stderr, which must be fasttt's one `error:` line."""
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
 
 
 def snapshot(root: Path) -> dict:

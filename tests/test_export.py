@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from conftest import one_line_refusal, snapshot, tiny_recipe, tiny_run_args
+from conftest import one_line_refusal, snapshot, tiny_recipe
 from PIL import Image
 
 import fasttt.models  # noqa: F401  (registers fasttt's CIFAR networks in timm, as users do)
@@ -22,16 +23,16 @@ from fasttt.export import main as export_cli
 from fasttt.files import publish_dir, staging_dir
 from fasttt.models import last_epoch_model
 from fasttt.predict import main as predict_cli
-from fasttt.train import main as train
 
 NAME = "digits_d06"
 
 
 @pytest.fixture(scope="module")
-def run(digits, tmp_path_factory) -> Path:
-    """A finished patriarch and student on the digits."""
+def run(two_generation_run, tmp_path_factory) -> Path:
+    """A finished patriarch and student on the digits: a copy of the shared run, so that an
+    export that wrote into its run would fail here alone."""
     runs = tmp_path_factory.mktemp("export") / "runs"
-    train(tiny_run_args(digits, runs, **{"generations.students": 1}))
+    shutil.copytree(two_generation_run / "runs", runs)
     return runs / NAME
 
 

@@ -3,10 +3,13 @@
 The kill test runs a real three-generation digits run (beton build, epochs,
 checkpoints, teacher caches, analysis, report) as a subprocess, SIGKILLs it at moments
 drawn by a seeded generator, reruns the same command until it finishes, and compares
-every result with an uninterrupted run. A Python audit hook, installed in the
-subprocesses through `sitecustomize`, records every file fasttt opens for writing,
-renames or removes, so the test also checks that nothing is ever written under a final
-name: only under hidden temporary names that are then renamed.
+every result with an uninterrupted run: the suite's one end-to-end check that a resumed
+run gives identical results (tests/test_failures_signals.py checks that signals stop a
+run and its rerun goes on; tests/test_devices.py that a resumed student reads the same
+batches and views). A Python audit hook, installed in the subprocesses through
+`sitecustomize`, records every file fasttt opens for writing, renames or removes, so the
+test also checks that nothing is ever written under a final name: only under hidden
+temporary names that are then renamed.
 """
 
 from __future__ import annotations

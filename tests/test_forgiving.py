@@ -1,7 +1,8 @@
 """Forgiving runs, still safe: a failed start leaves nothing, bookkeeping keys and more
 students continue a run, any other change to a run that has trained is refused by name.
 
-The runs are tiny (128 digits, 2 epochs); one trained run is shared and copied per test.
+The runs are tiny (128 digits, 2 epochs); the session's shared run (two_generation_run) is
+copied per test.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,14 +18,15 @@ from conftest import (
     one_line_refusal,
     snapshot,
     tiny_recipe,
-    tiny_run_args,
+    two_generation_args,
     write_image_folder,
 )
 
 import fasttt.engine as engine
 import fasttt.train as train_module
 from beton_builders.__main__ import main as build_betons
-from fasttt.data import check_fits, read_manifest
+from fasttt.betons import read_manifest
+from fasttt.data import check_fits
 from fasttt.recipe import BOOKKEEPING, SECTIONS, load_recipe
 from fasttt.rundir import HISTORY, WEIGHTS, generation_dir, has_trained
 from fasttt.rundir import RECIPE as RUN_RECIPE
@@ -35,15 +36,20 @@ NAME = "digits_d06"
 
 
 # a digits run of seconds: 128 samples, 2 epochs, the patriarch and one student
-args_for = partial(tiny_run_args, **{"generations.students": 1})
+args_for = two_generation_args
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> Path:
-    """A runs directory holding one finished run of args_for (its recipe names `digits`)."""
-    runs = tmp_path_factory.mktemp("trained") / "runs"
-    train(args_for(digits, runs))
-    return runs
+def betons(two_generation_run) -> Path:
+    """The digits betons the shared run's recipe names: a rerun of its copy names them too."""
+    return two_generation_run / "digits"
+
+
+@pytest.fixture(scope="module")
+def trained(two_generation_run) -> Path:
+    """A runs directory holding one finished run of args_for (its recipe names `betons`):
+    the shared run's, to copy (copy_of), never to write into."""
+    return two_generation_run / "runs"
 
 
 def copy_of(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -100,14 +106,14 @@ def k_above_the_classes(digits: Path, tmp_path: Path):
 @pytest.mark.parametrize("case", [unknown_model, missing_beton_dir, missing_beton_file,
                                   batch_above_the_split, k_above_the_classes])
 def test_a_failed_start_leaves_no_run_directory_and_an_existing_one_unchanged(
-        case, digits, trained, tmp_path):
-    overrides, needles = case(digits, tmp_path)
+        case, betons, trained, tmp_path):
+    overrides, needles = case(betons, tmp_path)
     fresh = tmp_path / "fresh"
-    one_line_refusal(lambda: train(args_for(digits, fresh, **overrides)), *needles)
+    one_line_refusal(lambda: train(args_for(betons, fresh, **overrides)), *needles)
     assert not fresh.exists()
     runs, _ = copy_of(trained, tmp_path)
     before = snapshot(runs)
-    one_line_refusal(lambda: train(args_for(digits, runs, **overrides)), *needles)
+    one_line_refusal(lambda: train(args_for(betons, runs, **overrides)), *needles)
     assert snapshot(runs) == before
 
 
@@ -153,10 +159,10 @@ def test_a_run_directory_whose_start_failed_before_training_is_taken_over(
 
 
 def test_a_changed_bookkeeping_key_resumes_a_finished_run_and_is_recorded(
-        digits, trained, tmp_path):
+        betons, trained, tmp_path):
     runs, run = copy_of(trained, tmp_path)
     before = weights(run)
-    train(args_for(digits, runs, **{"data.num_workers": 2}))
+    train(args_for(betons, runs, **{"data.num_workers": 2}))
     assert weights(run) == before  # nothing retrained
     assert load_recipe(run / RUN_RECIPE).data.num_workers == 2
     assert history(run) == [{"data.num_workers": {"old": 1, "new": 2}}]
@@ -164,30 +170,30 @@ def test_a_changed_bookkeeping_key_resumes_a_finished_run_and_is_recorded(
     assert entry["time"].endswith("+00:00")  # UTC
 
 
-def test_more_students_train_only_the_new_generation(digits, trained, tmp_path):
+def test_more_students_train_only_the_new_generation(betons, trained, tmp_path):
     runs, run = copy_of(trained, tmp_path)
     before = weights(run)
-    train(args_for(digits, runs, **{"generations.students": 2}))
+    train(args_for(betons, runs, **{"generations.students": 2}))
     after = weights(run)
     assert {m: after[m] for m in (0, 1)} == before and 2 in after
     assert history(run) == [{"generations.students": {"old": 1, "new": 2}}]
 
 
 def test_a_changed_result_key_and_fewer_students_than_finished_are_refused_by_name(
-        digits, trained, tmp_path):
+        betons, trained, tmp_path):
     runs, run = copy_of(trained, tmp_path)
     before = snapshot(runs)
     advice = f"; pick another run.name or delete {run}"
     message = one_line_refusal(
-        lambda: train(args_for(digits, runs, **{"model.name": "cifar_resnet32"})))
+        lambda: train(args_for(betons, runs, **{"model.name": "cifar_resnet32"})))
     assert message == (f'{run} was made by a different recipe: model.name is "cifar_resnet20" '
                        f'in {run / RUN_RECIPE}, "cifar_resnet32" now{advice}')
     # Bookkeeping keys that differ as well are not counted among the refused ones.
-    one_line_refusal(lambda: train(args_for(digits, runs, **{
+    one_line_refusal(lambda: train(args_for(betons, runs, **{
         "model.name": "cifar_resnet32", "optim.lr": 0.05, "schedule.epochs": 3,
         "data.num_workers": 2})), '"cifar_resnet32" now (and 2 more keys differ)' + advice)
     message = one_line_refusal(
-        lambda: train(args_for(digits, runs, **{"generations.students": 0})))
+        lambda: train(args_for(betons, runs, **{"generations.students": 0})))
     assert message == (f"{run} has finished generations 0..1, more than generations.students "
                        "= 0 plans: set generations.students to at least 1, or pick another "
                        "run.name")

@@ -1,28 +1,91 @@
-"""benchmarks/gpu_check.py --tiny on this CPU: the one command prepared for a GPU machine
-runs every step end to end and writes its JSON, so its bugs are found here, not there."""
+"""benchmarks/gpu_check.py on this CPU: the one command prepared for a GPU machine, so that
+its bugs are found here, not there. Its orchestration (limits, a failed step, gpu_check.json
+after every step, the archive, the tables) runs with stub steps, commands of milliseconds;
+one real --tiny step, the CIFAR speeds with their profiles, proves the commands it runs."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
+import importlib.util
 import json
-import subprocess
+import signal
 import sys
 import tarfile
 from pathlib import Path
 
 from conftest import ROOT
 
+NAME = "digits_d06"
 
-def test_the_gpu_check_runs_every_step_tiny_and_writes_its_figures(tmp_path):
-    # The test steps are left out: they would run part of this suite again inside it.
+
+def _load_gpu_check():
+    # As `python benchmarks/gpu_check.py` does, so that it finds benchmarks/step_profile.py.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" /
+                                                  "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_gpu_check()
+
+
+def python(code: str, *argv) -> list[str]:
+    """A stub step's command: `python -c CODE ARGV...`, without torch or FFCV."""
+    return [sys.executable, "-c", code, *map(str, argv)]
+
+
+def check(argv: list, monkeypatch, capsys, **stubs) -> tuple[int, dict, str]:
+    """`gpu_check.py --tiny ARGV` in this process, each step named in `stubs` running the
+    command stubs[name](work), the others gpu_check's own: (exit status, gpu_check.json,
+    what it printed)."""
+    steps = gpu_check.steps
+
+    def stubbed(args, work):
+        for name, command in steps(args, work):
+            yield name, stubs[name](work) if name in stubs else command
+
+    monkeypatch.setattr(gpu_check, "steps", stubbed)
+    handler = signal.getsignal(signal.SIGTERM)  # main() makes SIGTERM a KeyboardInterrupt
+    try:
+        status = gpu_check.main(["--tiny", *map(str, argv)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    out = Path(argv[argv.index("--out") + 1])
+    return status, json.loads((out / "gpu_check.json").read_text()), capsys.readouterr().out
+
+
+def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
+    made = dict(gpu_check.steps(argparse.Namespace(tiny=True, skip=[], out=tmp_path),
+                                tmp_path / "work"))
+    assert list(made) == list(gpu_check.STEP_LIMITS)  # the speed first, the compile test last
+    for command in made.values():
+        named = [arg for arg in command if arg.endswith((".py", ".toml"))]
+        assert named and all((ROOT / arg).is_file() for arg in named), command
+    full = gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"], out=tmp_path),
+                           tmp_path / "work")
+    assert [name for name, _ in full] == ["imagenet", "cifar", "compile"]
+
+
+def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
+        two_generation_run, tmp_path, monkeypatch, capsys):
+    # The CIFAR step for real; the ImageNet step stubbed (the same benchmark on photos,
+    # tests/test_epochs_per_hour.py runs that path); the demo's stub leaves a finished run
+    # (the shared run, copied) where the demo leaves its own; the test steps are left out:
+    # they would run part of this suite again inside it.
+    finished = two_generation_run / "runs" / NAME
     packed = tmp_path / "back" / "gpu_check.tar.gz"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--skip",
-                           "tests", "--skip", "compile", "--out", str(tmp_path), "--work",
-                           str(tmp_path / "work"), "--archive", str(packed)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    status, result, printed = check(
+        ["--skip", "tests", "--skip", "compile", "--out", tmp_path, "--work", tmp_path / "work",
+         "--archive", packed], monkeypatch, capsys,
+        imagenet=lambda work: python("print('imagenet: a stub')"),
+        demo=lambda work: python("import shutil, sys; shutil.copytree(*sys.argv[1:])",
+                                 finished, work / "runs" / NAME))
+    assert status == 0, printed[-3000:]
     with tarfile.open(packed) as tar:  # everything --out holds, in one file
         names = set(tar.getnames())
     written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
@@ -34,18 +97,20 @@ def test_the_gpu_check_runs_every_step_tiny_and_writes_its_figures(tmp_path):
     assert result["environment"]["cpu_cores"] >= 1 and "CPU cores" in result["environment_line"]
     assert {name: o["status"] for name, o in result["steps"].items()} == {
         "imagenet": 0, "cifar": 0, "demo": 0}
-    for name in ("imagenet", "cifar"):
-        rows = result["epochs_per_hour"][name]["rows"]
-        assert all(rows[r]["images_per_s"] > 0 for r in ("loader", "patriarch_step",
-                                                          "student_step_cache",
-                                                          "student_step_online"))
-        for row in ("patriarch_step", "student_step_cache"):
-            check_profile(result, tmp_path / "profiles" / name, name, row)
-    assert len(result["demo_val_top1"]) == 2  # patriarch and one student, through accelerate
-    assert (tmp_path / "logs" / "demo.log").is_file()
+    assert list(result["epochs_per_hour"]) == ["cifar"]  # the stub wrote no figures
+    rows = result["epochs_per_hour"]["cifar"]["rows"]
+    assert all(rows[r]["images_per_s"] > 0 for r in ("loader", "patriarch_step",
+                                                      "student_step_cache",
+                                                      "student_step_online"))
+    for row in ("patriarch_step", "student_step_cache"):
+        check_profile(result, tmp_path / "profiles" / "cifar", "cifar", row)
+    # patriarch and one student, read from the run's report
+    report = json.loads((finished / "summary.json").read_text())
+    assert result["demo_val_top1"] == [100 - g["last_top1_error"] for g in report["generations"]]
+    assert len(result["demo_val_top1"]) == 2
     betons = list(tmp_path.rglob("*.beton"))  # data stays out of what comes back
     assert betons and all(p.is_relative_to(tmp_path / "work") for p in betons)
-    assert "images/s" in done.stdout and "where a step's time goes" in done.stdout
+    assert "images/s" in printed and "where a step's time goes" in printed
 
 
 def check_profile(result: dict, directory, name: str, row: str) -> None:
@@ -75,18 +140,34 @@ def check_profile(result: dict, directory, name: str, row: str) -> None:
                                                           for e in trace["traceEvents"]}
 
 
-def test_a_step_past_its_limit_is_stopped_and_the_rest_still_reported(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--skip",
-                           "imagenet", "--skip", "cifar", "--skip", "tests", "--skip", "compile",
-                           "--limit", "demo=4", "--out", str(tmp_path), "--work",
-                           str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 1, done.stdout[-3000:]
-    result = json.loads((tmp_path / "gpu_check.json").read_text())
+# A step that never ends: it prints which steps gpu_check.json held as it started, starts a
+# child that outlives it unless its process group is killed (as accelerate launch's
+# training process would), and waits.
+HANGS = """
+import json, subprocess, sys, time
+print("in gpu_check.json before this step:", *json.load(open(sys.argv[1])).get("steps"))
+subprocess.Popen((sys.executable, "-c", "import time; time.sleep(60)", sys.argv[1]))
+print("started a child", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_step_past_its_limit_is_stopped_and_the_rest_still_reported(tmp_path, monkeypatch,
+                                                                      capsys):
+    status, result, printed = check(
+        ["--skip", "cifar", "--skip", "tests", "--skip", "compile", "--limit", "demo=4",
+         "--out", tmp_path, "--work", tmp_path / "work"], monkeypatch, capsys,
+        imagenet=lambda work: python("import sys; print('imagenet fails'); sys.exit(3)"),
+        demo=lambda work: python(HANGS, tmp_path / "gpu_check.json"))
+    assert status == 1, printed[-3000:]
+    assert result["steps"]["imagenet"]["status"] == 3 and "imagenet: FAILED (3)" in printed
     assert result["steps"]["demo"]["status"] == "timeout"
     assert 4 <= result["steps"]["demo"]["seconds"] < 30
-    assert "demo reached, at 4 s:" in done.stdout and "gpu_check --tiny" in done.stdout
-    assert not processes_naming(tmp_path)  # the launcher's training process went with it
+    assert "demo reached, at 4 s:" in printed and "gpu_check --tiny" in printed
+    # the step's last lines: gpu_check.json was written after the step before it
+    assert "in gpu_check.json before this step: imagenet" in printed
+    assert "started a child" in printed
+    assert not processes_naming(tmp_path)  # the step's child went with it
 
 
 def processes_naming(path) -> list[str]:

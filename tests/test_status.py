@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_at_evaluation, one_line_refusal, snapshot, tiny_run_args
+from conftest import interrupt_at_evaluation, one_line_refusal, snapshot, two_generation_args
 
 from fasttt.cache import drop_used_caches
 from fasttt.errors import exit_on_user_error
@@ -21,20 +20,26 @@ NAME = "digits_d06"
 
 
 # a digits run of seconds: 128 samples, 2 epochs, the patriarch and one student
-args_for = partial(tiny_run_args, **{"generations.students": 1})
+args_for = two_generation_args
+# what a run writes once every generation has finished, besides the later generations
+WHEN_FINISHED = ("gen0/analysis.json", "gen0/second_class.npy", "ensemble.json", "figures",
+                 "summary.json", "summary.md")
 
 
 @pytest.fixture(scope="module")
-def trained(digits, tmp_path_factory) -> dict[str, Path]:
-    """One tiny run, stopped in gen1's second epoch ("stopped"), and a copy finished."""
+def trained(two_generation_run, tmp_path_factory) -> dict[str, Path]:
+    """The shared finished run ("finished": copy it to change it), and a copy of it taken
+    back to the end of gen0, then trained again to a stop in gen1's second epoch ("stopped")."""
     root = tmp_path_factory.mktemp("status")
+    finished = two_generation_run / "runs" / NAME
+    stopped = copy_run(finished, root / "stopped")
+    for name in ("gen1", *WHEN_FINISHED):
+        shutil.rmtree(stopped / name) if (stopped / name).is_dir() else (stopped / name).unlink()
     with pytest.MonkeyPatch.context() as patch:
-        interrupt_at_evaluation(patch, call=4)  # gen0's 2 epochs, gen1's 1st: ckpt-0001 stays
+        interrupt_at_evaluation(patch, call=2)  # gen1's 1st epoch: its ckpt-0001 stays
         with pytest.raises(KeyboardInterrupt):
-            train(args_for(digits, root / "stopped"))
-    shutil.copytree(root / "stopped", root / "finished")
-    train(args_for(digits, root / "finished"))
-    return {which: root / which / NAME for which in ("stopped", "finished")}
+            train(args_for(two_generation_run / "digits", root / "stopped"))
+    return {"stopped": stopped, "finished": finished}
 
 
 def copy_run(run_dir: Path, where: Path) -> Path:

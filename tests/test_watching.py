@@ -19,17 +19,11 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
 
 @pytest.fixture(scope="module")
-def piped(digits, tmp_path_factory) -> tuple[Path, str]:
+def piped(two_generation_run) -> tuple[Path, str]:
     """A patriarch and one student trained by `python fasttt/train.py`, stdout to a pipe,
-    TensorBoard on: (its run directory, what it printed)."""
-    runs = tmp_path_factory.mktemp("watched") / "runs"
-    flags = tiny_run_flags(digits, **{"generations.students": 1, "data.train_limit": 128,
-                                      "run.log_with": '["tensorboard"]'})
-    done = subprocess.run([sys.executable, str(ROOT / "fasttt" / "train.py"), str(RECIPE),
-                           *flags, "--runs-dir", str(runs)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return runs / NAME, done.stdout
+    TensorBoard on (the shared run: read it, never write into it): (its run directory, what
+    it printed)."""
+    return two_generation_run / "runs" / NAME, (two_generation_run / "stdout.txt").read_text()
 
 
 def metrics(run: Path, m: int) -> list[dict]:
