@@ -8,14 +8,16 @@
 
 OUT_DIR receives `model.safetensors` and `config.json` in timm's layout (architecture,
 num_classes, label_names and a pretrained_cfg with input size, mean, std, interpolation
-and crop fraction), so a single generation loads in timm itself:
+and crop fraction; an ensemble's architecture is `fasttt_softmax_average`, its members in
+model_args), so either kind loads in timm itself, with the run's data config:
 
-    import timm, fasttt.models  # the import registers fasttt's CIFAR networks in timm
-    model = timm.create_model(ARCH, pretrained=True, num_classes=C,
-                              pretrained_cfg_overlay=dict(file="OUT_DIR/model.safetensors"))
+    import timm, fasttt.models  # the import registers fasttt's networks in timm
+    model = timm.create_model("local-dir:OUT_DIR", pretrained=True).eval()
+    data_config = timm.data.resolve_data_config(model=model)  # the run's evaluation view
 
-`load_export(OUT_DIR)` loads either kind; `python -m fasttt.predict OUT_DIR IMAGE...`
-classifies images with the run's evaluation view.
+`load_export(OUT_DIR)` does the same; `fasttt.predict.preprocess(images, data_config)` is
+the run's evaluation view (timm's own transform resizes before it crops: it differs on
+images of another size), and `python -m fasttt.predict OUT_DIR IMAGE...` classifies images.
 
 OUT_DIR is replaced whole, so it must be new, empty, or an earlier export holding nothing
 but what that export wrote (its `.fasttt-export` lists them), and lie outside every run
@@ -33,11 +35,11 @@ import timm
 import torch
 from torch import nn
 
+from fasttt.betons import read_manifest
 from fasttt.checkpoint import load_weights, save_weights
-from fasttt.data import read_manifest
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 from fasttt.files import staged_dir, write_atomically, write_json
-from fasttt.models import build_model, create_model
+from fasttt.models import ENSEMBLE, SoftmaxAverage, build_model, create_model
 from fasttt.recipe import AugmentConfig, load_recipe
 from fasttt.rundir import RECIPE, finished_generations, generation_weights, read_eval
 
@@ -46,24 +48,18 @@ MARKER = ".fasttt-export"  # in every export: a rerun may replace the directory 
 USAGE = "python -m fasttt.export RUN_DIR OUT_DIR [--generation M] [--ensemble] [--onnx]"
 
 
-class SoftmaxAverage(nn.Module):
-    """Several generations as one model: the mean of their softmax outputs (probabilities)."""
+def pretrained_cfg(augment: AugmentConfig, num_classes: int, architecture: str = "") -> dict:
+    """timm's pretrained_cfg for the run's evaluation view (fasttt.augment.eval_view).
 
-    def __init__(self, members: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The members' mean class probabilities, (B, C)."""
-        return torch.stack([m(images).float().softmax(dim=1) for m in self.members]).mean(0)
-
-
-def pretrained_cfg(augment: AugmentConfig, num_classes: int) -> dict:
-    """timm's pretrained_cfg for the run's evaluation view (fasttt.augment.eval_view)."""
+    With a timm `architecture`, also its first conv and classifier, which timm adapts when
+    a user asks for other input channels or classes.
+    """
     size = augment.eval_size
+    known = timm.models.get_pretrained_cfg(architecture) if architecture else None
     return {"input_size": [3, size, size], "mean": list(augment.mean), "std": list(augment.std),
             "interpolation": "bilinear", "crop_pct": augment.eval_crop_ratio,
-            "crop_mode": "center", "num_classes": num_classes}
+            "crop_mode": "center", "num_classes": num_classes,
+            **({"first_conv": known.first_conv, "classifier": known.classifier} if known else {})}
 
 
 def write_onnx(model: nn.Module, config: dict, path: Path) -> None:
@@ -103,9 +99,12 @@ def export(run_dir: Path, out_dir: Path, generation: int | None, ensemble: bool,
                         f"0..{finished[-1]}): give --generation 0..{finished[-1]}")
     names = [str(n) for n in read_manifest(recipe.data.beton_dir)["class_names"]]
     members = list(range(m + 1)) if ensemble else [m]
+    member = recipe.model.name
     config = {
-        "architecture": recipe.model.name, "num_classes": len(names), "label_names": names,
-        "pretrained_cfg": pretrained_cfg(recipe.augment, len(names)),
+        "architecture": ENSEMBLE if ensemble else member, "num_classes": len(names),
+        "label_names": names,
+        **({"model_args": {"member": member, "members": len(members)}} if ensemble else {}),
+        "pretrained_cfg": pretrained_cfg(recipe.augment, len(names), "" if ensemble else member),
         "fasttt": {"run": recipe.run.name, "generations": members,
                    "outputs": "probabilities" if ensemble else "logits",
                    "val_top1": [read_eval(run_dir, k)["last"]["val_top1"] for k in members]},
@@ -137,12 +136,11 @@ def load_export(out_dir: Path | str) -> tuple[nn.Module, dict]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{out_dir} holds no readable {CONFIG} ({type(err).__name__}): export "
                         "again with `python -m fasttt.export RUN_DIR OUT_DIR`") from None
-    if ensemble:
+    if ensemble and arch != ENSEMBLE:  # written before ensembles loaded in timm
         model = SoftmaxAverage([create_model(arch, classes) for _ in members])
         load_weights(model, out_dir / WEIGHTS)
-    else:  # through timm's own pretrained loading, as a user would
-        model = timm.create_model(arch, pretrained=True, num_classes=classes,
-                                  pretrained_cfg_overlay={"file": str(out_dir / WEIGHTS)})
+    else:  # through timm's own loading, as the README shows a user
+        model = timm.create_model(f"local-dir:{out_dir}", pretrained=True)
     return model.eval(), config
 
 
@@ -160,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     config = export(args.run_dir, args.out_dir, args.generation, args.ensemble, args.onnx)
     what = config["fasttt"]["generations"]
-    print(f"wrote {args.out_dir}: {config['architecture']}, "
+    arch = config.get("model_args", {}).get("member", config["architecture"])
+    print(f"wrote {args.out_dir}: {arch}, "
           f"{'ensemble of generations ' if len(what) > 1 else 'generation '}"
           f"{', '.join(map(str, what))}, {config['num_classes']} classes")
 

@@ -5,7 +5,11 @@ shortcut option A) and cifar_densenet_bc100/bc190 (Huang et al. 2017), so both
 `create_model("cifar_resnet56", 100)` and `timm.create_model("cifar_resnet56",
 num_classes=100)` work. They follow timm's classifier interface (`forward_features`,
 `forward_head`, `num_features`, `num_classes`, `get_classifier`, `reset_classifier`), so
-the rest of fasttt treats every model alike. Parameters with 10 / 100 classes:
+the rest of fasttt treats every model alike. They are built by timm's `build_model_with_cfg`,
+so each carries a `pretrained_cfg`: fasttt's default evaluation view (32 px, bilinear, no
+crop), or, when its weights come from an export, that run's (see _build). The import also
+registers `fasttt_softmax_average`, the model of an ensemble export (`SoftmaxAverage`).
+Parameters with 10 / 100 classes:
 ResNet-20 269,722 / 275,572; ResNet-32 464,154 / 470,004; ResNet-56 853,018 / 858,868;
 ResNet-110 1,727,962 / 1,733,812; DenseNet-BC-100 769,162 / 800,032;
 DenseNet-BC-190 25,624,430 / 25,821,620.
@@ -14,24 +18,24 @@ DenseNet-BC-190 25,624,430 / 25,821,620.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import load_pretrained, register_model
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 from fasttt.checkpoint import load_weights
 from fasttt.errors import UserError
-from fasttt.recipe import ModelConfig, RunConfig
+from fasttt.recipe import AugmentConfig, ModelConfig, RunConfig
 
 CIFAR_MODELS = (
     "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
     "cifar_densenet_bc100", "cifar_densenet_bc190",
 )
-# Keys timm.create_model hands every entrypoint; they only matter for pretrained weights.
-_TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+ENSEMBLE = "fasttt_softmax_average"  # the architecture of an ensemble export's config.json
 # Names timm resolves from the Hugging Face Hub or a folder rather than its registry.
 _TIMM_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
@@ -143,19 +147,72 @@ class _PooledLinearClassifier(nn.Module):
         self.fc = _linear_head(self.num_features, num_classes).to(weight.device, weight.dtype)
 
 
-def _build(cls, pretrained: bool, **kwargs) -> nn.Module:
-    factory = {key: kwargs.pop(key) for key in _TIMM_FACTORY_KEYS if key in kwargs}
-    model = cls(**kwargs)
-    if pretrained:  # weights from a file (fasttt.export), named by pretrained_cfg_overlay
-        base = factory.get("pretrained_cfg")  # None: our networks register no default cfg
-        cfg = {**(base.to_dict() if hasattr(base, "to_dict") else base or {}),
-               **(factory.get("pretrained_cfg_overlay") or {})}
-        if not cfg.get("file"):
-            raise UserError(f"{cls.__name__} has no published weights: give "
-                            "pretrained_cfg_overlay=dict(file=...) (python -m fasttt.export "
-                            "writes one), or set pretrained=False")
-        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes)
-    return model
+def _cifar_cfg(first_conv: str) -> dict:
+    """timm's default pretrained_cfg of a CIFAR network: fasttt's default evaluation view."""
+    view = AugmentConfig()
+    return {"input_size": (3, view.eval_size, view.eval_size), "interpolation": "bilinear",
+            "crop_pct": view.eval_crop_ratio, "crop_mode": "center", "mean": view.mean,
+            "std": view.std, "num_classes": 10, "first_conv": first_conv, "classifier": "fc"}
+
+
+# Read by timm's register_model: the cfg each name gets when nothing else is given.
+default_cfgs = {name: _cifar_cfg("stem" if "densenet" in name else "stem.0")
+                for name in CIFAR_MODELS}
+
+
+def _export_config(where) -> dict | None:
+    """The config.json of the fasttt export `where` is (a directory) or lies in; else None."""
+    if not isinstance(where, (str, Path)):
+        return None
+    path = Path(where)
+    try:
+        config = json.loads(((path if path.is_dir() else path.parent) / "config.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and isinstance(config.get("fasttt"), dict) else None
+
+
+def _build(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    """A registered network through timm's build_model_with_cfg, so it has a pretrained_cfg.
+
+    Weights in a fasttt export (`local-dir:EXPORT`, or pretrained_cfg_overlay's file) bring
+    the export's pretrained_cfg, the run's evaluation view, unless one is given; an export
+    of an ensemble or of another architecture is refused in one line.
+    """
+    if pretrained:
+        given = kwargs.get("pretrained_cfg")
+        cfg = given.to_dict() if hasattr(given, "to_dict") else given
+        cfg = {**(cfg if isinstance(cfg, dict) else {}),
+               **(kwargs.get("pretrained_cfg_overlay") or {})}
+        if not (cfg.get("file") or cfg.get("state_dict")):
+            raise UserError(f"{variant} has no published weights: load an export with "
+                            "timm.create_model('local-dir:EXPORT', pretrained=True) (python -m "
+                            "fasttt.export writes one), or set pretrained=False")
+        export = _export_config(cfg.get("file"))
+        if export:
+            _check_export(export, variant, cfg["file"])
+            if not given:  # the README's pretrained_cfg_overlay=dict(file=...) alone
+                kwargs["pretrained_cfg"] = {**export["pretrained_cfg"],
+                                            "label_names": export.get("label_names")}
+        elif "num_classes" in kwargs and not given:  # a run's last.safetensors: its head is
+            kwargs["pretrained_cfg_overlay"] = {  # loaded, never dropped for another width
+                "num_classes": kwargs["num_classes"], **kwargs["pretrained_cfg_overlay"]}
+    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+
+
+def _check_export(export: dict, variant: str, where) -> None:
+    """Refuse, in one line, an export whose weights are not one `variant` network."""
+    directory = Path(where) if Path(where).is_dir() else Path(where).parent
+    if export["fasttt"].get("outputs") == "probabilities":
+        by_timm = (f"timm.create_model('local-dir:{directory}', pretrained=True) or "
+                   if export.get("architecture") == ENSEMBLE else "")  # older ones: fasttt's
+        raise UserError(f"{directory} is an ensemble export (the softmax average of generations "
+                        f"{export['fasttt'].get('generations')}), not one {variant}: load it "
+                        f"with {by_timm}fasttt.export.load_export('{directory}')")
+    if export.get("architecture") != variant:
+        raise UserError(f"{directory} is an export of {export.get('architecture')}, not "
+                        f"{variant}: load it with timm.create_model('local-dir:{directory}', "
+                        "pretrained=True)")
 
 
 # ---------------------------------------------------------------- ResNet (He et al. 2016)
@@ -219,25 +276,25 @@ def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.
 @register_model
 def cifar_resnet20(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-20 for CIFAR, 0.27M parameters."""
-    return _build(CifarResNet, pretrained, depth=20, **kwargs)
+    return _build(CifarResNet, "cifar_resnet20", pretrained, depth=20, **kwargs)
 
 
 @register_model
 def cifar_resnet32(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-32 for CIFAR, 0.46M parameters."""
-    return _build(CifarResNet, pretrained, depth=32, **kwargs)
+    return _build(CifarResNet, "cifar_resnet32", pretrained, depth=32, **kwargs)
 
 
 @register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-56 for CIFAR, 0.85M parameters."""
-    return _build(CifarResNet, pretrained, depth=56, **kwargs)
+    return _build(CifarResNet, "cifar_resnet56", pretrained, depth=56, **kwargs)
 
 
 @register_model
 def cifar_resnet110(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-110 for CIFAR, 1.7M parameters."""
-    return _build(CifarResNet, pretrained, depth=110, **kwargs)
+    return _build(CifarResNet, "cifar_resnet110", pretrained, depth=110, **kwargs)
 
 
 # ---------------------------------------------------------------- DenseNet-BC (Huang et al. 2017)
@@ -316,10 +373,47 @@ class CifarDenseNetBC(_PooledLinearClassifier):
 @register_model
 def cifar_densenet_bc100(pretrained: bool = False, **kwargs) -> CifarDenseNetBC:
     """DenseNet-BC (L=100, k=12) for CIFAR, 0.8M parameters, 342 features."""
-    return _build(CifarDenseNetBC, pretrained, depth=100, growth=12, **kwargs)
+    return _build(CifarDenseNetBC, "cifar_densenet_bc100", pretrained, depth=100, growth=12,
+                  **kwargs)
 
 
 @register_model
 def cifar_densenet_bc190(pretrained: bool = False, **kwargs) -> CifarDenseNetBC:
     """DenseNet-BC (L=190, k=40) for CIFAR, 25.6M parameters, 2190 features."""
-    return _build(CifarDenseNetBC, pretrained, depth=190, growth=40, **kwargs)
+    return _build(CifarDenseNetBC, "cifar_densenet_bc190", pretrained, depth=190, growth=40,
+                  **kwargs)
+
+
+# ---------------------------------------------------------------- ensembles (fasttt.export)
+
+
+class SoftmaxAverage(nn.Module):
+    """Several generations as one model: the mean of their softmax outputs (probabilities)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The members' mean class probabilities, (B, C)."""
+        return torch.stack([m(images).float().softmax(dim=1) for m in self.members]).mean(0)
+
+
+def _softmax_average(member: str, members: int, num_classes: int, **kwargs) -> SoftmaxAverage:
+    return SoftmaxAverage([create_model(member, num_classes, **kwargs) for _ in range(members)])
+
+
+@register_model
+def fasttt_softmax_average(pretrained: bool = False, member: str = "", members: int = 0,
+                           **kwargs) -> SoftmaxAverage:
+    """An ensemble export: `members` networks of timm architecture `member`, softmax-averaged.
+
+    Its config.json names them in model_args, so timm.create_model('local-dir:EXPORT',
+    pretrained=True) builds it.
+    """
+    if not member or members < 1:
+        raise UserError(f"{ENSEMBLE} is the model of an ensemble export (python -m "
+                        "fasttt.export --ensemble): load one with timm.create_model("
+                        "'local-dir:EXPORT', pretrained=True), or train a single network")
+    return build_model_with_cfg(_softmax_average, ENSEMBLE, pretrained, member=member,
+                                members=members, **kwargs)

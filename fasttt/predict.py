@@ -9,12 +9,18 @@ channel (PNG, TIFF, PGM; 12-bit TIFF too) are scaled to 8 bits by their own bit 
 the 8-bit copy of the image would read; images of more than Pillow's decompression-bomb
 limit of pixels (2 x Image.MAX_IMAGE_PIXELS) are refused before they are decoded, unless
 --max-pixels allows them.
+
+A model loaded by timm sees the same view through `preprocess`:
+
+    model = timm.create_model("local-dir:OUT_DIR", pretrained=True).eval()
+    logits = model(preprocess(read_image(path), timm.data.resolve_data_config(model=model)))
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +104,27 @@ def read_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None]
 
 
+def preprocess(images: torch.Tensor, data_config: Mapping) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) in the run's evaluation view: what the model saw in eval.
+
+    `data_config`: an export's pretrained_cfg, `model.pretrained_cfg` or timm's
+    resolve_data_config(model=model). A centre crop of crop_pct of the shorter side, then
+    an antialiased bilinear resize to input_size, in float (timm resizes first, then crops).
+    """
+    size, mode = data_config["input_size"][-1], data_config.get("crop_mode", "center")
+    if data_config.get("interpolation") != "bilinear" or mode != "center":
+        raise UserError(f"a data config of {data_config.get('interpolation')} interpolation "
+                        f"and crop mode {mode} is not a fasttt export's: give the export's "
+                        "pretrained_cfg, or the data config of a model loaded from it")
+    view = AugmentConfig(eval_size=size, eval_crop_ratio=data_config["crop_pct"],
+                         mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+    return eval_view(images, size=size, spec=view)
+
+
 def top5(model: torch.nn.Module, config: dict, image: torch.Tensor) -> list[tuple[str, float]]:
     """The five likeliest classes of one image and their probabilities, likeliest first."""
-    cfg = config["pretrained_cfg"]
-    view = AugmentConfig(eval_size=cfg["input_size"][-1], eval_crop_ratio=cfg["crop_pct"],
-                         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     with torch.no_grad():
-        out = model(eval_view(image, size=view.eval_size, spec=view)).float()
+        out = model(preprocess(image, config["pretrained_cfg"])).float()
     probabilities = out if config["fasttt"]["outputs"] == "probabilities" else out.softmax(1)
     best = probabilities[0].topk(min(5, probabilities.shape[1]))
     return [(config["label_names"][i], p) for p, i in zip(best.values.tolist(),
