@@ -1,6 +1,6 @@
 """Classify images with an exported model: its top-5 classes, named, with probabilities.
 
-    python -m fasttt.predict OUT_DIR IMAGE [IMAGE ...] [--max-pixels N]
+    python -m fasttt.predict EXPORT_DIR IMAGE [IMAGE ...] [--max-pixels N]
 
 Each image is shown to the model in the run's evaluation view (fasttt.augment.eval_view:
 a centre crop of `crop_pct` of the shorter side, resized to the input size, normalised
@@ -12,7 +12,7 @@ limit of pixels (2 x Image.MAX_IMAGE_PIXELS) are refused before they are decoded
 
 A model loaded by timm sees the same view through `preprocess`:
 
-    model = timm.create_model("local-dir:OUT_DIR", pretrained=True).eval()
+    model = timm.create_model("local-dir:EXPORT_DIR", pretrained=True).eval()
     logits = model(preprocess(read_image(path), timm.data.resolve_data_config(model=model)))
 """
 
@@ -32,7 +32,7 @@ from fasttt.errors import OneLineParser, UserError, exit_on_user_error
 from fasttt.export import load_export
 from fasttt.recipe import AugmentConfig
 
-USAGE = "python -m fasttt.predict OUT_DIR IMAGE [IMAGE ...] [--max-pixels N]"
+USAGE = "python -m fasttt.predict EXPORT_DIR IMAGE [IMAGE ...] [--max-pixels N]"
 # One channel of unsigned integers wider than 8 bits; Pillow's convert() clips them at 255.
 WIDE_GREY = {"I;16", "I;16L", "I;16B", "I;16N"}
 BITS_PER_SAMPLE = 258  # the TIFF tag
@@ -98,6 +98,8 @@ def read_image(path: Path, max_pixels: int | None = None) -> torch.Tensor:
                                 "against decompression bombs): if you trust the file, rerun "
                                 f"with --max-pixels {pixels}")
             array = _rgb8(path, image)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise UserError(f"cannot read {path} as an image ({err.__class__.__name__}): give "
                         "a JPEG, PNG or another format Pillow reads") from None
@@ -135,15 +137,24 @@ def main(argv: list[str] | None = None) -> None:
     """Print each image's top-5 classes with their probabilities."""
     parser = OneLineParser(prog="python -m fasttt.predict", description=__doc__.splitlines()[0],
                            usage_line=USAGE)
-    parser.add_argument("out_dir", type=Path, help="a directory made by python -m fasttt.export")
-    parser.add_argument("images", type=Path, nargs="+")
+    parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR",
+                        help="a directory made by python -m fasttt.export")
+    parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                        help="an image file Pillow reads (JPEG, PNG, ...); several are classified "
+                             "in turn")
     parser.add_argument("--max-pixels", type=int, default=None, metavar="N",
                         help="refuse images of more pixels (default: Pillow's limit, "
                              f"{default_max_pixels() or 'none'})")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_pixels is not None and args.max_pixels < 1:
         raise UserError(f"--max-pixels {args.max_pixels}: must be at least 1")
-    model, config = load_export(args.out_dir)
+    if not args.export_dir.is_dir():
+        raise UserError(f"{args.export_dir}: no such directory (give a directory made by "
+                        "python -m fasttt.export)")
+    missing = next((path for path in args.images if not path.exists()), None)
+    if missing is not None:  # before the model loads, and before any image is classified
+        raise UserError(f"{missing}: no such file")
+    model, config = load_export(args.export_dir)
     for path in args.images:
         ranked = top5(model, config, read_image(path, args.max_pixels))
         print(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in ranked))

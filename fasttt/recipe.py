@@ -8,6 +8,7 @@ key, a wrong type or a value out of range is one line naming the file and the ke
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -375,6 +376,19 @@ def _unrepresentable(value) -> str | None:
     return None
 
 
+def _did_you_mean(close: list[str]) -> str:
+    """"did you mean X? " of the first of `close`, or "" when it is empty."""
+    return f"did you mean {close[0]}? " if close else ""
+
+
+def _closest_key(section: str, key: str) -> list[str]:
+    """The key of another section of that very name, else the closest key of `section`."""
+    elsewhere = [f"{name}.{key}" for name, other in SECTIONS.items()
+                 if key in typing.get_type_hints(type(other()))]
+    near = difflib.get_close_matches(key, typing.get_type_hints(type(SECTIONS[section]())), n=1)
+    return elsewhere or [f"{section}.{k}" for k in near]
+
+
 def _section(name: str, table, where: str):
     if not isinstance(table, dict):
         raise UserError(f"{where}: [{name}] must be a table of keys")
@@ -383,8 +397,9 @@ def _section(name: str, table, where: str):
     values = {}
     for key, value in table.items():
         if key not in hints:
+            hint = _did_you_mean(_closest_key(name, key))
             raise UserError(f"{where}: unknown key {name}.{_shown(key)} "
-                            f"(known: {', '.join(hints)})")
+                            f"({hint}known in [{name}]: {', '.join(hints)})")
         converted = _convert(value, hints[key])
         if converted is None:
             raise UserError(f"{where}: {name}.{key} must be {_describe(hints[key])}, "
@@ -443,18 +458,18 @@ def _merged(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return merged
 
 
-def _apply_override(tables: dict, override: str) -> None:
+def _apply_override(tables: dict, override: str, source: str = "--set") -> None:
     key, sep, text = override.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        raise UserError(f"--set {_shown(override)}: expected section.key=value")
+        raise UserError(f"{source} {_shown(override)}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
         value = text  # a bare word such as a run name
     table = tables.setdefault(section, {})
     if not isinstance(table, dict):
-        raise UserError(f"--set {_shown(override)}: [{_shown(section)}] is not a table")
+        raise UserError(f"{source} {_shown(override)}: [{_shown(section)}] is not a table")
     table[name] = value
 
 
@@ -462,8 +477,10 @@ def build_recipe(tables: dict, where: str) -> Recipe:
     """Check parsed TOML tables against the dataclasses; `where` names the source in errors."""
     unknown = sorted(set(tables) - set(SECTIONS))
     if unknown:
+        hint = _did_you_mean([f"[{s}]" for s in difflib.get_close_matches(unknown[0],
+                                                                          list(SECTIONS), n=1)])
         raise UserError(f"{where}: unknown section [{_shown(unknown[0])}] "
-                        f"(known: {', '.join(SECTIONS)})")
+                        f"({hint}known: {', '.join(SECTIONS)})")
     recipe = Recipe(**{name: _section(name, tables.get(name, {}), where)
                        for name in SECTIONS})
     problem = _across_sections(recipe)
@@ -487,13 +504,16 @@ def _across_sections(recipe: Recipe) -> str | None:
     return None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe file, apply `--set section.key=value` overrides, and check it all."""
+def load_recipe(path: str | Path, overrides: list[str] = (), source: str = "--set") -> Recipe:
+    """Read a recipe file, apply `section.key=value` overrides, and check it all.
+
+    `source` names the overrides' origin in errors: the command-line flag that gave them.
+    """
     path = Path(path)
     tables = _merged(path)
     for override in overrides:
-        _apply_override(tables, override)
-    where = f"{path} (with --set)" if overrides else str(path)
+        _apply_override(tables, override, source)
+    where = f"{path} (with {source})" if overrides else str(path)
     return build_recipe(tables, where)
 
 

@@ -183,9 +183,21 @@ def _notes(summary: dict, gen: list[Path]) -> list[str]:
             notes.append(f"No {name} in {', '.join(missing)}: their {what} are left out.")
     if summary["ensemble"] is None:
         notes.append("No ensemble.json: the ensemble columns are left out.")
-    if summary["transfer"] is None:
-        notes.append("No transfer/*.json: no transfer results.")
-    return notes
+    return notes  # (no transfer results: the Transfer section says so)
+
+
+def _limit_note(recipe: Recipe) -> list[str]:
+    """A note that data.train_limit trained the run on part of the training split."""
+    limit, manifest = recipe.data.train_limit, Path(recipe.data.beton_dir) / MANIFEST
+    if not limit:
+        return []
+    total = _read(manifest, lambda d: d["splits"]["train"]["count"],
+                  f"rebuild the betons with --force ({BUILD_HINT})") if manifest.is_file() else None
+    if total is not None and limit >= total:
+        return []
+    held = " (less data.holdout's share)" if recipe.data.holdout else ""
+    return [f"data.train_limit = {limit}: trained on the first {limit} of "
+            f"{'the' if total is None else total} training samples{held}."]
 
 
 def _teacher_views(recipe: Recipe) -> str | None:
@@ -246,7 +258,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | No
                "adopted_teacher": None if adopted is None else adopted.describe(),
                "stopping": read_stopping(run_dir)}
     summary["paper"] = paper_summary(summary, match_paper(recipe, classes))
-    summary["notes"] = _notes(summary, gen)
+    summary["notes"] = [*_limit_note(recipe), *_notes(summary, gen)]
     return summary, matrices, class_names
 
 

@@ -323,14 +323,24 @@ def main(argv: list[str] | None = None) -> None:
     """Check every point, train those not finished, and write the sweep's report."""
     parser = OneLineParser(prog="python -m fasttt.sweep", description=__doc__.splitlines()[0],
                            usage_line=USAGE)
-    parser.add_argument("recipe", type=Path)
+    parser.add_argument("recipe", type=Path, metavar="RECIPE.toml",
+                        help="the students' recipe; it names the teacher, [generations] "
+                             "teacher = \"runs/NAME/genM\"")
     parser.add_argument("--grid", action="append", required=True,
-                        metavar="SECTION.KEY=V1,V2")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--name", default=None)
+                        metavar="SECTION.KEY=V1,V2",
+                        help="a swept key and its values, e.g. generations.lam=0.3,0.5 "
+                             "(repeatable: every combination is a point)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train each point with seeds run.seed + 0..N-1 (default: 1)")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="train N points at a time (default: 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one recipe key for every point (repeatable)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
+                        help="where the sweep's directory goes (default: runs)")
+    parser.add_argument("--name", default=None,
+                        help="the sweep's directory name, DIR/NAME (default: "
+                             "<run.name>-sweep)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not 1 <= args.seeds <= 1000 or not 1 <= args.parallel <= 256:
         raise UserError("--seeds must be in 1..1000 and --parallel in 1..256")
@@ -360,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     if len({p.name for p in points}) != len(points):
         raise UserError("two grid values give one point name (characters other than letters, "
                         "digits and . + _ = - become _): make the values differ in those")
-    recipes = {p.name: load_recipe(args.recipe, [*args.set, *p.overrides()]) for p in points}
+    # `base` checked the recipe with --set: what fails now is a --grid key or value
+    recipes = {p.name: load_recipe(args.recipe, [*args.set, *p.overrides()], source="--grid")
+               for p in points}
     typed_grid = {key: [swept_value(recipes[next(p.name for p in points if p.texts[key] == t)],
                                     key) for t in values] for key, values in grid.items()}
     for key, values in typed_grid.items():

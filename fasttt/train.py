@@ -69,9 +69,12 @@ USAGE = "fasttt/train.py RECIPE.toml [--set SECTION.KEY=VALUE ...] [--runs-dir D
 def parse_args(argv: list[str]):
     """RECIPE.toml [--set section.key=value ...] [--runs-dir DIR]."""
     parser = OneLineParser(description=__doc__.splitlines()[0], usage_line=USAGE)
-    parser.add_argument("recipe", type=Path)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    parser.add_argument("recipe", type=Path, metavar="RECIPE.toml",
+                        help="the recipe: a TOML file of the keys fasttt/recipe.py documents")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one recipe key, e.g. --set schedule.epochs=30 (repeatable)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
+                        help="where the run directory DIR/<run.name> goes (default: runs)")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,17 @@ def test_a_damaged_learning_curve_is_refused_and_deleting_it_as_advised_works(tm
     write_report(run, QUIET)
     assert "- No metrics.jsonl in gen1: their learning curves are left out." in (
         run / "summary.md").read_text()
+
+
+def test_a_train_limit_is_a_note_and_no_transfer_is_said_once(tmp_path):
+    betons = write_beton_manifest(tmp_path / "betons", 10)
+    manifest = json.loads((betons / "manifest.json").read_text())
+    write_json(betons / "manifest.json", {**manifest, "splits": {"train": {"count": 1437}}})
+    run = fake_run(tmp_path / "run", betons, extra=("data.train_limit=256",))
+    shutil.rmtree(run / "transfer")
+    md = write_report(run, QUIET).read_text()
+    assert ("- data.train_limit = 256: trained on the first 256 of 1437 training samples."
+            in section(md, "Notes"))
+    assert md.count("No transfer results") == 1 and "No transfer" not in section(md, "Notes")
+    unlimited = fake_run(tmp_path / "all", betons, extra=("data.train_limit=5000",))
+    assert "train_limit" not in write_report(unlimited, QUIET).read_text()

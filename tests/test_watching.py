@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import RECIPE, ROOT, one_line_refusal, tiny_run_flags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from fasttt.train import main as train
 
@@ -50,17 +51,26 @@ def test_each_epoch_records_loss_parts_validation_loss_teacher_and_time(piped):
 
 def test_tensorboard_holds_one_run_per_generation_with_every_metric(piped):
     run, _ = piped
+    runs = {p.parent.relative_to(run.parent) for p in run.rglob("events.out.tfevents.*")}
+    assert runs == {Path(NAME, "gen0"), Path(NAME, "gen1")}, runs  # as --logdir names them
     for m in (0, 1):
-        events = EventAccumulator(str(run / f"gen{m}" / "tracking" / NAME))
+        events = EventAccumulator(str(run / f"gen{m}"))
         events.Reload()
         rows = metrics(run, m)
         for key in ("train_loss", "train_ce", "val_loss", "val_top1", "loader_wait_s"):
             points = events.Scalars(key)
             assert [p.step for p in points] == [r["epoch"] for r in rows]
             assert [p.value for p in points] == pytest.approx([r[key] for r in rows], rel=1e-6)
-    hparams = list((run / "gen1" / "tracking" / NAME).glob("*/hparams.yml"))
-    assert hparams and "generations.lam: 0.6" in hparams[0].read_text()
-    assert "generation: 1" in hparams[0].read_text()
+        values = hparams_of(events)
+        assert values["generation"] == m and values["generations.lam"] == pytest.approx(0.6)
+
+
+def hparams_of(events: EventAccumulator) -> dict:
+    """The hyperparameters TensorBoard's HParams dashboard shows for a run."""
+    raw = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = HParamsPluginData.FromString(raw).session_start_info
+    return {key: getattr(value, value.WhichOneof("kind"))
+            for key, value in start.hparams.items()}
 
 
 def test_piped_output_is_one_timestamped_line_per_epoch_with_position_and_eta(piped):
