@@ -24,7 +24,7 @@ from rich.table import Table
 from beton_builders import BUILDER_VERSION
 from fasttt.betons import MANIFEST
 from fasttt.errors import UserError, one_line
-from fasttt.files import fsync_path, sha256_file, staged_dir, write_json
+from fasttt.files import fsync_path, replaceable_dir, sha256_file, staged_dir, write_json
 from fasttt.progress import progress_bar as fasttt_progress_bar
 
 SPLITS = ("train", "val")
@@ -55,7 +55,7 @@ def staged_output(out_dir: Path):
     A build killed half way leaves only the hidden directory, which the next build
     removes first, so no file ever carries a final name with partial content.
     """
-    out_dir = Path(out_dir)
+    out_dir = replaceable_dir(out_dir)  # before the lock: "." would lock "..lock"
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file: choose a new or empty OUT_DIR")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():

@@ -330,3 +330,13 @@ def test_out_dir_that_is_a_file_and_misplaced_flags_are_one_line(tmp_path, capsy
     assert "is a file" in expect_one_line_error(capsys, "digits", tmp_path / "file")
     err = expect_one_line_error(capsys, "digits", tmp_path / "d", "--jpeg-quality", "80")
     assert "--jpeg-quality only apply to imagefolder" in err
+
+
+def test_building_into_the_current_directory_is_refused_and_leaves_nothing(capsys, tmp_path,
+                                                                           monkeypatch):
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    err = expect_one_line_error(capsys, "digits", ".")
+    assert "current directory" in err
+    assert not list(tmp_path.rglob("*lock*")) and not any(work.iterdir())
