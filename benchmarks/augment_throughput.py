@@ -54,14 +54,14 @@ def cases(device: torch.device) -> dict:
     dtype = torch.bfloat16
     return {
         "cifar train (pad-crop, flip) 256x32": (256, lambda: train_view(
-            cifar, torch.arange(256), seed=0, view=1, size=32, spec=pad_crop, dtype=dtype)),
-        "cifar eval 256x32": (256, lambda: eval_view(cifar, size=32, spec=pad_crop,
+            cifar, torch.arange(256), seed=0, view=1, size=32, augment=pad_crop, dtype=dtype)),
+        "cifar eval 256x32": (256, lambda: eval_view(cifar, size=32, augment=pad_crop,
                                                       dtype=dtype)),
         "photo train (rrc, flip) 64 -> 224": (64, lambda: train_view(
-            photos, torch.arange(64), seed=0, view=1, size=224, spec=resized, extent=extent,
+            photos, torch.arange(64), seed=0, view=1, size=224, augment=resized, extent=extent,
             dtype=dtype)),
         "photo eval (centre crop) 64 -> 224": (64, lambda: eval_view(
-            photos, size=224, spec=resized, extent=extent, dtype=dtype)),
+            photos, size=224, augment=resized, extent=extent, dtype=dtype)),
     }
 
 

@@ -27,14 +27,12 @@ from rich.table import Table
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.betons import read_manifest
-from fasttt.cache import build_cache, expected_manifest, open_teacher
+from fasttt.cache import build_cache, cache_spec, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import generation_loaders, split_loader, train_samples
-from fasttt.engine import GenerationSpec, Learner, train_epoch
-from fasttt.generation import generation_views
-from fasttt.losses import patriarch_objective, student_objective
+from fasttt.engine import GenerationSpec, prepare_learner, train_epoch
+from fasttt.generation import generation_objective, generation_views
 from fasttt.models import build_model
-from fasttt.optim import lr_schedule, make_optimizer
 from fasttt.processes import make_accelerator
 from fasttt.progress import progress_bar
 from fasttt.recipe import load_recipe
@@ -43,11 +41,10 @@ from fasttt.teachers import OnlineTeacher
 
 def epoch_seconds(spec, recipe, accelerator, num_classes, epochs: int) -> float:
     """Median seconds of a training epoch of a fresh model with this spec."""
-    model = build_model(recipe.model, recipe.run, num_classes, seed=1).to(accelerator.device)
     train, _ = generation_loaders(recipe.data, recipe.optim.batch_size, spec.views.key,
                                   accelerator)
-    learner = Learner(model, make_optimizer(model, recipe.optim),
-                      lr_schedule(recipe.optim, recipe.schedule, len(train)))
+    learner = prepare_learner(build_model(recipe.model, recipe.run, num_classes, seed=1),
+                              recipe.optim, recipe.schedule, len(train), accelerator)
     times = []
     with progress_bar(False) as progress:
         for epoch in range(epochs + 1):
@@ -72,19 +69,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     teacher_model = build_model(recipe.model, recipe.run, num_classes, seed=0)
     teacher_model = teacher_model.to(accelerator.device)
     save_weights(teacher_model, work / "teacher.safetensors")
-    wanted = expected_manifest(work / "teacher.safetensors", beton, samples, views, recipe.cache,
+    wanted = cache_spec(work / "teacher.safetensors", beton, samples, views, recipe.cache,
                                num_classes, method.temperature)
     loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
                           limit=samples)
-    online = OnlineTeacher(teacher_model, views, wanted["top_k"], wanted["temperatures"][0])
+    online = OnlineTeacher(teacher_model, views, wanted.top_k, wanted.temperature)
     start = time.perf_counter()
     build_cache(work / "cache", online, wanted, loader, accelerator)
     build = time.perf_counter() - start
-    cached = open_teacher(work / "cache", wanted, method.temperature, accelerator.device)
-    student = student_objective(method.lam, method.temperature)
+    cached = open_teacher(work / "cache", wanted, accelerator.device)
+    student = generation_objective(method, 1)
     specs = {
-        "patriarch epoch": GenerationSpec(0, work, patriarch_objective(
-            method.patriarch_loss, method.u, method.k, method.eta), patriarch_views),
+        "patriarch epoch": GenerationSpec(0, work, generation_objective(method, 0),
+                                          patriarch_views),
         "student epoch, cache": GenerationSpec(1, work, student, views, cached),
         "student epoch, online teacher": GenerationSpec(
             1, work, student, views, OnlineTeacher(teacher_model, views, num_classes,
@@ -92,13 +89,13 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     }
     seconds = {name: epoch_seconds(spec, recipe, accelerator, num_classes, args.epochs)
                for name, spec in specs.items()}
-    seconds["cache build, per view"] = build / wanted["stored_views"]
-    rows = np.random.default_rng(0).permutation(wanted["samples"])
+    seconds["cache build, per view"] = build / wanted.stored_views
+    rows = np.random.default_rng(0).permutation(wanted.samples)
     start = time.perf_counter()
     for i in range(0, len(rows) - 127, 128):
-        cached(torch.from_numpy(rows[i:i + 128]), i % wanted["stored_views"])
+        cached(torch.from_numpy(rows[i:i + 128]), i % wanted.stored_views)
     lookups = (len(rows) // 128) * 128 / (time.perf_counter() - start)
-    return {"seconds": seconds, "lookup_rows_per_s": lookups, "samples": wanted["samples"],
+    return {"seconds": seconds, "lookup_rows_per_s": lookups, "samples": wanted.samples,
             "bytes_per_sample_per_view": sum(
                 a.itemsize * (a.shape[2] if a.ndim == 3 else 1)
                 for a in cached.arrays.values())}

@@ -64,16 +64,14 @@ from beton_builders.digits import build_digits_dir
 from beton_builders.imagefolder import default_workers
 from fasttt.augment import train_size
 from fasttt.betons import read_manifest
-from fasttt.cache import build_cache, expected_manifest, open_teacher
+from fasttt.cache import CacheSpec, build_cache, cache_spec, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import ensure_betons, generation_loaders, split_loader, train_samples
-from fasttt.engine import GenerationSpec, Learner, train_epoch
+from fasttt.engine import GenerationSpec, prepare_learner, train_epoch
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.files import write_json
-from fasttt.generation import generation_views
-from fasttt.losses import patriarch_objective, student_objective
+from fasttt.generation import generation_objective, generation_views
 from fasttt.models import build_model
-from fasttt.optim import lr_schedule, make_optimizer
 from fasttt.processes import accelerator_and_console
 from fasttt.progress import progress_bar as steps_bar
 from fasttt.recipe import Recipe, load_recipe
@@ -224,7 +222,7 @@ def measured_recipe(recipe: Recipe, epoch_samples: int, batches: int) -> Recipe:
 
 def recipe_views(recipe: Recipe) -> int:
     """How many views the recipe's teachers label (its caches' stored views)."""
-    return generation_views(recipe, 1).teacher_views
+    return generation_views(recipe, 1).stored
 
 
 def loader_alone(train, args, recipe: Recipe, accelerator) -> Timing:
@@ -261,19 +259,14 @@ def last_batch_norm_statistics(model: torch.nn.Module) -> None:
 def training_steps(spec: GenerationSpec, timed: TimedLoader, recipe: Recipe, num_classes: int,
                    accelerator) -> torch.nn.Module:
     """Train a fresh model with `spec` over the batches of `timed` through `train_epoch`."""
-    # As train_generation prepares each generation's model and optimizer.
     model = build_model(recipe.model, recipe.run, num_classes, seed=1 + spec.index)
     last_batch_norm_statistics(model)
-    optimizer = make_optimizer(model.to(accelerator.device), recipe.optim)
-    if accelerator.scaler is not None:
-        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule,
-                                                    len(timed.loader)))
+    learner = prepare_learner(model, recipe.optim, recipe.schedule, len(timed.loader),
+                              accelerator)
     with steps_bar(accelerator.is_main_process) as progress:
         train_epoch(learner, timed, spec, 0, accelerator, progress, "timed epoch")
     accelerator.free_memory()
-    return accelerator.unwrap_model(model)
+    return accelerator.unwrap_model(learner.model)
 
 
 def profile_steps(specs: dict[str, GenerationSpec], train, args, recipe: Recipe,
@@ -296,16 +289,16 @@ def profile_steps(specs: dict[str, GenerationSpec], train, args, recipe: Recipe,
     return summaries
 
 
-def cache_build(cache_dir: Path, teacher, schedule, wanted: dict, recipe: Recipe,
+def cache_build(cache_dir: Path, teacher, views, spec: CacheSpec, recipe: Recipe,
                 accelerator) -> Timing:
     """Build the cache with `build_cache`, timed after its first batch of views."""
-    per_process = math.ceil(wanted["samples"] / accelerator.num_processes)
-    skip = wanted["stored_views"] if per_process > recipe.cache.batch_size else 0
+    per_process = math.ceil(spec.samples / accelerator.num_processes)
+    skip = spec.stored_views if per_process > recipe.cache.batch_size else 0
     clock = ForwardClock(teacher, skip, accelerator.device)
     loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
-                          limit=wanted["samples"])
-    online = OnlineTeacher(clock, schedule, wanted["top_k"], wanted["temperatures"][0])
-    build_cache(cache_dir, online, wanted, loader, accelerator)
+                          limit=spec.samples)
+    online = OnlineTeacher(clock, views, spec.top_k, spec.temperature)
+    build_cache(cache_dir, online, spec, loader, accelerator)
     synchronize(accelerator.device)
     return Timing(images=clock.images * accelerator.num_processes,
                   seconds=time.perf_counter() - clock.start)
@@ -324,10 +317,8 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     beton = read_manifest(bench.data.beton_dir)
     patriarch_views, views = (generation_views(bench, m) for m in (0, 1))
     train, _ = generation_loaders(bench.data, bench.optim.batch_size, views.key, accelerator)
-    patriarch = GenerationSpec(0, work, patriarch_objective(method.patriarch_loss, method.u,
-                                                            method.k, method.eta),
-                               patriarch_views)
-    student = student_objective(method.lam, method.temperature)
+    patriarch = GenerationSpec(0, work, generation_objective(method, 0), patriarch_views)
+    student = generation_objective(method, 1)
     timings = {name: [] for name in ("loader", "patriarch_step", "cache_build",
                                      "student_step_cache", "student_step_online")}
     teacher = students = None
@@ -343,15 +334,15 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
             if accelerator.is_main_process:
                 save_weights(teacher, work / "teacher.safetensors")
             accelerator.wait_for_everyone()
-            wanted = expected_manifest(work / "teacher.safetensors",
-                                       beton, train_samples(bench.data, beton), views,
-                                       bench.cache, num_classes, method.temperature)
+            wanted = cache_spec(work / "teacher.safetensors", beton,
+                                train_samples(bench.data, beton), views, bench.cache,
+                                num_classes, method.temperature)
         cache_dir = work / f"cache{r}"
         timings["cache_build"].append(cache_build(cache_dir, teacher, views, wanted, bench,
                                                   accelerator))
         students = students or {
             "student_step_cache": GenerationSpec(1, work, student, views, open_teacher(
-                cache_dir, wanted, method.temperature, device)),
+                cache_dir, wanted, device)),
             "student_step_online": GenerationSpec(1, work, student, views, OnlineTeacher(
                 teacher, views, num_classes, method.temperature))}
         for name, spec in students.items():

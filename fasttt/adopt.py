@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fasttt.errors import UserError
 from fasttt.files import copy_file, sha256_file, write_json
-from fasttt.recipe import Recipe, load_recipe
+from fasttt.recipe import DataConfig, Recipe, load_recipe
 from fasttt.rundir import (
     ADOPTED,
     ANALYSIS,
@@ -73,13 +73,15 @@ def _betons_of(run_dir: Path) -> dict | None:
         return None
 
 
-def adopt_teacher(run_dir: Path, recipe: Recipe, beton_dir: Path, manifest: dict) -> Adopted:
-    """Make run_dir/gen0 the generation named by generations.teacher, after checking it fits.
+def adopt_teacher(run_dir: Path, where: str, model: str, data: DataConfig,
+                  manifest: dict) -> Adopted:
+    """Make run_dir/gen0 the generation `where` (generations.teacher), after checking it fits.
 
-    It must be finished and whole, another run's, of the same model, trained on these
-    betons with the same holdout. A gen0 adopted earlier from the same weights is kept.
+    It must be finished and whole, another run's, of the same `model`, trained on these
+    betons (`data.beton_dir`, described by `manifest`) with the same holdout. A gen0
+    adopted earlier from the same weights is kept.
     """
-    where = recipe.generations.teacher
+    beton_dir = Path(data.beton_dir)
     source_run, m = parse_teacher(where)
     if source_run.resolve() == Path(run_dir).resolve():
         raise UserError(f"generations.teacher = {where} is a generation of this run itself: "
@@ -90,19 +92,19 @@ def adopt_teacher(run_dir: Path, recipe: Recipe, beton_dir: Path, manifest: dict
                         f"generation; train it first, or name one that has finished")
     weights = generation_weights(source_run, m)  # whole, or a one-line refusal
     theirs = _teacher_recipe(source_run, where)
-    if theirs.model.name != recipe.model.name:
+    if theirs.model.name != model:
         raise UserError(f"generations.teacher = {where} is a {theirs.model.name}, this "
-                        f"recipe trains a {recipe.model.name}: set model.name = "
+                        f"recipe trains a {model}: set model.name = "
                         f"\"{theirs.model.name}\" (students share their teacher's architecture)")
     if _betons_of(source_run) != beton_fingerprint(beton_dir, manifest):
         raise UserError(f"generations.teacher = {where} was trained on other betons than "
                         f"{beton_dir}: set data.beton_dir to its run's betons "
                         f"({theirs.data.beton_dir})")
     for key in ("holdout", "train_limit"):  # the teacher trained on exactly our rows
-        if getattr(theirs.data, key) != getattr(recipe.data, key):
+        if getattr(theirs.data, key) != getattr(data, key):
             value = getattr(theirs.data, key)
             raise UserError(f"generations.teacher = {where} was trained with data.{key} = "
-                            f"{value:g}, this recipe has {getattr(recipe.data, key):g}: set "
+                            f"{value:g}, this recipe has {getattr(data, key):g}: set "
                             f"data.{key} = {value:g}")
     adopted = Adopted(source_run, m, theirs.run.seed)
     record = {"run": str(source_run), "generation": m, "seed": theirs.run.seed,

@@ -30,10 +30,11 @@ from fasttt.errors import UserError
 from fasttt.files import write_atomically, write_json
 from fasttt.models import last_epoch_model, penultimate_features
 from fasttt.progress import progress_bar
-from fasttt.recipe import AugmentConfig, DataConfig, Recipe
+from fasttt.recipe import AugmentConfig, DataConfig, load_recipe
 from fasttt.rundir import (
     ANALYSIS,
     ENSEMBLE,
+    RECIPE,
     SECOND_CLASS,
     finished_generations,
     generation_dir,
@@ -255,11 +256,11 @@ def _ensemble_members(path: Path) -> list | None:
         return None
 
 
-def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
-                console: Console) -> None:
+def analyze_run(run_dir: Path, accelerator: Accelerator, console: Console) -> None:
     """Analyse each finished generation lacking analysis.json, then refresh ensemble.json.
 
-    Every process calls this; only the main one writes.
+    The data, model and augmentation are the run's own, from its recipe.toml. Every
+    process calls this; only the main one writes.
     """
     run_dir = Path(run_dir)
     finished = finished_generations(run_dir)
@@ -271,6 +272,7 @@ def analyze_run(run_dir: Path, recipe: Recipe, accelerator: Accelerator,
     accelerator.wait_for_everyone()  # every process has decided before any file appears
     if not todo and not redo_ensemble:
         return
+    recipe = load_recipe(run_dir / RECIPE)
     manifest = read_manifest(recipe.data.beton_dir)
     num_classes = len(manifest["class_names"])
     superclasses = superclass_map(recipe.data, manifest, num_classes)

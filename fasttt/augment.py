@@ -196,51 +196,51 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tens
 
 
 def train_view(images: torch.Tensor, index: torch.Tensor, *, seed: int, view: int, size: int,
-               spec: AugmentConfig, extent: torch.Tensor | None = None,
+               augment: AugmentConfig, extent: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """View `view` of each sample: the recipe's random crop and flip, normalised, size x size."""
     index = index.to(images.device)
-    if spec.kind == "pad_crop":
+    if augment.kind == "pad_crop":
         if extent is not None:
             raise ValueError("pad_crop is for fixed-size images; use resized_crop for photos")
-        out = pad_crop_flip(images, seed, index, view, spec.pad, spec.flip)
+        out = pad_crop_flip(images, seed, index, view, augment.pad, augment.flip)
         if out.shape[-1] != size or out.shape[-2] != size:
             full = torch.zeros(len(out), 4, dtype=torch.int64, device=out.device)
             full[:, 2], full[:, 3] = out.shape[-2], out.shape[-1]
             out = resample_boxes(out, full, size)
-        return normalize(out, spec.mean, spec.std, dtype)
+        return normalize(out, augment.mean, augment.std, dtype)
     heights, widths = _frame(images, extent)
-    if spec.kind == "resized_crop":
-        boxes = resized_crop_boxes(seed, index, view, heights, widths, spec.scale, spec.ratio)
+    if augment.kind == "resized_crop":
+        boxes = resized_crop_boxes(seed, index, view, heights, widths, augment.scale, augment.ratio)
     else:
         boxes = torch.stack([torch.zeros_like(heights), torch.zeros_like(widths), heights,
                              widths], dim=1)
-    mirror = flip_mask(seed, index, view) if spec.flip else None
-    return normalize(resample_boxes(images, boxes, size, mirror), spec.mean, spec.std, dtype)
+    mirror = flip_mask(seed, index, view) if augment.flip else None
+    return normalize(resample_boxes(images, boxes, size, mirror), augment.mean, augment.std, dtype)
 
 
-def eval_view(images: torch.Tensor, *, size: int, spec: AugmentConfig,
+def eval_view(images: torch.Tensor, *, size: int, augment: AugmentConfig,
               extent: torch.Tensor | None = None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The deterministic evaluation view: a centre crop resized to size x size, normalised."""
-    if extent is None and spec.eval_crop_ratio == 1 and images.shape[-2:] == (size, size):
-        return normalize(images, spec.mean, spec.std, dtype)  # nothing to resample
-    boxes = center_crop_boxes(*_frame(images, extent), spec.eval_crop_ratio)
-    return normalize(resample_boxes(images, boxes, size), spec.mean, spec.std, dtype)
+    if extent is None and augment.eval_crop_ratio == 1 and images.shape[-2:] == (size, size):
+        return normalize(images, augment.mean, augment.std, dtype)  # nothing to resample
+    boxes = center_crop_boxes(*_frame(images, extent), augment.eval_crop_ratio)
+    return normalize(resample_boxes(images, boxes, size), augment.mean, augment.std, dtype)
 
 
 def eval_images(batch, augment: AugmentConfig, device: torch.device) -> torch.Tensor:
     """A loader batch's un-augmented evaluation view, on `device`."""
     return eval_view(batch.image.to(device, non_blocking=True), size=augment.eval_size,
-                     spec=augment, extent=batch.extent)
+                     augment=augment, extent=batch.extent)
 
 
-def train_size(epoch: int, spec: AugmentConfig) -> int:
+def train_size(epoch: int, augment: AugmentConfig) -> int:
     """Progressive resizing: the train output side at `epoch` (FFCV-style linear ramp, /32)."""
-    if epoch <= spec.start_ramp or spec.end_ramp == spec.start_ramp:
-        return spec.min_size if epoch < spec.end_ramp else spec.max_size
-    if epoch >= spec.end_ramp:
-        return spec.max_size
-    progress = (epoch - spec.start_ramp) / (spec.end_ramp - spec.start_ramp)
-    size = spec.min_size + progress * (spec.max_size - spec.min_size)
-    return max(spec.min_size, min(spec.max_size, int(round(size / 32)) * 32))
+    if epoch <= augment.start_ramp or augment.end_ramp == augment.start_ramp:
+        return augment.min_size if epoch < augment.end_ramp else augment.max_size
+    if epoch >= augment.end_ramp:
+        return augment.max_size
+    progress = (epoch - augment.start_ramp) / (augment.end_ramp - augment.start_ramp)
+    size = augment.min_size + progress * (augment.max_size - augment.min_size)
+    return max(augment.min_size, min(augment.max_size, int(round(size / 32)) * 32))

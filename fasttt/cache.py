@@ -26,6 +26,8 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by `accelerate launch fasttt/cache.py`
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from rich.console import Console
+from torch import Tensor
 
 from fasttt.adopt import adopted_teacher, parse_teacher
 from fasttt.augment import train_size
@@ -57,26 +60,20 @@ from fasttt.files import (
 from fasttt.models import last_epoch_model
 from fasttt.processes import accelerator_and_console, main_value, on_main_process
 from fasttt.progress import duration, log_line, progress_bar
-from fasttt.recipe import CacheConfig, Recipe, derived_name, load_recipe
+from fasttt.recipe import CacheConfig, GenerationsConfig, Recipe, derived_name, load_recipe
 from fasttt.rundir import (
-    CACHE,
     generation_dir,
     is_finished,
     lock_run_dir,
+    teacher_cache,
     try_lock_run_dir,
     used_caches,
 )
-from fasttt.teachers import (
-    CACHE_ARRAYS,
-    CachedTeacher,
-    OnlineTeacher,
-    ViewSchedule,
-    log_partitions,
-    top_logits,
-)
+from fasttt.teachers import OnlineTeacher, TopKTeacher, ViewSchedule, log_partitions, top_logits
 
 FORMAT_VERSION = 3  # 3: log-partitions at several temperatures
-MANIFEST = "manifest.json"
+CACHE_MANIFEST = "manifest.json"
+CACHE_ARRAYS = ("values", "ids", "log_partition")  # a cache's arrays, as TopKTeacher's fields
 CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
 SEAL = "manifest_sha256"  # manifest: sha256 of its other fields
 LOCK_POLL_S = 2.0  # how often a run waiting for a teacher run's lock tries again
@@ -91,34 +88,97 @@ def id_dtype(num_classes: int) -> np.dtype:
                     np.uint16 if num_classes <= 65536 else np.uint32)
 
 
-def views_fingerprint(schedule: ViewSchedule) -> str:
+def views_fingerprint(views: ViewSchedule) -> str:
     """sha256 of everything that decides a stored view's pixels."""
-    views = {"spec": dataclasses.asdict(schedule.augment), "key": schedule.key,
-             "cycle": schedule.cycle, "unaugmented": schedule.unaugmented_teacher,
-             "sizes": [train_size(v, schedule.augment) for v in range(schedule.teacher_views)]}
-    return hashlib.sha256(json.dumps(views, sort_keys=True).encode()).hexdigest()
+    # "spec" and "cycle" (R) are the names the first caches were fingerprinted under
+    decides = {"spec": dataclasses.asdict(views.augment), "key": views.key,
+               "cycle": views.count, "unaugmented": views.unaugmented_teacher,
+               "sizes": [train_size(v, views.augment) for v in range(views.stored)]}
+    return hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
 
 
-def expected_manifest(teacher_weights: Path, beton: dict, samples: int, schedule: ViewSchedule,
-                      cache: CacheConfig, num_classes: int, temperature: float,
-                      holdout: float = 0.0) -> dict:
-    """What a cache for this teacher and student holds (all but `complete` and checksums).
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cache of one teacher for one student holds: its manifest, and the student's T.
 
-    A cache found on disk must match every key but "temperatures", which it only needs to
-    serve (`temperature_column`): a new one stores cache.temperatures, else the student's T.
+    A cache found on disk must match every manifest field but `temperatures`, which it only
+    needs to serve: a new cache stores cache.temperatures, else the student's T.
     """
-    top_k = min(cache.top_k or num_classes, num_classes)
-    temperatures = sorted(set(cache.temperatures)) or [temperature]
-    return {
-        "format_version": FORMAT_VERSION,
-        "teacher_sha256": sha256_file(teacher_weights),
-        "beton_sha256": beton["splits"]["train"]["sha256"],
-        "augment_sha256": views_fingerprint(schedule),
-        "samples": samples, "classes": num_classes, "views": schedule.cycle,
-        "stored_views": schedule.teacher_views,
-        "teacher_view": "unaugmented" if schedule.unaugmented_teacher else "student",
-        "top_k": top_k, "dtype": cache.dtype, "temperatures": temperatures, "holdout": holdout,
-    }
+
+    teacher_sha256: str
+    beton_sha256: str
+    augment_sha256: str  # views_fingerprint
+    samples: int
+    classes: int
+    views: int  # R: the student's epoch e shows view e mod R
+    stored_views: int  # R, or 1 when the teacher labels the un-augmented image
+    teacher_view: str  # "student" or "unaugmented"
+    top_k: int
+    dtype: str
+    temperatures: tuple[float, ...]  # the log-partitions a new cache stores
+    holdout: float
+    temperature: float  # the student's, whose log-partition the cache serves (not stored)
+
+    def __post_init__(self):
+        log_partition_column(self.temperatures, self.top_k, self.classes, self.temperature,
+                             "this recipe's cache")
+
+    def manifest(self) -> dict:
+        """The manifest of a cache built for this spec, before its checksums and seal."""
+        fields = dataclasses.asdict(self)
+        del fields["temperature"]
+        return {"format_version": FORMAT_VERSION, **fields,
+                "temperatures": list(self.temperatures)}
+
+    def column(self, found: dict, cache_dir: Path) -> int | None:
+        """Where a found cache stores the student's log-partition; None: from its full logits."""
+        return log_partition_column(found["temperatures"], self.top_k, self.classes,
+                                    self.temperature, str(cache_dir))
+
+
+def log_partition_column(stored: Sequence[float], top_k: int, classes: int,
+                         temperature: float, holder: str) -> int | None:
+    """Where `stored` holds the log-partition at `temperature`; None: from the full logits.
+
+    A top-k cache (k < C) has no other way to it: a one-line refusal.
+    """
+    if temperature in stored:
+        return list(stored).index(temperature)
+    if top_k == classes:
+        return None
+    raise UserError(f"{holder} keeps the top {top_k} logits and log-partitions at T = "
+                    f"{', '.join(f'{t:g}' for t in stored)}, so it cannot serve "
+                    f"generations.temperature = {temperature:g}: use one of those, store it "
+                    "too (cache.temperatures, before the cache is built) or set cache.mode = "
+                    "\"online\"")
+
+
+def check_cache_serves(cache: CacheConfig, temperature: float, classes: int) -> None:
+    """Refuse, before any training, a recipe whose caches could not serve its students."""
+    if cache.mode == "precomputed":
+        log_partition_column(new_cache_temperatures(cache, temperature),
+                             min(cache.top_k or classes, classes), classes, temperature,
+                             "this recipe's cache")
+
+
+def new_cache_temperatures(cache: CacheConfig, temperature: float) -> tuple[float, ...]:
+    """The temperatures whose log-partitions a cache built now stores."""
+    return tuple(sorted(set(cache.temperatures))) or (temperature,)
+
+
+def cache_spec(teacher_weights: Path, beton: dict, samples: int, views: ViewSchedule,
+               cache: CacheConfig, classes: int, temperature: float,
+               holdout: float = 0.0) -> CacheSpec:
+    """What the cache of these teacher weights holds for a student at `temperature`."""
+    return CacheSpec(
+        teacher_sha256=sha256_file(teacher_weights),
+        beton_sha256=beton["splits"]["train"]["sha256"],
+        augment_sha256=views_fingerprint(views), samples=samples, classes=classes,
+        views=views.count, stored_views=views.stored,
+        teacher_view="unaugmented" if views.unaugmented_teacher else "student",
+        top_k=min(cache.top_k or classes, classes), dtype=cache.dtype,
+        temperatures=new_cache_temperatures(cache, temperature), holdout=holdout,
+        temperature=temperature)
 
 
 def array_specs(manifest: dict) -> dict:
@@ -129,11 +189,11 @@ def array_specs(manifest: dict) -> dict:
             "log_partition": ((v, n, len(manifest["temperatures"])), np.dtype(np.float32))}
 
 
-def _differences(found: dict, wanted: dict) -> list[str]:
+def _differences(found: dict, spec: CacheSpec) -> list[str]:
     names = {"teacher_sha256": "teacher weights", "beton_sha256": "beton",
              "augment_sha256": "augmentation"}
-    return [names.get(key, key) for key in wanted
-            if key != "temperatures" and found.get(key) != wanted[key]]
+    return [names.get(key, key) for key, value in spec.manifest().items()
+            if key != "temperatures" and found.get(key) != value]
 
 
 def _digest(manifest: dict) -> str:
@@ -146,45 +206,29 @@ def seal_manifest(manifest: dict) -> dict:
     return {**manifest, SEAL: _digest(manifest)}
 
 
-def temperature_column(cache_dir: Path, manifest: dict, temperature: float) -> int | None:
-    """Where a cache stores the log-partition at `temperature`; None: from its full logits.
-
-    A top-k cache without that temperature cannot serve the student: a one-line refusal.
-    """
-    stored = manifest["temperatures"]
-    if temperature in stored:
-        return stored.index(temperature)
-    if manifest["top_k"] == manifest["classes"]:
-        return None
-    raise UserError(f"{cache_dir} keeps the top {manifest['top_k']} logits and log-partitions "
-                    f"at T = {', '.join(f'{t:g}' for t in stored)}, so it cannot serve "
-                    f"generations.temperature = {temperature:g}: set it to one of those, or "
-                    "set cache.mode = \"online\"")
-
-
 def read_cache_manifest(cache_dir: Path) -> dict:
     """A cache's manifest.json, or a one-line refusal saying what to do."""
     try:
-        found = json.loads((cache_dir / MANIFEST).read_bytes())
+        found = json.loads((cache_dir / CACHE_MANIFEST).read_bytes())
     except (OSError, ValueError, RecursionError):
         found = None
     if not isinstance(found, dict):
-        raise UserError(f"{cache_dir} has no readable {MANIFEST}: delete {cache_dir} and "
+        raise UserError(f"{cache_dir} has no readable {CACHE_MANIFEST}: delete {cache_dir} and "
                         "rerun the same command to rebuild it")
     return found
 
 
-def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
-    """The cache's arrays, memory-mapped read-only, after checking it matches `wanted`."""
+def open_arrays(cache_dir: Path, spec: CacheSpec) -> dict[str, np.ndarray]:
+    """The cache's arrays, memory-mapped read-only, after checking it matches `spec`."""
     found = read_cache_manifest(cache_dir)
     if found.get("complete") is not True:
         raise UserError(f"{cache_dir} is an incomplete cache: delete {cache_dir} and rerun the "
                         "same command to rebuild it")
     if found.get(SEAL) != _digest(found):
-        raise UserError(f"{cache_dir}/{MANIFEST} is damaged (it does not match its own "
+        raise UserError(f"{cache_dir}/{CACHE_MANIFEST} is damaged (it does not match its own "
                         f"checksum): delete {cache_dir} and rerun the same command to rebuild "
                         "it")
-    differ = _differences(found, wanted)
+    differ = _differences(found, spec)
     stored = found.get("temperatures")
     if not (isinstance(stored, list) and stored
             and all(isinstance(t, float) and 0.01 <= t <= 100 for t in stored)):
@@ -193,7 +237,7 @@ def open_arrays(cache_dir: Path, wanted: dict) -> dict[str, np.ndarray]:
         raise UserError(f"{cache_dir} was built for another {', '.join(differ)}: delete "
                         f"{cache_dir} and rerun the same command to rebuild it for this run")
     arrays = {}
-    for name, (shape, dtype) in array_specs(wanted | {"temperatures": stored}).items():
+    for name, (shape, dtype) in array_specs(spec.manifest() | {"temperatures": stored}).items():
         try:
             array = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
         except Exception as err:  # a damaged header fails with several exception types
@@ -222,8 +266,8 @@ class CacheOverflow(UserError):
                              f"= \"{self.dtype}\" (at most {np.finfo(self.dtype).max:.0f})")
 
 
-def overflow_advice(err: CacheOverflow, weights: Path, recipe: Recipe,
-                    lock_dir: Path | None) -> str:
+def overflow_advice(err: CacheOverflow, weights: Path, generations: GenerationsConfig,
+                    run_name: str, lock_dir: Path | None) -> str:
     """What to do when a finished teacher's cache cannot be built: a command that works.
 
     cache.dtype defines what the students learn from, so a run that trained keeps its own;
@@ -235,11 +279,11 @@ def overflow_advice(err: CacheOverflow, weights: Path, recipe: Recipe,
         return (f"the teacher {teacher} gives non-finite logits on its student's views: it "
                 "diverged; train it again with a lower optim.lr under another run.name")
     taught = 0 if lock_dir else parse_teacher(str(teacher))[1]  # its index in this run
-    students = max(1, recipe.generations.students - taught)
+    students = max(1, generations.students - taught)
     flags = " ".join(f"--set {shlex.quote(pair)}" for pair in (
         "cache.dtype=float32", f"generations.teacher={teacher}",
         f"generations.students={students}",
-        f"run.name={derived_name(recipe.run.name, '-float32')}"))
+        f"run.name={derived_name(run_name, '-float32')}"))
     return (f"the teacher {teacher}'s logits reach {err.peak:.3g}, beyond cache.dtype = "
             f"\"{err.dtype}\" (at most {np.finfo(err.dtype).max:.0f}), so its cache cannot be "
             f"built (so confident a teacher may have diverged: check its metrics.jsonl). To "
@@ -248,7 +292,7 @@ def overflow_advice(err: CacheOverflow, weights: Path, recipe: Recipe,
             f"recipe and flags, adding {flags}")
 
 
-def _label(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[float],
+def _fill_answers(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[float],
            accelerator: Accelerator, console: Console) -> None:
     """Fill this rank's rows of the arrays with the teacher's answers on every stored view.
 
@@ -286,19 +330,19 @@ def _label(teacher: OnlineTeacher, loader, arrays: dict, temperatures: list[floa
                                       f"{duration(seconds * (views * batches / done - 1))}")
 
 
-def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
+def build_cache(cache_dir: Path, teacher: OnlineTeacher, spec: CacheSpec, loader,
                 accelerator: Accelerator, console: Console = QUIET) -> None:
     """Build the cache at `cache_dir` unless a matching one is there; every rank calls this.
 
     `loader` is this rank's in-order slice of the training split.
     """
-    if (cache_dir / MANIFEST).is_file():
-        open_arrays(cache_dir, wanted)  # verified, or a one-line refusal
+    if (cache_dir / CACHE_MANIFEST).is_file():
+        open_arrays(cache_dir, spec)  # verified, or a one-line refusal
         return
     main = accelerator.is_main_process
     if main:  # a killed build's leftovers are never used: start again
         staging = staging_dir(cache_dir)
-        for name, (shape, dtype) in array_specs(wanted).items():
+        for name, (shape, dtype) in array_specs(spec.manifest()).items():
             path = staging / f"{name}.npy"
             try:
                 np.lib.format.open_memmap(path, "w+", dtype, shape).flush()
@@ -308,7 +352,7 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
     accelerator.wait_for_everyone()
     staging = staging_path(cache_dir)
     arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r+") for name in CACHE_ARRAYS}
-    _label(teacher, loader, arrays, wanted["temperatures"], accelerator, console)
+    _fill_answers(teacher, loader, arrays, spec.temperatures, accelerator, console)
     for array in arrays.values():
         array.flush()
     del arrays
@@ -317,16 +361,16 @@ def build_cache(cache_dir: Path, teacher: OnlineTeacher, wanted: dict, loader,
         arrays = {name: np.load(staging / f"{name}.npy", mmap_mode="r") for name in CACHE_ARRAYS}
         checksums = {name: [sha256_array(view) for view in array]
                      for name, array in arrays.items()}
-        write_json(staging / MANIFEST,
-                   seal_manifest({**wanted, CHECKSUMS: checksums, "complete": True}))
+        write_json(staging / CACHE_MANIFEST,
+                   seal_manifest({**spec.manifest(), CHECKSUMS: checksums, "complete": True}))
         publish_dir(staging, cache_dir)
     accelerator.wait_for_everyone()
 
 
-def ensure_cache(weights: Path, schedule: ViewSchedule, temperature: float, recipe: Recipe,
+def ensure_cache(weights: Path, views: ViewSchedule, temperature: float, recipe: Recipe,
                  num_classes: int, accelerator: Accelerator, console: Console = QUIET,
-                 lock_dir: Path | None = None) -> dict:
-    """Build (or verify) the cache beside a teacher's verified weights; its manifest.
+                 lock_dir: Path | None = None) -> CacheSpec:
+    """Build (or verify) the cache beside a teacher's verified weights; what it holds.
 
     `temperature`: the student's, whose log-partition the cache must serve.
 
@@ -334,32 +378,32 @@ def ensure_cache(weights: Path, schedule: ViewSchedule, temperature: float, reci
     every run that adopts the teacher, so a missing one is built under that run's lock.
     """
     beton = read_manifest(recipe.data.beton_dir)
-    wanted = expected_manifest(weights, beton, train_samples(recipe.data, beton), schedule,
-                               recipe.cache, num_classes, temperature, recipe.data.holdout)
-    cache_dir = weights.parent / CACHE
+    spec = cache_spec(weights, beton, train_samples(recipe.data, beton), views, recipe.cache,
+                      num_classes, temperature, recipe.data.holdout)
+    cache_dir = teacher_cache(weights)
     lock = None if lock_dir is None else _teacher_run_lock(cache_dir, lock_dir, accelerator,
                                                            console)
     try:
         if lock_dir is not None and lock is None:  # built by another run: it must fit ours
-            on_main_process(accelerator, _check_shared, cache_dir, wanted, lock_dir)
-        if not (cache_dir / MANIFEST).is_file():
+            on_main_process(accelerator, _check_shared, cache_dir, spec, lock_dir)
+        if not (cache_dir / CACHE_MANIFEST).is_file():
             model = last_epoch_model(weights, recipe.model, recipe.run, num_classes,
                                      accelerator.device)
-            teacher = OnlineTeacher(model, schedule, wanted["top_k"], temperature)
+            teacher = OnlineTeacher(model, views, spec.top_k, temperature)
             loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
-                                  limit=wanted["samples"],
-                                  rows=training_rows(recipe.data, beton))
+                                  limit=spec.samples, rows=training_rows(recipe.data, beton))
             try:
-                build_cache(cache_dir, teacher, wanted, loader, accelerator, console)
+                build_cache(cache_dir, teacher, spec, loader, accelerator, console)
             except CacheOverflow as err:
-                raise UserError(overflow_advice(err, weights, recipe, lock_dir)) from None
+                raise UserError(overflow_advice(err, weights, recipe.generations,
+                                                recipe.run.name, lock_dir)) from None
         else:
             log_line(console, f"teacher cache: reading {cache_dir}, built earlier (no "
                               "teacher pass)")
     finally:
         if lock is not None:
             lock.close()
-    return wanted
+    return spec
 
 
 def _teacher_run_lock(cache_dir: Path, lock_dir: Path, accelerator: Accelerator,
@@ -372,11 +416,11 @@ def _teacher_run_lock(cache_dir: Path, lock_dir: Path, accelerator: Accelerator,
     waited = False
     while True:
         state, held = "present", None
-        if accelerator.is_main_process and not (cache_dir / MANIFEST).is_file():
+        if accelerator.is_main_process and not (cache_dir / CACHE_MANIFEST).is_file():
             held = try_lock_run_dir(lock_dir)
             if held is None:
                 state = "busy"
-            elif (cache_dir / MANIFEST).is_file():  # published as we took the lock: read it
+            elif (cache_dir / CACHE_MANIFEST).is_file():  # published as we took the lock: read it
                 held.close()
                 held = None
             else:
@@ -391,10 +435,10 @@ def _teacher_run_lock(cache_dir: Path, lock_dir: Path, accelerator: Accelerator,
         time.sleep(LOCK_POLL_S)
 
 
-def _check_shared(cache_dir: Path, wanted: dict, lock_dir: Path) -> None:
+def _check_shared(cache_dir: Path, spec: CacheSpec, lock_dir: Path) -> None:
     """Refuse a shared cache built for other students, without advising to delete it."""
     found = read_cache_manifest(cache_dir)
-    differ = [key for key in _differences(found, wanted)
+    differ = [key for key in _differences(found, spec)
               if key in ("augmentation", "views", "stored_views", "teacher_view", "top_k",
                          "dtype")]
     if differ:
@@ -404,29 +448,58 @@ def _check_shared(cache_dir: Path, wanted: dict, lock_dir: Path) -> None:
                         "top_k, dtype), or set cache.mode = \"online\"")
 
 
-def cached_teacher(weights: Path, schedule: ViewSchedule, temperature: float, recipe: Recipe,
-                   num_classes: int, accelerator: Accelerator, console: Console = QUIET,
-                   lock_dir: Path | None = None) -> CachedTeacher:
-    """The teacher of these verified weights as a lookup into its cache, built if needed."""
-    wanted = ensure_cache(weights, schedule, temperature, recipe, num_classes, accelerator,
-                          console, lock_dir)
-    return open_teacher(weights.parent / CACHE, wanted, temperature, accelerator.device)
-
-
-def open_teacher(cache_dir: Path, wanted: dict, temperature: float,
-                 device: torch.device) -> CachedTeacher:
-    """A verified cache as a teacher at `temperature`; views' checksums checked at first use."""
-    arrays = open_arrays(cache_dir, wanted)
+def open_teacher(cache_dir: Path, spec: CacheSpec, device: torch.device) -> CachedTeacher:
+    """A verified cache as its student's teacher; views' checksums checked at first use."""
+    arrays = open_arrays(cache_dir, spec)
     found = read_cache_manifest(cache_dir)
     checksums = found.get(CHECKSUMS)
-    views = wanted["stored_views"]
     if not (isinstance(checksums, dict) and all(
-            isinstance(checksums.get(name), list) and len(checksums[name]) == views
+            isinstance(checksums.get(name), list) and len(checksums[name]) == spec.stored_views
             for name in CACHE_ARRAYS)):
-        raise UserError(f"{cache_dir}/{MANIFEST} has no checksums of its views: delete "
+        raise UserError(f"{cache_dir}/{CACHE_MANIFEST} has no checksums of its views: delete "
                         f"{cache_dir} and rerun the same command to rebuild it")
-    return CachedTeacher(arrays, checksums, temperature,
-                         temperature_column(cache_dir, found, temperature), device, cache_dir)
+    return CachedTeacher(arrays, checksums, spec.temperature, spec.column(found, cache_dir),
+                         device, cache_dir)
+
+
+class CachedTeacher:
+    """The teacher as a lookup: rows (view, sample) of verified cache arrays, host to device.
+
+    Each view's slabs are checked against the checksums recorded at build the first time
+    the view is used, so a damaged cache is refused rather than taught from, and the
+    cost is one pass over the slab an epoch reads anyway, once per open.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], checksums: dict[str, list[str]],
+                 temperature: float, column: int | None, device: torch.device, source: Path):
+        """`column`: the stored log-partition at `temperature`; None: from the full logits."""
+        self.arrays, self.checksums, self.source = arrays, checksums, source
+        self.temperature, self.column, self.device = temperature, column, device
+        self.verified: set[int] = set()
+
+    def _verify(self, view: int) -> None:
+        for name in CACHE_ARRAYS:
+            if sha256_array(self.arrays[name][view]) != self.checksums[name][view]:
+                raise UserError(f"{self.source / name}.npy is damaged (view {view} differs "
+                                f"from its checksum): delete {self.source} and rerun the same "
+                                "command to rebuild it from the teacher's verified weights")
+        self.verified.add(view)
+
+    def __call__(self, index: Tensor, view: int, images: Tensor | None = None,
+                 extent: Tensor | None = None, shown: Tensor | None = None) -> TopKTeacher:
+        """Outputs on view `view`, read from the cache by the samples' host `index`."""
+        if view not in self.verified:
+            self._verify(view)
+        rows = index.cpu().numpy()
+        values, ids = (torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows]))
+                       .to(self.device, non_blocking=True) for name in ("values", "ids"))
+        if self.column is None:  # every class kept: the log-partition at any temperature
+            log_partition = log_partitions(values, (self.temperature,))[:, 0]
+        else:
+            stored = self.arrays["log_partition"][view][rows, self.column]
+            log_partition = torch.from_numpy(np.ascontiguousarray(stored)).to(
+                self.device, non_blocking=True)
+        return TopKTeacher(values, ids.long(), log_partition, self.temperature)
 
 
 def describe(cache_dir: Path) -> str:
@@ -435,7 +508,7 @@ def describe(cache_dir: Path) -> str:
     try:
         specs = array_specs(manifest)
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{cache_dir}/{MANIFEST} is damaged: delete {cache_dir} to rebuild "
+        raise UserError(f"{cache_dir}/{CACHE_MANIFEST} is damaged: delete {cache_dir} to rebuild "
                         "it") from None
     per_row = sum(np.prod(shape[2:], dtype=np.int64) * dtype.itemsize
                   for shape, dtype in specs.values())
@@ -449,9 +522,9 @@ def main(argv: list[str] | None = None) -> None:
     """Build or verify one generation's cache, or describe a cache (`info`)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["info"]:
-        if len(argv) != 2 or not (Path(argv[1]) / MANIFEST).is_file():
+        if len(argv) != 2 or not (Path(argv[1]) / CACHE_MANIFEST).is_file():
             raise UserError(f"usage: python -m fasttt.cache info CACHE_DIR (a directory "
-                            f"holding {MANIFEST})")
+                            f"holding {CACHE_MANIFEST})")
         print(describe(Path(argv[1])))
         return
     parser = OneLineParser(description="build or verify one generation's cache",
@@ -486,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         if lock is not None:
             lock.close()
     if accelerator.is_main_process:
-        print(describe(weights.parent / CACHE))
+        print(describe(teacher_cache(weights)))
 
 
 def drop_used_caches(run_dir: Path) -> int:

@@ -18,7 +18,14 @@ import torch
 from safetensors.torch import load_file, save
 
 from fasttt.errors import UserError, one_line
-from fasttt.files import remove_dir, sha256_file, staged_dir, write_atomically, write_json
+from fasttt.files import (
+    remove_dir,
+    sha256_file,
+    staged_dir,
+    tree_bytes,
+    write_atomically,
+    write_json,
+)
 
 LATEST = "latest.json"
 MODEL, STATE, TRAIN_STATE = "model.safetensors", "state.pt", "train_state.json"
@@ -67,6 +74,11 @@ def save_checkpoint(gen_dir: Path, epoch: int, model, optimizer, scaler, train_s
     for old in gen_dir.glob("ckpt-*"):
         if old != final:
             remove_dir(old)
+
+
+def checkpoint_bytes(gen_dir: Path) -> int:
+    """Bytes a generation's checkpoints take, staged and half-removed ones too."""
+    return sum(tree_bytes(ckpt) for ckpt in gen_dir.glob("*ckpt-*"))
 
 
 def drop_checkpoints(gen_dir: Path) -> None:

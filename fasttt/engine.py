@@ -32,7 +32,7 @@ from fasttt.files import write_json, write_text
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer, set_lr
 from fasttt.progress import Position, log_line, mean_epoch_seconds, progress_bar
-from fasttt.recipe import AugmentConfig, Recipe, derived_name
+from fasttt.recipe import AugmentConfig, OptimConfig, Recipe, ScheduleConfig, derived_name
 from fasttt.rundir import EVAL, METRICS, WEIGHTS, best_and_last
 from fasttt.teachers import TopKTeacher, ViewSchedule
 
@@ -116,6 +116,47 @@ def _step_sums(loss: torch.Tensor, parts: dict, logits: torch.Tensor, labels: to
     return sums
 
 
+def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: ScheduleConfig,
+                    steps_per_epoch: int, accelerator: Accelerator) -> Learner:
+    """A fresh model with its optimizer and LR schedule, prepared as every generation's is."""
+    optimizer = make_optimizer(model.to(accelerator.device), optim)
+    if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch))
+
+
+def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: int,
+               accelerator: Accelerator) -> tuple[float, dict]:
+    """One optimizer step on one batch: its learning rate and its sums (`_step_sums`)."""
+    model, optimizer, device = learner.model, learner.optimizer, accelerator.device
+    lr = learner.lr(step)
+    set_lr(optimizer, lr)
+    # Named ranges (about 5 us each without a profiler) so that a torch.profiler trace
+    # says where a step's time goes. FFCV's ToDevice has copied image and label to the
+    # device already (the CPU's too), so their copies below return them as they are;
+    # only the host index is copied here.
+    with record_function("fasttt.augment"):
+        images = batch.image.to(device, non_blocking=True)
+        labels = batch.label.to(device, non_blocking=True)
+        shown = spec.views.student_pixels(images, batch.index.to(device, non_blocking=True),
+                                          epoch, batch.extent)
+    with accelerator.autocast():
+        with record_function("fasttt.teacher"):
+            target = (spec.teacher(batch.index, spec.views.teacher_view(epoch), images,
+                                   batch.extent, shown) if spec.teacher else None)
+        with record_function("fasttt.forward_loss"):
+            logits = model(shown)
+            loss, parts = spec.objective(logits, labels, target)
+    with record_function("fasttt.backward"):
+        accelerator.backward(loss)
+    with record_function("fasttt.optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with record_function("fasttt.metrics"):
+        return lr, _step_sums(loss, parts, logits, labels, target)
+
+
 def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
                 accelerator: Accelerator, progress: Progress, label: str) -> dict:
     """One pass over the training loader; the epoch's metrics, summed over every process.
@@ -124,48 +165,23 @@ def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
     on the device and reduced once at the end. `loader_wait_s` is the host's time blocked
     on the loader; `step_s` the rest, which on a GPU includes the final wait for the device.
     """
-    model, optimizer, device = learner.model, learner.optimizer, accelerator.device
-    model.train()
+    learner.model.train()
     steps = len(loader)
     sums, count, waited = {}, 0, 0.0
-    teacher_view = spec.views.teacher_view(epoch)
     task = progress.add_task(label, total=steps, info="")
     start = ready = time.perf_counter()
     for i, batch in enumerate(loader):
         waited += time.perf_counter() - ready
-        lr = learner.lr(epoch * steps + i)
-        set_lr(optimizer, lr)
-        # Named ranges (about 5 us each without a profiler) so that a torch.profiler trace
-        # says where a step's time goes. FFCV's ToDevice has copied image and label to the
-        # device already (the CPU's too), so their copies below return them as they are;
-        # only the host index is copied here.
-        with record_function("fasttt.augment"):
-            images = batch.image.to(device, non_blocking=True)
-            labels = batch.label.to(device, non_blocking=True)
-            shown = spec.views.student_pixels(images, batch.index.to(device, non_blocking=True),
-                                              epoch, batch.extent)
-        with accelerator.autocast():
-            with record_function("fasttt.teacher"):
-                target = (spec.teacher(batch.index, teacher_view, images, batch.extent, shown)
-                          if spec.teacher else None)
-            with record_function("fasttt.forward_loss"):
-                logits = model(shown)
-                loss, parts = spec.objective(logits, labels, target)
-        with record_function("fasttt.backward"):
-            accelerator.backward(loss)
-        with record_function("fasttt.optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        with record_function("fasttt.metrics"):
-            for name, value in _step_sums(loss, parts, logits, labels, target).items():
-                sums[name] = sums[name] + value if name in sums else value
-        count += len(labels)
+        lr, step_sums = train_step(learner, batch, spec, epoch, epoch * steps + i, accelerator)
+        for name, value in step_sums.items():
+            sums[name] = sums[name] + value if name in sums else value
+        count += len(batch.label)
         progress.update(task, advance=1, info=f"lr {lr:.4g}")
         ready = time.perf_counter()
     progress.remove_task(task)
     names = list(sums)
     totals = torch.stack([*(sums[name].double() for name in names),
-                          torch.tensor(count, dtype=torch.float64, device=device)])
+                          torch.tensor(count, dtype=torch.float64, device=accelerator.device)])
     *totals, count = accelerator.reduce(totals, reduction="sum").tolist()
     seconds = time.perf_counter() - start  # after the reduce, which waits for the device
     row = {"epoch": epoch + 1, "lr": lr}
@@ -213,15 +229,12 @@ def check_converging(row: dict, model: torch.nn.Module, num_classes: int, genera
 def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                      accelerator: Accelerator, console: Console) -> dict:
     """Train (or resume) one generation to its last epoch; return its eval summary."""
-    model = build_model(recipe.model, recipe.run, num_classes,
-                        seed=recipe.run.seed + 1000 * spec.index)
-    optimizer = make_optimizer(model.to(accelerator.device), recipe.optim)
-    if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
-        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
-    model, optimizer = accelerator.prepare(model, optimizer)
     train, val = generation_loaders(recipe.data, recipe.optim.batch_size,
                                     spec.batch_order_key(), accelerator)
-    learner = Learner(model, optimizer, lr_schedule(recipe.optim, recipe.schedule, len(train)))
+    learner = prepare_learner(build_model(recipe.model, recipe.run, num_classes,
+                                          seed=recipe.run.seed + 1000 * spec.index),
+                              recipe.optim, recipe.schedule, len(train), accelerator)
+    model, optimizer = learner.model, learner.optimizer
     spec.directory.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(spec.directory, accelerator.unwrap_model(model), optimizer,
                             accelerator.scaler) or {"epoch": 0, "history": []}

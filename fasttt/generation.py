@@ -16,12 +16,12 @@ from rich.console import Console
 
 from fasttt.adopt import Adopted
 from fasttt.augment import generation_key
-from fasttt.cache import QUIET, cached_teacher
-from fasttt.engine import GenerationSpec
+from fasttt.cache import QUIET, ensure_cache, open_teacher
+from fasttt.engine import GenerationSpec, Objective
 from fasttt.losses import patriarch_objective, student_objective
 from fasttt.models import last_epoch_model
-from fasttt.recipe import Recipe
-from fasttt.rundir import generation_dir, generation_weights
+from fasttt.recipe import GenerationsConfig, Recipe
+from fasttt.rundir import generation_dir, generation_weights, teacher_cache
 from fasttt.teachers import OnlineTeacher, ViewSchedule, view_schedule
 
 
@@ -44,6 +44,13 @@ def teacher_weights(run_dir: Path, m: int, adopted: Adopted | None) -> tuple[Pat
     return generation_weights(run_dir, m - 1), None
 
 
+def generation_objective(method: GenerationsConfig, m: int) -> Objective:
+    """Generation m's loss: the patriarch's softened one from labels, or a student's."""
+    if m == 0:
+        return patriarch_objective(method.patriarch_loss, method.u, method.k, method.eta)
+    return student_objective(method.lam, method.temperature)
+
+
 def plan_generation(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
                     adopted: Adopted | None, accelerator: Accelerator,
                     console: Console = QUIET) -> GenerationSpec:
@@ -51,8 +58,7 @@ def plan_generation(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
     method, views = recipe.generations, generation_views(recipe, m, adopted)
     directory = generation_dir(run_dir, m)
     if m == 0:  # the patriarch learns from labels with the softened objective
-        return GenerationSpec(0, directory, patriarch_objective(
-            method.patriarch_loss, method.u, method.k, method.eta), views)
+        return GenerationSpec(0, directory, generation_objective(method, 0), views)
     # a student learns from labels and its teacher's last epoch, on its own views
     console.print(f"gen{m}: {views.describe()}")
     temperature = method.temperature
@@ -62,9 +68,10 @@ def plan_generation(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
                                  accelerator.device)
         teacher = OnlineTeacher(model, views, num_classes, temperature)
     else:
-        teacher = cached_teacher(weights, views, temperature, recipe, num_classes,
-                                 accelerator, console, owner)
+        spec = ensure_cache(weights, views, temperature, recipe, num_classes, accelerator,
+                            console, owner)
+        teacher = open_teacher(teacher_cache(weights), spec, accelerator.device)
     # an adopted teacher's views are keyed by its run; the batch order stays this run's
     order = generation_key(recipe.run.seed, m) if owner is not None else None
-    return GenerationSpec(m, directory, student_objective(method.lam, temperature), views,
-                          teacher, order_key=order)
+    return GenerationSpec(m, directory, generation_objective(method, m), views, teacher,
+                          order_key=order)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 from fasttt.losses import patriarch_loss_name
-from fasttt.recipe import Recipe
+from fasttt.recipe import GenerationsConfig
 
 
 @dataclass(frozen=True)
@@ -133,21 +133,20 @@ SINGLE_LABELS = {
 TRANSFER_ALIASES = {"caltech256": ("caltech256", "c256"), "indoor67": ("indoor67", "i67")}
 
 
-def paper_patriarch(recipe: Recipe) -> str:
+def paper_patriarch(g: GenerationsConfig) -> str:
     """The patriarch's loss as the paper's tables name it: any loss whose CE weight is 1 is CE."""
-    g = recipe.generations
     return patriarch_loss_name(g.patriarch_loss, g.u, g.k, g.eta)
 
 
-def match_paper(recipe: Recipe, classes: int | None) -> list[PaperSetting]:
-    """The paper's settings that this recipe reproduces (model, classes, loss, u, lambda)."""
-    g, loss = recipe.generations, paper_patriarch(recipe)
+def match_paper(g: GenerationsConfig, model: str, classes: int | None) -> list[PaperSetting]:
+    """The paper's settings that a run of `model` reproduces (model, classes, loss, u, lambda)."""
+    loss = paper_patriarch(g)
 
     def close(a: float, b: float) -> bool:
         return math.isclose(a, b, abs_tol=1e-9)
 
     return [s for s in PAPER_SETTINGS
-            if s.model == recipe.model.name and s.classes == classes and s.patriarch == loss
+            if s.model == model and s.classes == classes and s.patriarch == loss
             and (loss == "ce" or s.u is None or close(s.u, g.u))
             and (g.students == 0 or s.lams is None or any(close(lam, g.lam) for lam in s.lams))]
 

@@ -120,7 +120,7 @@ def preprocess(images: torch.Tensor, data_config: Mapping) -> torch.Tensor:
                         "pretrained_cfg, or the data config of a model loaded from it")
     view = AugmentConfig(eval_size=size, eval_crop_ratio=data_config["crop_pct"],
                          mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
-    return eval_view(images, size=size, spec=view)
+    return eval_view(images, size=size, augment=view)
 
 
 def top5(model: torch.nn.Module, config: dict, image: torch.Tensor) -> list[tuple[str, float]]:

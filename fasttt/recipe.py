@@ -328,6 +328,33 @@ class Recipe:
     generations: GenerationsConfig = field(default_factory=GenerationsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
+    def value(self, key: str):
+        """The value of `section.key` (a tuple as a list: 0.3, 4.0, "tsd", [1.0, 4.0])."""
+        section, name = key.split(".", 1)
+        value = getattr(getattr(self, section), name)
+        return list(value) if isinstance(value, tuple) else value
+
+    def differences(self, new: Recipe) -> dict[str, tuple]:
+        """`section.key` -> (this value, new value) of each key the two recipes set differently."""
+        return {f"{section.name}.{key}": (value, getattr(getattr(new, section.name), key))
+                for section in dataclasses.fields(self)
+                for key, value in dataclasses.asdict(getattr(self, section.name)).items()
+                if value != getattr(getattr(new, section.name), key)}
+
+    def to_toml(self) -> str:
+        """The fully resolved recipe as TOML text that `load_recipe` reads back unchanged."""
+        lines = []
+        for section in dataclasses.fields(self):
+            lines.append(f"[{section.name}]")
+            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+                lines.append(f"{key} = {toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def write(self, path: Path) -> None:
+        """Write the resolved recipe to `path` atomically."""
+        write_text(Path(path), self.to_toml())
+
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
 
@@ -483,24 +510,17 @@ def build_recipe(tables: dict, where: str) -> Recipe:
                         f"({hint}known: {', '.join(SECTIONS)})")
     recipe = Recipe(**{name: _section(name, tables.get(name, {}), where)
                        for name in SECTIONS})
-    problem = _across_sections(recipe)
+    problem = _across_sections(recipe.generations, recipe.data)
     if problem:
         raise UserError(f"{where}: {problem}")
     return recipe
 
 
-def _across_sections(recipe: Recipe) -> str | None:
+def _across_sections(generations: GenerationsConfig, data: DataConfig) -> str | None:
     """What is wrong with keys of several sections taken together, or None."""
-    method, cache = recipe.generations, recipe.cache
-    if method.stop == "saturation" and recipe.data.holdout == 0:
+    if generations.stop == "saturation" and data.holdout == 0:
         return ("generations.stop = \"saturation\" decides on a holdout: set data.holdout, "
                 "e.g. --set data.holdout=0.05")
-    if (cache.mode == "precomputed" and cache.temperatures and cache.top_k
-            and method.temperature not in cache.temperatures):
-        stored = toml_value(cache.temperatures)
-        return (f"generations.temperature = {method.temperature:g} is not among "
-                f"cache.temperatures = {stored}, and a cache keeping the top {cache.top_k} "
-                "logits cannot serve another: add it to cache.temperatures")
     return None
 
 
@@ -529,27 +549,3 @@ def toml_value(value) -> str:
     if isinstance(value, str):  # JSON string escapes are TOML's, but for a raw DEL
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return str(value)
-
-
-def recipe_to_toml(recipe: Recipe) -> str:
-    """The fully resolved recipe as TOML text that `load_recipe` reads back unchanged."""
-    lines = []
-    for section in dataclasses.fields(recipe):
-        lines.append(f"[{section.name}]")
-        for key, value in dataclasses.asdict(getattr(recipe, section.name)).items():
-            lines.append(f"{key} = {toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_recipe(recipe: Recipe, path: Path) -> None:
-    """Write the resolved recipe to `path` atomically."""
-    write_text(Path(path), recipe_to_toml(recipe))
-
-
-def recipe_differences(old: Recipe, new: Recipe) -> dict[str, tuple]:
-    """`section.key` -> (old value, new value) of each key the two recipes set differently."""
-    return {f"{section.name}.{key}": (value, getattr(getattr(new, section.name), key))
-            for section in dataclasses.fields(old)
-            for key, value in dataclasses.asdict(getattr(old, section.name)).items()
-            if value != getattr(getattr(new, section.name), key)}

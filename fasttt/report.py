@@ -29,7 +29,7 @@ from fasttt.figures import generation_label, write_figures
 from fasttt.files import write_json, write_text
 from fasttt.generation import generation_views
 from fasttt.paper import SERIES_LABELS, SINGLE_LABELS, match_paper, paper_patriarch, paper_summary
-from fasttt.recipe import Recipe, load_recipe
+from fasttt.recipe import DataConfig, GenerationsConfig, load_recipe
 from fasttt.rundir import (
     ANALYSIS,
     ENSEMBLE,
@@ -48,6 +48,7 @@ from fasttt.rundir import (
     read_stopping,
     retrain_hint,
 )
+from fasttt.teachers import ViewSchedule
 
 
 def _round(x: float | None) -> float | None:
@@ -128,12 +129,11 @@ def _transfer(name: str, finished: int, data: dict) -> dict:
                             for g in data["generations"] if g["generation"] < finished]}
 
 
-def _dataset(run_dir: Path, recipe: Recipe) -> tuple[str, list[str] | None]:
+def _dataset(run_dir: Path, beton_dir: Path) -> tuple[str, list[str] | None]:
     """The dataset's name and class names, from the betons the run trained on if still there.
 
     Betons rebuilt since (another dataset, other images) would mislabel every number.
     """
-    beton_dir = Path(recipe.data.beton_dir)
     if not (beton_dir / MANIFEST).is_file():
         return beton_dir.name, None
     if (run_dir / INPUTS).is_file():
@@ -143,22 +143,22 @@ def _dataset(run_dir: Path, recipe: Recipe) -> tuple[str, list[str] | None]:
                  f"rebuild the betons with --force ({BUILD_HINT})")
 
 
-def _label(x: float) -> str:
+def _format_number(x: float) -> str:
+    """A number as the paper writes it: 1.0, 0.6, 0.65."""
     return f"{x:.1f}" if round(x, 1) == x else f"{x:g}"
 
 
-def _process(recipe: Recipe) -> str:
-    g = recipe.generations
-    return f"D({_label(1.0 if paper_patriarch(recipe) == 'ce' else g.u)}, {_label(g.lam)})"
+def _process(g: GenerationsConfig) -> str:
+    u = 1.0 if paper_patriarch(g) == "ce" else g.u
+    return f"D({_format_number(u)}, {_format_number(g.lam)})"
 
 
-def method_title(recipe: Recipe, dataset: str) -> str:
+def method_title(g: GenerationsConfig, model: str, dataset: str) -> str:
     """E.g. "D(0.6, 0.6), TSD patriarch, K = 5, 2 students, cifar_resnet20 on digits"."""
-    g = recipe.generations
     students = f"{g.students} student" + ("" if g.students == 1 else "s")
-    temperature = "" if g.temperature == 1 else f", T = {_label(g.temperature)}"
-    return (f"{_process(recipe)}, {paper_patriarch(recipe).upper()} patriarch, K = {g.k}, "
-            f"{students}{temperature}, {recipe.model.name} on {dataset}")
+    temperature = "" if g.temperature == 1 else f", T = {_format_number(g.temperature)}"
+    return (f"{_process(g)}, {paper_patriarch(g).upper()} patriarch, K = {g.k}, "
+            f"{students}{temperature}, {model} on {dataset}")
 
 
 def _matrix(path: Path) -> np.ndarray:
@@ -186,34 +186,31 @@ def _notes(summary: dict, gen: list[Path]) -> list[str]:
     return notes  # (no transfer results: the Transfer section says so)
 
 
-def _limit_note(recipe: Recipe) -> list[str]:
+def _limit_note(data: DataConfig) -> list[str]:
     """A note that data.train_limit trained the run on part of the training split."""
-    limit, manifest = recipe.data.train_limit, Path(recipe.data.beton_dir) / MANIFEST
+    limit, manifest = data.train_limit, Path(data.beton_dir) / MANIFEST
     if not limit:
         return []
     total = _read(manifest, lambda d: d["splits"]["train"]["count"],
                   f"rebuild the betons with --force ({BUILD_HINT})") if manifest.is_file() else None
     if total is not None and limit >= total:
         return []
-    held = " (less data.holdout's share)" if recipe.data.holdout else ""
+    held = " (less data.holdout's share)" if data.holdout else ""
     return [f"data.train_limit = {limit}: trained on the first {limit} of "
             f"{'the' if total is None else total} training samples{held}."]
 
 
-def _teacher_views(recipe: Recipe) -> str | None:
-    """What the students' teachers label, in words (None without students)."""
-    if recipe.generations.students == 0:
-        return None
-    views = generation_views(recipe, 1)
-    return f"{views.describe()} ({recipe.cache.mode} teacher)"
+def _teacher_views(views: ViewSchedule | None, cache_mode: str) -> str | None:
+    """What the students' teachers label, in words (None without students: no views)."""
+    return None if views is None else f"{views.describe()} ({cache_mode} teacher)"
 
 
-def _method(recipe: Recipe, dataset: str, classes: int | None) -> dict:
-    g = recipe.generations
-    return {"process": _process(recipe), "model": recipe.model.name, "dataset": dataset,
+def _method(g: GenerationsConfig, model: str, dataset: str, classes: int | None,
+            teacher_views: str | None) -> dict:
+    return {"process": _process(g), "model": model, "dataset": dataset,
             "classes": classes, "patriarch_loss": g.patriarch_loss, "u": g.u, "k": g.k,
             "lam": g.lam, "temperature": g.temperature, "students": g.students,
-            "teacher_views": _teacher_views(recipe)}
+            "teacher_views": teacher_views}
 
 
 def _results(run_dir: Path, gen: list[Path]) -> dict:
@@ -248,17 +245,21 @@ def load_run(run_dir: Path) -> tuple[dict, dict[int, np.ndarray], list[str] | No
     gen = [generation_dir(run_dir, m) for m in range(finished)]
     matrices = {m: _matrix(gen[m] / SECOND_CLASS) for m in range(finished)
                 if (gen[m] / SECOND_CLASS).is_file()}
-    dataset, class_names = _dataset(run_dir, recipe)
+    dataset, class_names = _dataset(run_dir, Path(recipe.data.beton_dir))
     classes = len(class_names) if class_names else next(
         (len(x) for x in matrices.values()), None)
     adopted = adopted_teacher(run_dir)
-    summary = {"run": recipe.run.name, "title": method_title(recipe, dataset),
-               "method": _method(recipe, dataset, classes), "planned_generations": planned,
+    g, model = recipe.generations, recipe.model.name
+    views = generation_views(recipe, 1) if g.students else None
+    teacher_views = _teacher_views(views, recipe.cache.mode)
+    summary = {"run": recipe.run.name, "title": method_title(g, model, dataset),
+               "method": _method(g, model, dataset, classes, teacher_views),
+               "planned_generations": planned,
                "finished_generations": finished, **_results(run_dir, gen),
                "adopted_teacher": None if adopted is None else adopted.describe(),
                "stopping": read_stopping(run_dir)}
-    summary["paper"] = paper_summary(summary, match_paper(recipe, classes))
-    summary["notes"] = [*_limit_note(recipe), *_notes(summary, gen)]
+    summary["paper"] = paper_summary(summary, match_paper(g, model, classes))
+    summary["notes"] = [*_limit_note(recipe.data), *_notes(summary, gen)]
     return summary, matrices, class_names
 
 

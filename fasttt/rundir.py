@@ -39,9 +39,7 @@ from fasttt.recipe import (
     MAX_STUDENTS,
     Recipe,
     load_recipe,
-    recipe_differences,
     toml_value,
-    write_recipe,
 )
 
 LOCK, RECIPE, INPUTS, HISTORY = ".lock", "recipe.toml", "inputs.json", "history.jsonl"
@@ -185,8 +183,18 @@ def used_caches(run_dir: Path) -> list[Path]:
     """
     used = itertools.takewhile(lambda m: is_finished(generation_dir(run_dir, m + 1)),
                                itertools.count())
-    return [generation_dir(run_dir, m) / CACHE for m in used
-            if (generation_dir(run_dir, m) / CACHE).is_dir()]
+    caches = (generation_cache(run_dir, m) for m in used)
+    return [cache for cache in caches if cache.is_dir()]
+
+
+def generation_cache(run_dir: Path, m: int) -> Path:
+    """Where generation m's answers for its student are cached."""
+    return generation_dir(run_dir, m) / CACHE
+
+
+def teacher_cache(weights: Path) -> Path:
+    """The cache beside a generation's weights (in this run or the one it adopted from)."""
+    return weights.parent / CACHE
 
 
 def recipe_changes(run_dir: Path, recipe: Recipe, trained: bool) -> dict[str, tuple]:
@@ -199,7 +207,7 @@ def recipe_changes(run_dir: Path, recipe: Recipe, trained: bool) -> dict[str, tu
     if not path.is_file():
         return {}
     try:
-        changes = recipe_differences(load_recipe(path), recipe)
+        changes = load_recipe(path).differences(recipe)
     except UserError as err:
         if not trained:  # nothing to keep: the new recipe takes the directory over
             return {}
@@ -282,6 +290,6 @@ def claim_run_dir(run_dir: Path, recipe: Recipe, beton_dir: Path, manifest: dict
     if changes:
         append_history(run_dir, changes)
     if changes or not trained or not (run_dir / RECIPE).is_file():
-        write_recipe(recipe, run_dir / RECIPE)
+        recipe.write(run_dir / RECIPE)
     if not trained or not (run_dir / INPUTS).is_file():
         write_json(run_dir / INPUTS, {"betons": beton_fingerprint(beton_dir, manifest)})

@@ -20,17 +20,18 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.table import Table
 
+from fasttt.checkpoint import checkpoint_bytes
 from fasttt.errors import OneLineParser, UserError, exit_on_user_error, one_line
 from fasttt.files import staging_path, tree_bytes
 from fasttt.progress import duration, eta_seconds, mean_epoch_seconds
 from fasttt.recipe import load_recipe
 from fasttt.rundir import (
-    CACHE,
     METRICS,
     RECIPE,
     WEIGHTS,
     best_and_last,
     finished_generations,
+    generation_cache,
     generation_dir,
     is_held,
     read_eval,
@@ -60,18 +61,18 @@ def metric_rows(gen_dir: Path) -> list[dict]:
     return rows
 
 
-def disk_bytes(gen_dir: Path) -> dict:
-    """A generation's checkpoints (staged and half-removed ones too), weights and cache."""
-    cache = gen_dir / CACHE
-    return {"checkpoints": sum(tree_bytes(d) for d in gen_dir.glob("*ckpt-*")),
-            "weights": tree_bytes(gen_dir / WEIGHTS),
+def disk_bytes(run_dir: Path, m: int) -> dict:
+    """Generation m's checkpoints (staged and half-removed ones too), weights and cache."""
+    cache = generation_cache(run_dir, m)
+    return {"checkpoints": checkpoint_bytes(generation_dir(run_dir, m)),
+            "weights": tree_bytes(generation_dir(run_dir, m) / WEIGHTS),
             "cache": tree_bytes(cache) + tree_bytes(staging_path(cache))}
 
 
 def generation_status(run_dir: Path, m: int, state: str, rows: list[dict]) -> dict:
     """Generation m: if finished, eval.json's accuracies; else its epochs so far (metrics)."""
     gen = {"generation": m, "state": state, "epochs_done": len(rows), "best": None,
-           "last": None, "bytes": disk_bytes(generation_dir(run_dir, m))}
+           "last": None, "bytes": disk_bytes(run_dir, m)}
     if state == "finished":
         found = read_eval(run_dir, m)
         gen |= {"best": found["best"], "last": found["last"], "epochs_done": found["last"]["epoch"]}

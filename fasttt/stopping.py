@@ -15,10 +15,12 @@ the decision; the report shows both.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
 from rich.console import Console
+from torch import nn
 
 from fasttt.analysis import analyze_run, ensemble_accuracies
 from fasttt.betons import read_manifest
@@ -27,10 +29,11 @@ from fasttt.files import write_json
 from fasttt.models import last_epoch_model
 from fasttt.processes import on_main_process
 from fasttt.progress import log_line
-from fasttt.recipe import GenerationsConfig, Recipe
+from fasttt.recipe import AugmentConfig, DataConfig, GenerationsConfig, load_recipe
 from fasttt.rundir import (
     ANALYSIS,
     HOLDOUT,
+    RECIPE,
     STOPPING,
     generation_dir,
     generation_weights,
@@ -66,10 +69,12 @@ def _read_holdout(path: Path, weights_sha256: str) -> dict | None:
     return found if valid else None
 
 
-def measure_holdout(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
+def measure_holdout(run_dir: Path, m: int, data: DataConfig, batch_size: int,
+                    augment: AugmentConfig, model_of: Callable[[int], nn.Module],
                     accelerator: Accelerator) -> dict:
     """Generation m's and the ensemble 0..m's holdout top-1 and m's training confidence.
 
+    `model_of(k)` is generation k's last-epoch network, `batch_size` the evaluation batch.
     Every process calls this; only the main one writes gen<m>/holdout.json, which is
     reused as long as m's weights are the same.
     """
@@ -78,14 +83,12 @@ def measure_holdout(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
     found = _read_holdout(path, members[-1])
     if found is not None and found.get("members") == members:
         return found
-    manifest = read_manifest(recipe.data.beton_dir)
-    rows = holdout_rows(recipe.data, manifest)  # never empty: data.check_fits refuses that
-    loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size,
-                          rows=rows)
-    models = [last_epoch_model(generation_weights(run_dir, k), recipe.model, recipe.run,
-                               num_classes, accelerator.device) for k in range(m + 1)]
-    ensembles = ensemble_accuracies(models, loader, recipe.augment, accelerator)
-    alone = ensemble_accuracies(models[-1:], loader, recipe.augment, accelerator)[0]
+    manifest = read_manifest(data.beton_dir)
+    rows = holdout_rows(data, manifest)  # never empty: data.check_fits refuses that
+    loader = split_loader(data, accelerator, "train", batch_size, rows=rows)
+    models = [model_of(k) for k in range(m + 1)]
+    ensembles = ensemble_accuracies(models, loader, augment, accelerator)
+    alone = ensemble_accuracies(models[-1:], loader, augment, accelerator)[0]
     analysis = json.loads((generation_dir(run_dir, m) / ANALYSIS).read_bytes())
     result = {"generation": m, "samples": len(rows), "top1": alone["val_top1"],
               "ensemble_top1": ensembles[-1]["val_top1"],
@@ -119,12 +122,22 @@ def stopping_record(curve: list[dict], method: GenerationsConfig, holdout: float
                             for row in curve]}
 
 
-def judge_generation(run_dir: Path, m: int, recipe: Recipe, num_classes: int,
-                     accelerator: Accelerator, console: Console) -> bool:
-    """Judge finished generation m on the holdout, record it; True when the run stops here."""
-    analyze_run(run_dir, recipe, accelerator, console)  # m's confidence, the saturation signal
-    curve = [measure_holdout(run_dir, k, recipe, num_classes, accelerator)
-             for k in range(m + 1)]
+def judge_generation(run_dir: Path, m: int, accelerator: Accelerator,
+                     console: Console) -> bool:
+    """Judge finished generation m on the holdout, record it; True when the run stops here.
+
+    The holdout, model and rule are the run's own, from its recipe.toml.
+    """
+    recipe = load_recipe(run_dir / RECIPE)
+    analyze_run(run_dir, accelerator, console)  # m's confidence, the saturation signal
+    num_classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
+
+    def model_of(k: int) -> nn.Module:
+        return last_epoch_model(generation_weights(run_dir, k), recipe.model, recipe.run,
+                                num_classes, accelerator.device)
+
+    curve = [measure_holdout(run_dir, k, recipe.data, recipe.cache.batch_size, recipe.augment,
+                             model_of, accelerator) for k in range(m + 1)]
     record = stopping_record(curve, recipe.generations, recipe.data.holdout)
     on_main_process(accelerator, write_json, run_dir / STOPPING, record)
     row = curve[-1]

@@ -36,6 +36,8 @@ import torch
 from rich.console import Console
 
 from fasttt.adopt import parse_teacher
+from fasttt.betons import read_manifest
+from fasttt.cache import check_cache_serves
 from fasttt.errors import (
     OneLineParser,
     UserError,
@@ -46,7 +48,7 @@ from fasttt.errors import (
 from fasttt.figures import write_sweep_figures
 from fasttt.files import write_json, write_text
 from fasttt.progress import duration, log_line, progress_bar
-from fasttt.recipe import BOOKKEEPING, Recipe, load_recipe, toml_value
+from fasttt.recipe import BOOKKEEPING, load_recipe, toml_value
 from fasttt.rundir import (
     EVAL,
     SUMMARY_JSON,
@@ -130,27 +132,9 @@ def grid_points(grid: dict[str, list[str]], seeds: list[int]) -> list[Point]:
             for combo in combos for seed in seeds]
 
 
-def swept_value(recipe: Recipe, key: str):
-    """A swept key's value as the recipe holds it (typed: 0.3, 4.0, "tsd", [1.0, 4.0])."""
-    section, name = key.split(".", 1)
-    value = getattr(getattr(recipe, section), name)
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _check_point(recipe: Recipe, directory: Path) -> bool:
-    """True when the point finished earlier; refused as train.py would refuse its recipe."""
-    try:
-        changes = recipe_changes(directory, recipe, has_trained(directory))
-    except UserError as err:
-        raise UserError(f"{err} (or give the sweep another --name)") from None
-    return (directory / SUMMARY_JSON).is_file() and set(changes) <= BOOKKEEPING
-
-
-def point_result(point: Point, recipe: Recipe, directory: Path, status: str,
-                 keys: list[str]) -> dict:
+def point_result(point: Point, values: dict, directory: Path, status: str) -> dict:
     """A point's row of sweep.json: its values, seed, status and last generation's accuracy."""
-    row = {"name": point.name, "values": {k: swept_value(recipe, k) for k in keys},
-           "seed": point.seed, "status": status}
+    row = {"name": point.name, "values": values, "seed": point.seed, "status": status}
     finished = finished_generations(directory) if directory.is_dir() else []
     if status == "finished" and finished:
         m = finished[-1]
@@ -373,15 +357,27 @@ def main(argv: list[str] | None = None) -> None:
     # `base` checked the recipe with --set: what fails now is a --grid key or value
     recipes = {p.name: load_recipe(args.recipe, [*args.set, *p.overrides()], source="--grid")
                for p in points}
-    typed_grid = {key: [swept_value(recipes[next(p.name for p in points if p.texts[key] == t)],
-                                    key) for t in values] for key, values in grid.items()}
+    for recipe in recipes.values():  # refused now, not as each point starts
+        classes = len(read_manifest(recipe.data.beton_dir)["class_names"])
+        check_cache_serves(recipe.cache, recipe.generations.temperature, classes)
+    typed = {p.name: {key: recipes[p.name].value(key) for key in grid} for p in points}
+    typed_grid = {key: [typed[next(p.name for p in points if p.texts[key] == t)][key]
+                        for t in values] for key, values in grid.items()}
     for key, values in typed_grid.items():
         if len({json.dumps(v) for v in values}) != len(values):
             raise UserError(f"--grid {key}: two values mean the same ({values}): give each once")
     console = Console()
     lock = lock_run_dir(directory)
     try:
-        finished = {p.name for p in points if _check_point(recipes[p.name], directory / p.name)}
+        finished = set()
+        for p in points:  # a point finished earlier; refused as train.py would refuse it
+            try:
+                changes = recipe_changes(directory / p.name, recipes[p.name],
+                                         has_trained(directory / p.name))
+            except UserError as err:
+                raise UserError(f"{err} (or give the sweep another --name)") from None
+            if (directory / p.name / SUMMARY_JSON).is_file() and set(changes) <= BOOKKEEPING:
+                finished.add(p.name)
         todo = [p for p in points if p.name not in finished]
         log_line(console, f"sweep {name}: {len(points)} points of students of {teacher}; "
                           f"{len(finished)} finished earlier, {len(todo)} to train, "
@@ -389,9 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         statuses = {p.name: 0 for p in points if p.name in finished}
 
         def report() -> dict:
-            rows = [point_result(p, recipes[p.name], directory / p.name,
+            rows = [point_result(p, typed[p.name], directory / p.name,
                                  "finished" if statuses.get(p.name) == 0 else
-                                 "pending" if p.name not in statuses else "failed", list(grid))
+                                 "pending" if p.name not in statuses else "failed")
                     for p in points]
             sweep = summarize(name, teacher, args.recipe, typed_grid, seeds, rows)
             write_sweep_report(directory, sweep)
@@ -401,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             statuses[point.name] = status
             log = directory / point.name / POINT_LOG
             if status == 0:
-                top1 = point_result(point, recipes[point.name], directory / point.name,
-                                    "finished", list(grid))["val_top1_last"]
+                top1 = point_result(point, typed[point.name], directory / point.name,
+                                    "finished")["val_top1_last"]
                 log_line(console, f"{point.name}: finished in {duration(seconds)}, val top-1 "
                                   f"{top1:.2f}%")
             else:

@@ -9,25 +9,21 @@ the pixels its student sees (or, by explicit choice, the un-augmented image).
 Both teachers answer one question, "the teacher's output for these samples on view v",
 in one format, a `TopKTeacher`: the k largest logits, their class ids and the
 log-partition at the student's temperature (k = C keeps everything). The online
-teacher runs its model on the view's pixels; the cached teacher looks the rows up in a
-cache the online teacher filled (fasttt/cache.py), with no model in memory.
+teacher runs its model on the view's pixels; the cached teacher (fasttt/cache.py, which
+owns the cache's format) looks the rows up in a cache the online teacher filled, with no
+model in memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fasttt.augment import eval_view, generation_key, train_size, train_view
 from fasttt.errors import UserError
-from fasttt.files import sha256_array
 from fasttt.recipe import AugmentConfig, CacheConfig
-
-CACHE_ARRAYS = ("values", "ids", "log_partition")  # a cache's arrays, as TopKTeacher's fields
 
 
 @dataclass(frozen=True)
@@ -85,58 +81,58 @@ class ViewSchedule:
 
     key: int  # generation_key(run seed, generation): keys the views and the batch order
     epochs: int
-    cycle: int  # R: epoch e shows view e mod R
+    count: int  # R, the recipe's cache.views: epoch e shows view e mod R
     augment: AugmentConfig
     unaugmented_teacher: bool = False  # the teacher labels one un-augmented view instead
 
     def view(self, epoch: int) -> int:
         """The student's view at `epoch`."""
-        return epoch % self.cycle
+        return epoch % self.count
 
     def teacher_view(self, epoch: int) -> int:
         """The stored teacher view that goes with the student's view at `epoch`."""
         return 0 if self.unaugmented_teacher else self.view(epoch)
 
     @property
-    def teacher_views(self) -> int:
+    def stored(self) -> int:
         """How many views a teacher labels for this schedule (a cache's stored views)."""
-        return 1 if self.unaugmented_teacher else self.cycle
+        return 1 if self.unaugmented_teacher else self.count
 
     def student_pixels(self, images: Tensor, index: Tensor, epoch: int,
                        extent: Tensor | None) -> Tensor:
         """What the student sees at `epoch`: view e mod R, at that view's size."""
         view = self.view(epoch)
         return train_view(images, index, seed=self.key, view=view,
-                          size=train_size(view, self.augment), spec=self.augment, extent=extent)
+                          size=train_size(view, self.augment), augment=self.augment, extent=extent)
 
     def teacher_pixels(self, images: Tensor, index: Tensor, view: int,
                        extent: Tensor | None) -> Tensor:
         """What the teacher labels for stored view `view`."""
         if self.unaugmented_teacher:
-            return eval_view(images, size=self.augment.eval_size, spec=self.augment,
+            return eval_view(images, size=self.augment.eval_size, augment=self.augment,
                              extent=extent)
         return train_view(images, index, seed=self.key, view=view,
-                          size=train_size(view, self.augment), spec=self.augment, extent=extent)
+                          size=train_size(view, self.augment), augment=self.augment, extent=extent)
 
     def describe(self) -> str:
         """The teacher's views in words, for the run's log and report."""
         if self.unaugmented_teacher:
             return "the teacher labels the un-augmented image; the student sees its own views"
-        if self.cycle >= self.epochs:
+        if self.count >= self.epochs:
             return "the teacher labels the student's own view, a fresh one every epoch"
-        return (f"the teacher labels the student's views, {self.cycle} per sample for "
-                f"{self.epochs} epochs (epoch e shows view e mod {self.cycle})")
+        return (f"the teacher labels the student's views, {self.count} per sample for "
+                f"{self.epochs} epochs (epoch e shows view e mod {self.count})")
 
 
 def view_schedule(seed: int, generation: int, epochs: int, augment: AugmentConfig,
                   cache: CacheConfig) -> ViewSchedule:
     """Generation m's schedule: the patriarch sees a fresh view every epoch, students R views."""
-    cycle = epochs if generation == 0 or cache.views == 0 else min(cache.views, epochs)
+    count = epochs if generation == 0 or cache.views == 0 else min(cache.views, epochs)
     unaugmented = generation > 0 and cache.teacher_view == "unaugmented"
-    if any(train_size(e, augment) != train_size(e % cycle, augment) for e in range(epochs)):
+    if any(train_size(e, augment) != train_size(e % count, augment) for e in range(epochs)):
         raise UserError(f"progressive resizing gives view v other sizes in later epochs: set "
                         f"cache.views = 0 (one view per epoch) or {epochs}")
-    return ViewSchedule(generation_key(seed, generation), epochs, cycle, augment, unaugmented)
+    return ViewSchedule(generation_key(seed, generation), epochs, count, augment, unaugmented)
 
 
 class OnlineTeacher:
@@ -160,43 +156,3 @@ class OnlineTeacher:
         """Outputs on view `view`, as `logits` takes it."""
         return TopKTeacher.from_logits(self.logits(index, view, images, extent, shown),
                                        self.top_k, self.temperature)
-
-
-class CachedTeacher:
-    """The teacher as a lookup: rows (view, sample) of verified cache arrays, host to device.
-
-    Each view's slabs are checked against the checksums recorded at build the first time
-    the view is used, so a damaged cache is refused rather than taught from, and the
-    cost is one pass over the slab an epoch reads anyway, once per open.
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray], checksums: dict[str, list[str]],
-                 temperature: float, column: int | None, device: torch.device, source: Path):
-        """`column`: the stored log-partition at `temperature`; None: from the full logits."""
-        self.arrays, self.checksums, self.source = arrays, checksums, source
-        self.temperature, self.column, self.device = temperature, column, device
-        self.verified: set[int] = set()
-
-    def _verify(self, view: int) -> None:
-        for name in CACHE_ARRAYS:
-            if sha256_array(self.arrays[name][view]) != self.checksums[name][view]:
-                raise UserError(f"{self.source / name}.npy is damaged (view {view} differs "
-                                f"from its checksum): delete {self.source} and rerun the same "
-                                "command to rebuild it from the teacher's verified weights")
-        self.verified.add(view)
-
-    def __call__(self, index: Tensor, view: int, images: Tensor | None = None,
-                 extent: Tensor | None = None, shown: Tensor | None = None) -> TopKTeacher:
-        """Outputs on view `view`, read from the cache by the samples' host `index`."""
-        if view not in self.verified:
-            self._verify(view)
-        rows = index.cpu().numpy()
-        values, ids = (torch.from_numpy(np.ascontiguousarray(self.arrays[name][view][rows]))
-                       .to(self.device, non_blocking=True) for name in ("values", "ids"))
-        if self.column is None:  # every class kept: the log-partition at any temperature
-            log_partition = log_partitions(values, (self.temperature,))[:, 0]
-        else:
-            stored = self.arrays["log_partition"][view][rows, self.column]
-            log_partition = torch.from_numpy(np.ascontiguousarray(stored)).to(
-                self.device, non_blocking=True)
-        return TopKTeacher(values, ids.long(), log_partition, self.temperature)

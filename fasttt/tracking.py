@@ -75,9 +75,12 @@ def hyperparameters(recipe: Recipe, generation: int) -> dict:
 
 
 @contextlib.contextmanager
-def generation_trackers(accelerator: Accelerator, recipe: Recipe, generation: int,
-                        directory: Path):
-    """Trackers open for one generation's epochs (`accelerator.log` goes to them)."""
+def generation_trackers(accelerator: Accelerator, project: str, generation: int,
+                        config: dict, directory: Path):
+    """Trackers open for one generation's epochs (`accelerator.log` goes to them).
+
+    `project` is the run's name, `config` the generation's `hyperparameters`.
+    """
     if not accelerator.log_with:
         yield
         return
@@ -88,7 +91,7 @@ def generation_trackers(accelerator: Accelerator, recipe: Recipe, generation: in
                             for t in named]
     try:
         accelerator.init_trackers(
-            recipe.run.name, hyperparameters(recipe, generation),
+            project, config,
             {tracker: {argument: run_name} for tracker, argument in RUN_NAME_ARGUMENT.items()})
     finally:
         accelerator.log_with = named

@@ -35,7 +35,7 @@ from rich.table import Table
 from beton_builders.digits import build_digits_dir
 from fasttt.adopt import Adopted, adopt_teacher, adopted_teacher
 from fasttt.analysis import analyze_run
-from fasttt.cache import drop_used_caches
+from fasttt.cache import check_cache_serves, drop_used_caches
 from fasttt.checkpoint import drop_checkpoints
 from fasttt.data import check_fits, ensure_betons
 from fasttt.engine import train_generation
@@ -61,7 +61,7 @@ from fasttt.rundir import (
     read_eval,
 )
 from fasttt.stopping import judge_generation
-from fasttt.tracking import generation_trackers
+from fasttt.tracking import generation_trackers, hyperparameters
 
 USAGE = "fasttt/train.py RECIPE.toml [--set SECTION.KEY=VALUE ...] [--runs-dir DIR]"
 
@@ -110,7 +110,8 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
         else:
             spec = plan_generation(run_dir, m, recipe, num_classes, adopted, accelerator,
                                    console)
-            with generation_trackers(accelerator, recipe, m, directory):
+            with generation_trackers(accelerator, recipe.run.name, m,
+                                     hyperparameters(recipe, m), directory):
                 results.append(train_generation(spec, recipe, num_classes, accelerator,
                                                 console))
             print_generations(results, console)
@@ -119,8 +120,7 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
             if freed:
                 log_line(console, f"cache.keep = \"last\": freed {decimal(freed)} of teacher "
                                   "caches whose students have finished")
-        if recipe.data.holdout and judge_generation(run_dir, m, recipe, num_classes,
-                                                    accelerator, console):
+        if recipe.data.holdout and judge_generation(run_dir, m, accelerator, console):
             break
 
 
@@ -135,18 +135,20 @@ def main(argv: list[str] | None = None) -> None:
     manifest = ensure_betons(recipe.data, accelerator, build_digits_dir)
     check_fits(manifest, recipe.data, recipe.augment, k=recipe.generations.k,
                batch_size=recipe.optim.batch_size, processes=accelerator.num_processes)
+    check_cache_serves(recipe.cache, recipe.generations.temperature,
+                       len(manifest["class_names"]))
     run_dir = args.runs_dir / recipe.run.name
     lock = on_main_process(accelerator, lock_run_dir, run_dir)
     try:
         on_main_process(accelerator, claim_run_dir, run_dir, recipe,
                         Path(recipe.data.beton_dir), manifest)
         if recipe.generations.teacher:
-            on_main_process(accelerator, adopt_teacher, run_dir, recipe,
-                            Path(recipe.data.beton_dir), manifest)
+            on_main_process(accelerator, adopt_teacher, run_dir, recipe.generations.teacher,
+                            recipe.model.name, recipe.data, manifest)
         adopted = adopted_teacher(run_dir) if recipe.generations.teacher else None
         train_generations(run_dir, recipe, len(manifest["class_names"]), adopted, accelerator,
                           console)
-        analyze_run(run_dir, recipe, accelerator, console)
+        analyze_run(run_dir, accelerator, console)
         report = on_main_process(accelerator, write_report, run_dir, console)
         results_complete()  # a signal from here on cuts nothing short (fasttt/errors.py)
         console.print(f"report: {report}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import mark_finished, tiny_recipe
+from conftest import mark_finished, one_line_refusal, tiny_recipe
 from rich.console import Console
 
 from fasttt.analysis import (
@@ -30,7 +30,7 @@ from fasttt.checkpoint import save_weights
 from fasttt.data import sequential_loader, split_loader
 from fasttt.errors import UserError
 from fasttt.models import create_model
-from fasttt.rundir import WEIGHTS, generation_dir
+from fasttt.rundir import RECIPE, WEIGHTS, generation_dir
 
 COARSE = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
@@ -158,10 +158,10 @@ def fake_generation(run: Path, m: int, finished: bool = True) -> None:
         mark_finished(generation_dir(run, m))
 
 
-def analyse(run: Path, recipe) -> str:
+def analyse(run: Path) -> str:
     """Run analyze_run on one CPU process; return what it printed."""
     out = io.StringIO()
-    analyze_run(run, recipe, Accelerator(cpu=True), Console(file=out, width=200))
+    analyze_run(run, Accelerator(cpu=True), Console(file=out, width=200))
     return out.getvalue()
 
 
@@ -174,15 +174,15 @@ def test_analyze_run_analyses_each_finished_generation_once(digits, tmp_path):
     run = tmp_path / "run"
     fake_generation(run, 0)
     fake_generation(run, 1, finished=False)  # still training: not analysed yet
-    recipe = recipe_for(digits, **{"data.superclasses": COARSE})
-    printed = analyse(run, recipe)
+    recipe_for(digits, **{"data.superclasses": COARSE}).write(run / RECIPE)
+    printed = analyse(run)
     assert "skipped" not in printed
     assert not (run / "gen1" / "analysis.json").exists()
     assert len(json.loads((run / "ensemble.json").read_text())["generations"]) == 1
 
     before = stamps(run)
     mark_finished(run / "gen1")
-    analyse(run, recipe)
+    analyse(run)
     after = stamps(run)
     assert {name for name in after if after[name] != before.get(name)} == {
         "gen1/eval.json", "gen1/analysis.json", "gen1/second_class.npy", "ensemble.json"}
@@ -213,14 +213,15 @@ def test_analyze_run_analyses_each_finished_generation_once(digits, tmp_path):
     assert ensembles[0]["val_top1"] == pytest.approx(analyses[0]["val"]["top1"])
     assert ensembles[0]["val_top5"] == pytest.approx(analyses[0]["val"]["top5"])
 
-    assert analyse(run, recipe) == ""  # all done: nothing recomputed, nothing printed
+    assert analyse(run) == ""  # all done: nothing recomputed, nothing printed
     assert stamps(run) == after
 
 
 def test_without_a_superclass_map_distances_are_null_after_one_notice(digits, tmp_path):
     run = tmp_path / "run"
     fake_generation(run, 0)
-    printed = analyse(run, recipe_for(digits))
+    recipe_for(digits).write(run / RECIPE)
+    printed = analyse(run)
     notices = [line for line in printed.splitlines() if "DistC/DistS skipped" in line]
     assert len(notices) == 1
     analysis = json.loads((run / "gen0" / "analysis.json").read_text())
@@ -228,3 +229,12 @@ def test_without_a_superclass_map_distances_are_null_after_one_notice(digits, tm
     assert [analysis[split][key] for split in ("train", "val") for key in ("dist_c", "dist_s")
             ] == [None] * 4
     assert (run / "gen0" / "second_class.npy").is_file()
+
+
+def test_a_run_without_its_recipe_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    fake_generation(run, 0)
+    one_line_refusal(lambda: analyse(run), str(run / RECIPE), "no such recipe file")
+    (run / RECIPE).write_bytes(b"\xff")
+    one_line_refusal(lambda: analyse(run), "not UTF-8")
+    assert not (run / "gen0" / "analysis.json").exists()

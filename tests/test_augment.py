@@ -65,13 +65,13 @@ GOLDEN = [0.5422650575637817, 0.36569565534591675, 0.5245974063873291, 0.5816314
 def test_same_key_same_pixels_whatever_the_batch(spec, device):
     images, index = smooth_images(8, 32, 32).to(device), torch.arange(100, 108, device=device)
     size = 32 if spec is CIFAR else 24
-    full = train_view(images, index, seed=1, view=2, size=size, spec=spec)
+    full = train_view(images, index, seed=1, view=2, size=size, augment=spec)
     order = torch.tensor([5, 2, 7], device=device)
-    part = train_view(images[order], index[order], seed=1, view=2, size=size, spec=spec)
+    part = train_view(images[order], index[order], seed=1, view=2, size=size, augment=spec)
     # pad_crop only gathers; normalised, a grey level is 1 / (255 std) units
     atol = 0.0 if spec is CIFAR else GREY_ATOL[device] / (255 * min(spec.std))
     assert torch.allclose(part, full[order], rtol=0, atol=atol)
-    other_view = train_view(images, index, seed=1, view=3, size=size, spec=spec)
+    other_view = train_view(images, index, seed=1, view=3, size=size, augment=spec)
     assert not torch.equal(other_view, full)
 
 
@@ -130,7 +130,7 @@ def test_center_crop_matches_torchvision():
     images = smooth_images(1, 48, 64)
     boxes = center_crop_boxes(torch.tensor([48]), torch.tensor([64]), 0.75)
     assert boxes.tolist() == [[6, 14, 36, 36]]
-    ours = eval_view(images, size=36, spec=dataclasses.replace(PHOTO, eval_crop_ratio=0.75),
+    ours = eval_view(images, size=36, augment=dataclasses.replace(PHOTO, eval_crop_ratio=0.75),
                      extent=torch.tensor([[48, 64]]))
     expected = TF.normalize(TF.center_crop(images[0].float() / 255, [36, 36]),
                             list(PHOTO.mean), list(PHOTO.std))
@@ -156,7 +156,7 @@ def test_photo_crops_stay_inside_the_extent(device):
     spec = dataclasses.replace(PHOTO, mean=(0, 0, 0), std=(1 / 255,) * 3)
     for view in range(20):
         out = train_view(canvas.to(device), torch.tensor([0, 1]), seed=0, view=view, size=16,
-                         spec=spec, extent=extent)
+                         augment=spec, extent=extent)
         # Bilinear border samples may reach one pixel past the extent, which data.py fills
         # with the edge; here it holds 7, so a wrong box shows as values far from 200/100.
         assert (out[0] - 200).abs().mean() < 10 and (out[1] - 100).abs().mean() < 10
@@ -176,11 +176,11 @@ def test_eval_images_is_the_eval_view_of_a_loader_batch(device):
     batch = Batch(images, torch.zeros(3, dtype=torch.long), torch.arange(3), extent)
     ours = eval_images(batch, PHOTO, torch.device(device))
     assert ours.device.type == device
-    assert torch.equal(ours, eval_view(images.to(device), size=PHOTO.eval_size, spec=PHOTO,
+    assert torch.equal(ours, eval_view(images.to(device), size=PHOTO.eval_size, augment=PHOTO,
                                        extent=extent))
     assert ours.shape == (3, 3, 24, 24)
     fixed = eval_images(Batch(images, batch.label, batch.index), CIFAR, torch.device(device))
-    assert torch.equal(fixed, eval_view(images.to(device), size=CIFAR.eval_size, spec=CIFAR,
+    assert torch.equal(fixed, eval_view(images.to(device), size=CIFAR.eval_size, augment=CIFAR,
                                         extent=None))
 
 
@@ -193,9 +193,9 @@ def test_a_view_drawn_on_the_gpu_is_the_one_drawn_on_the_cpu(spec, device):
     extent = None if spec is CIFAR else torch.randint(
         12, 41, (32, 2), generator=torch.Generator().manual_seed(0))
     size = 40 if spec is CIFAR else 24
-    host = train_view(images, index, seed=9, view=4, size=size, spec=spec, extent=extent)
+    host = train_view(images, index, seed=9, view=4, size=size, augment=spec, extent=extent)
     there = train_view(images.to(device), index.to(device), seed=9, view=4, size=size,
-                       spec=spec, extent=extent).cpu()
+                       augment=spec, extent=extent).cpu()
     atol = 0.0 if spec is CIFAR else GREY_ATOL[device] / (255 * min(spec.std))
     assert torch.allclose(there, host, rtol=0, atol=atol)
     heights, widths = extent.unbind(1) if extent is not None else (None, None)

@@ -35,12 +35,12 @@ from hypothesis import strategies as st
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.betons import read_manifest
-from fasttt.cache import array_specs, build_cache, expected_manifest, open_arrays
+from fasttt.cache import CACHE_ARRAYS, CacheSpec, array_specs, build_cache, cache_spec, open_arrays
 from fasttt.checkpoint import save_weights
 from fasttt.data import sequential_loader, split_loader, train_loader
 from fasttt.errors import UserError
-from fasttt.recipe import SECTIONS, load_recipe, write_recipe
-from fasttt.teachers import CACHE_ARRAYS, OnlineTeacher, view_schedule
+from fasttt.recipe import SECTIONS, load_recipe
+from fasttt.teachers import OnlineTeacher, view_schedule
 
 VALID = tomllib.loads(RECIPE.read_text())
 KEYS = sorted({f.name for make in SECTIONS.values() for f in dataclasses.fields(make())})
@@ -157,7 +157,7 @@ def loads_sanely_or_refuses(path: Path, overrides: list[str] = ()):
     sane(recipe)
     out = path.parent / "resolved" / "recipe.toml"
     out.parent.mkdir(exist_ok=True)
-    write_recipe(recipe, out)
+    recipe.write(out)
     assert load_recipe(out) == recipe
     return recipe, None
 
@@ -526,27 +526,27 @@ def test_the_advice_for_a_damaged_photo_beton_rebuilds_it_as_it_was(photos, tmp_
 
 @pytest.fixture(scope="module")
 def cache(digits, tmp_path_factory):
-    """A real 2-view, top-4, float16 cache of a linear teacher: (cache dir, wanted manifest)."""
+    """A real 2-view, top-4, float16 cache of a linear teacher: (cache dir, its CacheSpec)."""
     root = tmp_path_factory.mktemp("cache")
     recipe = tiny_recipe(digits, **{"data.train_limit": 64, "schedule.epochs": 2,
                                     "cache.views": 2, "cache.top_k": 4, "cache.batch_size": 32})
-    schedule = view_schedule(recipe.run.seed, 1, 2, recipe.augment, recipe.cache)
+    views = view_schedule(recipe.run.seed, 1, 2, recipe.augment, recipe.cache)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     save_weights(model, root / "teacher.safetensors")
-    wanted = expected_manifest(root / "teacher.safetensors", read_manifest(digits), 64, schedule,
-                               recipe.cache, 10, recipe.generations.temperature)
+    wanted = cache_spec(root / "teacher.safetensors", read_manifest(digits), 64, views,
+                        recipe.cache, 10, recipe.generations.temperature)
     accelerator = Accelerator(cpu=True)
-    teacher = OnlineTeacher(model, schedule, wanted["top_k"], wanted["temperatures"][0])
+    teacher = OnlineTeacher(model, views, wanted.top_k, wanted.temperature)
     loader = split_loader(recipe.data, accelerator, "train", recipe.cache.batch_size, limit=64)
     build_cache(root / "cache", teacher, wanted, loader, accelerator)
-    assert set(CACHE_KEYS) == {*wanted, "complete"}  # the fuzzing below covers every key
+    assert set(CACHE_KEYS) == {*wanted.manifest(), "complete"}  # the fuzzing covers every key
     assert {n: a.shape for n, a in open_arrays(root / "cache", wanted).items()} == {
         "values": (2, 64, 4), "ids": (2, 64, 4), "log_partition": (2, 64, 1)}
     return root / "cache", wanted
 
 
-def opens_exactly_or_refuses(cache_dir: Path, wanted: dict) -> str | None:
+def opens_exactly_or_refuses(cache_dir: Path, wanted: CacheSpec) -> str | None:
     """open_arrays' outcome: None when every array has its exact spec, else the one line."""
     before = snapshot(cache_dir)
     try:
@@ -557,7 +557,7 @@ def opens_exactly_or_refuses(cache_dir: Path, wanted: dict) -> str | None:
         assert "delete" in message and "rebuild" in message, message
         assert snapshot(cache_dir) == before
         return message
-    specs = array_specs(wanted)
+    specs = array_specs(wanted.manifest())
     assert {n: (a.shape, a.dtype) for n, a in arrays.items()} == specs
     return None
 
@@ -630,5 +630,5 @@ def test_damaged_or_foreign_cache_manifests_are_refused(cache, change):
     except (ValueError, RecursionError):
         found = None
     if not isinstance(found, dict) or found.get("complete") is not True or any(
-            found.get(k) != v for k, v in wanted.items()):
+            found.get(k) != v for k, v in wanted.manifest().items()):
         assert message is not None

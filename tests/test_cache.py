@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from rich.console import Console
 
 from fasttt.augment import eval_view, generation_key, train_size, train_view
 from fasttt.betons import read_manifest
-from fasttt.cache import cached_teacher, describe, ensure_cache, expected_manifest, open_arrays
+from fasttt.cache import CacheSpec, cache_spec, describe, ensure_cache, open_arrays, open_teacher
 from fasttt.cache import main as cache_cli
 from fasttt.data import split_loader, train_samples
 from fasttt.errors import UserError, exit_on_user_error
@@ -56,17 +57,17 @@ def patriarch(digits, tmp_path_factory) -> Path:
 def setup(patriarch: Path, digits: Path, **overrides):
     """(recipe, accelerator, gen0 dir, the views of gen0's student) of the patriarch's run."""
     recipe = tiny_recipe(digits, **{**CACHE_RUN, **overrides})
-    schedule = view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
-                             recipe.cache)
+    views = view_schedule(recipe.run.seed, 1, recipe.schedule.epochs, recipe.augment,
+                          recipe.cache)
     accelerator = make_accelerator(recipe.run.mixed_precision, Console(quiet=True))
-    return recipe, accelerator, patriarch / "digits_d06" / "gen0", schedule
+    return recipe, accelerator, patriarch / "digits_d06" / "gen0", views
 
 
-def wanted_for(recipe, schedule, teacher_dir: Path) -> dict:
-    """The manifest a cache of `teacher_dir` must have for this recipe's student."""
+def wanted_for(recipe, views, teacher_dir: Path) -> CacheSpec:
+    """What a cache of `teacher_dir` must hold for this recipe's student."""
     beton = read_manifest(recipe.data.beton_dir)
-    return expected_manifest(teacher_dir / WEIGHTS, beton, train_samples(recipe.data, beton),
-                             schedule, recipe.cache, 10, recipe.generations.temperature)
+    return cache_spec(teacher_dir / WEIGHTS, beton, train_samples(recipe.data, beton), views,
+                      recipe.cache, 10, recipe.generations.temperature)
 
 
 def first_samples(recipe, accelerator):
@@ -76,26 +77,26 @@ def first_samples(recipe, accelerator):
 
 
 def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, digits):
-    recipe, accelerator, gen0, schedule = setup(patriarch, digits)
+    recipe, accelerator, gen0, views = setup(patriarch, digits)
     device = accelerator.device.type
-    wanted = ensure_cache(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
-    assert (wanted["top_k"], wanted["views"], wanted["stored_views"]) == (10, 2, 2)
-    assert wanted["teacher_view"] == "student" and wanted["samples"] == 192
-    teacher = cached_teacher(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
+    wanted = ensure_cache(gen0 / WEIGHTS, views, 1.0, recipe, 10, accelerator)
+    assert (wanted.top_k, wanted.views, wanted.stored_views) == (10, 2, 2)
+    assert wanted.teacher_view == "student" and wanted.samples == 192
+    teacher = open_teacher(gen0 / CACHE, wanted, accelerator.device)
     model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
                              accelerator.device).eval()
-    online = OnlineTeacher(model, schedule, 10, recipe.generations.temperature)
+    online = OnlineTeacher(model, views, 10, recipe.generations.temperature)
     batch = first_samples(recipe, accelerator)
     order = torch.randperm(192, generator=torch.Generator().manual_seed(0))[:40]
     images, index = batch.image[order], batch.index[order]
     for epoch in range(3):  # epoch 2 shows view 0 again
-        view = schedule.teacher_view(epoch)
+        view = views.teacher_view(epoch)
         assert view == epoch % 2
         # The student's pixels: generation 1's key, view e mod R, that view's size.
         shown = train_view(images, index, seed=generation_key(recipe.run.seed, 1), view=view,
-                           size=train_size(view, recipe.augment), spec=recipe.augment,
+                           size=train_size(view, recipe.augment), augment=recipe.augment,
                            extent=None)
-        assert torch.equal(shown, schedule.student_pixels(images, index, epoch, None))
+        assert torch.equal(shown, views.student_pixels(images, index, epoch, None))
         with torch.no_grad(), accelerator.autocast():
             want = TopKTeacher.from_logits(model(shown), 10)
         with torch.no_grad(), accelerator.autocast():  # as the training loop calls it
@@ -109,22 +110,21 @@ def test_cached_rows_are_the_teachers_outputs_on_the_students_views(patriarch, d
 
 def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch, digits,
                                                                      tmp_path):
-    recipe, accelerator, gen0, schedule = setup(
+    recipe, accelerator, gen0, views = setup(
         patriarch, digits, **{"cache.teacher_view": '"unaugmented"'})
     device = accelerator.device.type
     teacher_dir = tmp_path / "gen0"
     teacher_dir.mkdir()
     shutil.copy2(gen0 / WEIGHTS, teacher_dir / WEIGHTS)
-    wanted = ensure_cache(teacher_dir / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
-    assert (wanted["views"], wanted["stored_views"], wanted["teacher_view"]) == (
-        2, 1, "unaugmented")
-    assert [schedule.teacher_view(e) for e in range(3)] == [0, 0, 0]
-    assert [schedule.view(e) for e in range(3)] == [0, 1, 0]  # the student's own views
-    teacher = cached_teacher(teacher_dir / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
+    wanted = ensure_cache(teacher_dir / WEIGHTS, views, 1.0, recipe, 10, accelerator)
+    assert (wanted.views, wanted.stored_views, wanted.teacher_view) == (2, 1, "unaugmented")
+    assert [views.teacher_view(e) for e in range(3)] == [0, 0, 0]
+    assert [views.view(e) for e in range(3)] == [0, 1, 0]  # the student's own views
+    teacher = open_teacher(teacher_dir / CACHE, wanted, accelerator.device)
     model = last_epoch_model(gen0 / WEIGHTS, recipe.model, recipe.run, 10,
                              accelerator.device).eval()
     batch = first_samples(recipe, accelerator)
-    plain = eval_view(batch.image, size=recipe.augment.eval_size, spec=recipe.augment,
+    plain = eval_view(batch.image, size=recipe.augment.eval_size, augment=recipe.augment,
                       extent=None)
     with torch.no_grad(), accelerator.autocast():
         want = TopKTeacher.from_logits(model(plain), 10)
@@ -132,9 +132,9 @@ def test_an_unaugmented_teacher_labels_one_plain_view_for_every_epoch(patriarch,
     assert torch.equal(got.ids, want.ids)
     assert torch.allclose(got.values.float(), want.values.float(), **CLOSE[device])
     # The student's pixels are ignored: an online teacher labels the plain view too.
-    shown = schedule.student_pixels(batch.image, batch.index, 1, None)
+    shown = views.student_pixels(batch.image, batch.index, 1, None)
     with torch.no_grad(), accelerator.autocast():
-        online = OnlineTeacher(model, schedule, 10, 1.0)(batch.index, 0, batch.image, None,
+        online = OnlineTeacher(model, views, 10, 1.0)(batch.index, 0, batch.image, None,
                                                          shown)
     assert torch.allclose(online.values.float(), want.values.float(), **CLOSE[device])
 
@@ -159,8 +159,8 @@ def test_a_student_from_the_cache_follows_the_online_students_trajectory(digits,
     ({"cache.top_k": 5}, "top_k"),
 ])
 def test_a_cache_for_other_settings_is_refused(patriarch, digits, change, what):
-    recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    ensure_cache(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
+    recipe, accelerator, gen0, views = setup(patriarch, digits)
+    ensure_cache(gen0 / WEIGHTS, views, 1.0, recipe, 10, accelerator)
     other, _, _, other_views = setup(patriarch, digits, **change)
     with pytest.raises(UserError, match=f"built for another {what}.*rerun the same command"):
         open_arrays(gen0 / CACHE, wanted_for(other, other_views, gen0))
@@ -168,13 +168,13 @@ def test_a_cache_for_other_settings_is_refused(patriarch, digits, change, what):
 
 def test_wrong_teacher_beton_incomplete_and_truncated_caches_are_refused(patriarch, digits,
                                                                         tmp_path):
-    recipe, accelerator, gen0, schedule = setup(patriarch, digits)
-    wanted = ensure_cache(gen0 / WEIGHTS, schedule, 1.0, recipe, 10, accelerator)
+    recipe, accelerator, gen0, views = setup(patriarch, digits)
+    wanted = ensure_cache(gen0 / WEIGHTS, views, 1.0, recipe, 10, accelerator)
     cache = tmp_path / "cache"
     shutil.copytree(gen0 / CACHE, cache)
     for key, what in (("teacher_sha256", "teacher weights"), ("beton_sha256", "beton")):
         with pytest.raises(UserError, match=f"another {what}"):
-            open_arrays(cache, {**wanted, key: "0" * 64})
+            open_arrays(cache, dataclasses.replace(wanted, **{key: "0" * 64}))
     values = cache / "values.npy"
     values.write_bytes(values.read_bytes()[:-100])
     with pytest.raises(UserError, match="values.npy is damaged or truncated"):
@@ -230,10 +230,10 @@ def test_the_cache_cli_refuses_bad_arguments_and_untrained_generations_in_one_li
 
 def test_views_that_would_change_size_between_epochs_are_refused(patriarch, digits):
     ramp = {"augment.min_size": 24, "augment.end_ramp": 2, "schedule.epochs": 3}
-    recipe, _, gen0, schedule = setup(patriarch, digits, **ramp, **{"cache.views": 3})
-    assert wanted_for(recipe, schedule, gen0)["views"] == 3
+    recipe, _, gen0, views = setup(patriarch, digits, **ramp, **{"cache.views": 3})
+    assert wanted_for(recipe, views, gen0).views == 3
     one_view = tiny_recipe(digits, **{**CACHE_RUN, **ramp, "cache.views": 1})
     with pytest.raises(UserError, match="progressive resizing"):
         view_schedule(one_view.run.seed, 1, 3, one_view.augment, one_view.cache)
     # The patriarch sees a fresh view every epoch, whatever the cache keeps.
-    assert view_schedule(one_view.run.seed, 0, 3, one_view.augment, one_view.cache).cycle == 3
+    assert view_schedule(one_view.run.seed, 0, 3, one_view.augment, one_view.cache).count == 3

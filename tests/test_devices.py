@@ -10,6 +10,7 @@ so there the numbers must be close instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import pytest
 import torch
 from conftest import DEVICES, RECIPE, RUN_DEVICE, interrupt_at_evaluation, tiny_run_flags
 
-from fasttt.cache import open_teacher, read_cache_manifest
+from fasttt.cache import CacheSpec, open_teacher, read_cache_manifest
 from fasttt.engine import PERCENT, TIMINGS
 from fasttt.rundir import CACHE, METRICS
 from fasttt.teachers import ViewSchedule
@@ -92,7 +93,10 @@ def test_a_killed_cached_student_resumes_with_the_same_batches_and_views(
 def test_the_cache_serves_its_stored_rows_on_every_device(uninterrupted, device):
     cache_dir = uninterrupted[0] / "gen0" / CACHE
     manifest = read_cache_manifest(cache_dir)
-    teacher = open_teacher(cache_dir, manifest, 1.0, torch.device(device))
+    stored = {f.name for f in dataclasses.fields(CacheSpec)} - {"temperature", "temperatures"}
+    spec = CacheSpec(**{key: manifest[key] for key in stored}, temperature=1.0,
+                     temperatures=tuple(manifest["temperatures"]))
+    teacher = open_teacher(cache_dir, spec, torch.device(device))
     stored = {name: np.load(cache_dir / f"{name}.npy") for name in ("values", "ids")}
     index = torch.tensor([127, 3, 64, 3, 0])  # any order, repeats allowed
     for view in range(manifest["stored_views"]):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from fasttt.errors import UserError
-from fasttt.recipe import Recipe, load_recipe, recipe_to_toml, write_recipe
+from fasttt.recipe import Recipe, load_recipe
 
 GOOD = """
 [run]
@@ -79,9 +79,9 @@ def test_round_trip_is_exact(tmp_path):
     # run.name must be a plain file name: model.name carries the odd characters here
     recipe = load_recipe(write(tmp_path, GOOD), ["model.name=odd \"name\" \\ \u00e9\x7f"])
     out = tmp_path / "resolved.toml"
-    write_recipe(recipe, out)
+    recipe.write(out)
     assert load_recipe(out) == recipe
-    assert recipe_to_toml(load_recipe(out)) == out.read_text()
+    assert load_recipe(out).to_toml() == out.read_text()
 
 
 def test_an_override_changes_exactly_one_field(tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image
 from beton_builders.__main__ import main as build_betons
 from fasttt.augment import train_size
 from fasttt.betons import read_manifest
-from fasttt.cache import array_specs, expected_manifest
+from fasttt.cache import array_specs, cache_spec
 from fasttt.data import train_samples
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.losses import eta_from_u
@@ -72,7 +72,7 @@ def student_views(recipe):
 def cache_bytes(recipe, samples: int, classes: int) -> int:
     """Bytes of one teacher's cache for this recipe on the full training set."""
     cache = recipe.cache
-    manifest = {"stored_views": student_views(recipe).teacher_views, "samples": samples,
+    manifest = {"stored_views": student_views(recipe).stored, "samples": samples,
                 "classes": classes, "top_k": min(cache.top_k or classes, classes),
                 "dtype": cache.dtype, "temperatures": [1.0]}
     return sum(math.prod(shape) * dtype.itemsize
@@ -137,7 +137,7 @@ def test_teachers_label_the_students_own_views_and_fit_on_disk(name):
     # student sees at every epoch, at that epoch's size.
     assert recipe.cache.views in (0, recipe.schedule.epochs)
     views = student_views(recipe)
-    assert views.cycle == views.teacher_views == recipe.schedule.epochs
+    assert views.count == views.stored == recipe.schedule.epochs
     assert [views.teacher_view(e) for e in range(recipe.schedule.epochs)] == list(
         range(recipe.schedule.epochs))
     size = cache_bytes(recipe, paper["train_images"], paper["classes"])
@@ -163,7 +163,7 @@ def test_fast_imagenet_recipe_is_ffcvs_schedule_with_the_papers_method():
     assert sizes[0] == 160 and sizes[-1] == 192 and sizes == sorted(sizes)
     assert augment.eval_size in (224, 256) and augment.eval_crop_ratio * 256 == 224
     # progressive resizing: one view per epoch
-    assert student_views(fast).cycle == schedule.epochs
+    assert student_views(fast).count == schedule.epochs
 
 
 # ---------------------------------------------------------------- one tiny run per family
@@ -254,10 +254,9 @@ def test_fast_recipes_progressive_resizing_is_accepted_by_the_teacher_cache(phot
     weights.write_bytes(b"teacher")
     recipe = load_recipe(RECIPES / "imagenet_r18_d06_fast.toml", [f'data.beton_dir="{photos}"'])
     beton = read_manifest(photos)
-    wanted = expected_manifest(weights, beton, train_samples(recipe.data, beton),
-                               student_views(recipe), recipe.cache, 6,
-                               recipe.generations.temperature)
-    assert (wanted["views"], wanted["stored_views"], wanted["top_k"]) == (16, 16, 6)
+    wanted = cache_spec(weights, beton, train_samples(recipe.data, beton),
+                        student_views(recipe), recipe.cache, 6, recipe.generations.temperature)
+    assert (wanted.views, wanted.stored_views, wanted.top_k) == (16, 16, 6)
     fewer = load_recipe(RECIPES / "imagenet_r18_d06_fast.toml",
                         [f'data.beton_dir="{photos}"', "cache.views=8"])
     with pytest.raises(UserError, match="progressive resizing"):  # one view for two sizes

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from fasttt.errors import UserError
 from fasttt.paper import PAPER_SETTINGS, match_paper, our_series, paper_patriarch
-from fasttt.recipe import load_recipe, write_recipe
+from fasttt.recipe import load_recipe
 from fasttt.report import load_run, main, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,7 +44,7 @@ def fake_run(run_dir: Path, beton_dir: Path, *, superclasses: bool = True, class
     recipe = load_recipe(RECIPE, [f'data.beton_dir="{beton_dir}"', "generations.students=1",
                                   "schedule.epochs=3", *extra])
     run_dir.mkdir(parents=True)
-    write_recipe(recipe, run_dir / "recipe.toml")
+    recipe.write(run_dir / "recipe.toml")
     rng = np.random.default_rng(0)
     last = [(96.25, 99.75), (98.5, 100.0)]
     for m, (top1, top5) in enumerate(last):
@@ -219,10 +219,11 @@ def test_paper_setting_matches_densenet100_on_100_classes(tmp_path):
 ])
 def test_match_paper_by_model_loss_u_and_lambda(overrides, expected):
     recipe = load_recipe(RECIPE, overrides)
-    assert [s.name for s in match_paper(recipe, 100)] == expected
+    assert [s.name for s in match_paper(recipe.generations, recipe.model.name, 100)] == expected
     imagenet = load_recipe(RECIPE, ["model.name=resnet18"])
-    assert [s.name for s in match_paper(imagenet, 1000)] == ["ILSVRC2012, ResNet-18, D(0.6, 0.6)"]
-    assert match_paper(imagenet, 100) == []
+    g, model = imagenet.generations, imagenet.model.name
+    assert [s.name for s in match_paper(g, model, 1000)] == ["ILSVRC2012, ResNet-18, D(0.6, 0.6)"]
+    assert match_paper(g, model, 100) == []
 
 
 def test_paper_settings_keep_the_papers_exact_numbers():
@@ -272,7 +273,7 @@ def test_the_method_names_what_the_teachers_label(tmp_path, extra, views):
 
 def test_the_paper_names_the_loss_the_patriarch_trains_with():
     def patriarch(*overrides):
-        return paper_patriarch(load_recipe(RECIPE, list(overrides)))
+        return paper_patriarch(load_recipe(RECIPE, list(overrides)).generations)
 
     assert patriarch() == "tsd"
     assert patriarch("generations.u=1.0") == "ce"

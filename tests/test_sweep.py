@@ -182,8 +182,9 @@ def test_a_temperature_the_cache_cannot_serve_is_refused(swept, digits, tmp_path
                      "each --grid key may be given once")
     args = sweep_args(digits, swept)
     args[args.index("generations.temperature=1,4")] = "generations.temperature=1,3"
-    one_line_refusal(lambda: sweep(args), "generations.temperature = 3 is not among "
-                     "cache.temperatures = [1.0, 4.0]")
+    one_line_refusal(lambda: sweep(args), "this recipe's cache keeps the top 5 logits and "
+                     "log-partitions at T = 1, 4, so it cannot serve generations.temperature "
+                     "= 3", "cache.temperatures")
     teacher = swept / "teacher" / "gen0"
     one_line_refusal(lambda: train(tiny_run_args(digits, tmp_path, **{
         **CACHE, "generations.teacher": f'"{teacher}"', "generations.temperature": 3.0,

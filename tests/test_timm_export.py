@@ -24,7 +24,7 @@ from fasttt.checkpoint import save_weights
 from fasttt.export import CONFIG, WEIGHTS, export, load_export
 from fasttt.models import build_model, last_epoch_model
 from fasttt.predict import preprocess, top5
-from fasttt.recipe import Recipe, write_recipe
+from fasttt.recipe import Recipe
 from fasttt.rundir import RECIPE
 
 VIEW = {"augment.eval_crop_ratio": 0.875, "augment.mean": "[0.4914, 0.4822, 0.4465]",
@@ -36,7 +36,7 @@ def untrained_run(runs: Path, recipe: Recipe, generations: int) -> Path:
     """A run directory of `generations` untrained, finished generations of `recipe`."""
     run = runs / recipe.run.name
     run.mkdir(parents=True)
-    write_recipe(recipe, run / RECIPE)
+    recipe.write(run / RECIPE)
     for m in range(generations):
         (run / f"gen{m}").mkdir()
         network = build_model(recipe.model, recipe.run, 10, seed=m)
@@ -77,7 +77,7 @@ def fasttt_logits(run: Path, recipe: Recipe, m: int, image: torch.Tensor) -> tor
     model = last_epoch_model(run / f"gen{m}" / "last.safetensors", recipe.model, recipe.run, 10,
                              torch.device("cpu")).eval()
     with torch.no_grad():
-        return model(eval_view(image, size=recipe.augment.eval_size, spec=recipe.augment))
+        return model(eval_view(image, size=recipe.augment.eval_size, augment=recipe.augment))
 
 
 def timm_loads(gen1: Path) -> dict:
@@ -185,7 +185,7 @@ def test_a_runs_checkpoint_loads_whole_or_not_at_all(run, recipe):
                               pretrained_cfg_overlay=dict(file=file)).eval()
     image = images()[0]
     with torch.no_grad():
-        found = model(eval_view(image, size=32, spec=recipe.augment))
+        found = model(eval_view(image, size=32, augment=recipe.augment))
     assert torch.allclose(found, fasttt_logits(run, recipe, 1, image), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="size mismatch"):  # never a silently fresh head
         timm.create_model("cifar_resnet20", pretrained=True, num_classes=5,

@@ -15,7 +15,7 @@ from beton_builders.__main__ import main as build_betons
 from fasttt.checkpoint import save_weights
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.models import build_model
-from fasttt.recipe import load_recipe, write_recipe
+from fasttt.recipe import load_recipe
 from fasttt.rundir import WEIGHTS, generation_dir
 from fasttt.transfer import main, open_target, pooled_labels, split_indices, trained_generations
 
@@ -49,7 +49,7 @@ def run_dir(digits, tmp_path_factory) -> Path:
     run.mkdir()
     recipe = load_recipe(RECIPE, set_pairs(**{"data.beton_dir": f'"{digits}"',
                                               "data.num_workers": 1}))
-    write_recipe(recipe, run / "recipe.toml")
+    recipe.write(run / "recipe.toml")
     for m in range(2):
         generation_dir(run, m).mkdir()
         save_weights(build_model(recipe.model, recipe.run, 10, seed=m),

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from beton_builders.__main__ import main as build_betons
 from fasttt.betons import read_manifest
-from fasttt.cache import FORMAT_VERSION, array_specs, open_arrays, seal_manifest
+from fasttt.cache import CacheSpec, array_specs, open_arrays, seal_manifest
 from fasttt.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fasttt.errors import UserError
 from fasttt.files import sha256_file, write_json
@@ -287,22 +287,21 @@ def test_weights_that_are_pickles_or_another_model_are_refused(checkpoint, tmp_p
 
 # ------------------------------------------------------------------------ teacher cache
 
-WANTED = {"format_version": FORMAT_VERSION, "teacher_sha256": "1" * 64,
-          "beton_sha256": "2" * 64, "augment_sha256": "3" * 64, "samples": 8, "classes": 10,
-          "views": 2, "stored_views": 2, "teacher_view": "student", "top_k": 3,
-          "dtype": "float16", "temperatures": [1.0], "holdout": 0.0}
+WANTED = CacheSpec(teacher_sha256="1" * 64, beton_sha256="2" * 64, augment_sha256="3" * 64,
+                   samples=8, classes=10, views=2, stored_views=2, teacher_view="student",
+                   top_k=3, dtype="float16", temperatures=(1.0,), holdout=0.0, temperature=1.0)
 
 
 def test_cache_arrays_holding_pickles_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     cache = tmp_path / "cache"
     cache.mkdir()
-    for name, (shape, dtype) in array_specs(WANTED).items():
+    for name, (shape, dtype) in array_specs(WANTED.manifest()).items():
         np.lib.format.open_memmap(cache / f"{name}.npy", "w+", dtype, shape).flush()
-    write_json(cache / "manifest.json", seal_manifest({**WANTED, "complete": True}))
+    write_json(cache / "manifest.json", seal_manifest({**WANTED.manifest(), "complete": True}))
     assert open_arrays(cache, WANTED)["values"].shape == (2, 8, 3)
     evil = np.array([Call(os.system, f"touch {marker}")] * 48, dtype=object).reshape(2, 8, 3)
-    for name in array_specs(WANTED):
+    for name in array_specs(WANTED.manifest()):
         original = (cache / f"{name}.npy").read_bytes()
         np.save(cache / f"{name}.npy", evil, allow_pickle=True)
         np.load(cache / f"{name}.npy", allow_pickle=True)  # a plain load runs it

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from fasttt.betons import read_manifest
-from fasttt.cache import build_cache, expected_manifest, open_arrays, open_teacher
+from fasttt.cache import build_cache, cache_spec, open_arrays, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import generation_loaders, sequential_loader, train_samples
 from fasttt.errors import UserError
@@ -81,7 +81,7 @@ def test_the_default_cache_shows_a_fresh_view_every_epoch_like_the_online_teache
     (views,) = schedules(recipe, 1)
     assert [views.view(e) for e in range(4)] == [0, 1, 2, 3]
     assert [views.teacher_view(e) for e in range(4)] == [0, 1, 2, 3]
-    assert views.teacher_views == 4
+    assert views.stored == 4
     assert "fresh one every epoch" in views.describe()
 
 
@@ -92,9 +92,9 @@ def test_fewer_views_and_the_unaugmented_view_are_explicit_and_stated(digits):
     (fixed,) = schedules(recipe_for(digits, 'cache.teacher_view="unaugmented"'), 1)
     assert [fixed.view(e) for e in range(4)] == [0, 1, 2, 3]  # the student's views stay fresh
     assert [fixed.teacher_view(e) for e in range(4)] == [0, 0, 0, 0]
-    assert fixed.teacher_views == 1 and "un-augmented" in fixed.describe()
+    assert fixed.stored == 1 and "un-augmented" in fixed.describe()
     (patriarch,) = schedules(recipe_for(digits, "cache.views=2"), 0)
-    assert patriarch.cycle == 4  # no teacher, nothing cached: a fresh view every epoch
+    assert patriarch.count == 4  # no teacher, nothing cached: a fresh view every epoch
 
 
 def test_switching_the_cache_mode_keeps_the_students_views(digits):
@@ -108,7 +108,7 @@ def test_views_that_would_change_size_between_epochs_are_refused(digits):
                         "augment.start_ramp=1", "augment.end_ramp=3")
     with pytest.raises(UserError, match="progressive resizing"):
         schedules(recipe, 1)
-    assert schedules(recipe, 0)[0].cycle == 4  # one view per epoch is always consistent
+    assert schedules(recipe, 0)[0].count == 4  # one view per epoch is always consistent
 
 
 def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views(
@@ -120,13 +120,13 @@ def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views
     (views,) = schedules(recipe, 2)
     beton = read_manifest(digits)
     samples = train_samples(recipe.data, beton)
-    wanted = expected_manifest(tmp_path / "teacher.safetensors", beton, samples, views,
-                               recipe.cache, 10, 1.0)
+    wanted = cache_spec(tmp_path / "teacher.safetensors", beton, samples, views, recipe.cache,
+                        10, 1.0)
     online = OnlineTeacher(model, views, 10, 1.0)
     loader = sequential_loader(digits, split="train", batch_size=50, num_workers=1,
                                limit=samples)
     build_cache(tmp_path / "cache", online, wanted, loader, accelerator)
-    cached = open_teacher(tmp_path / "cache", wanted, 1.0, torch.device("cpu"))
+    cached = open_teacher(tmp_path / "cache", wanted, torch.device("cpu"))
     batch = first_batch(digits)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:24]
     for epoch in range(recipe.schedule.epochs):  # epoch 3 shows view 0 again
@@ -138,16 +138,17 @@ def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views
         assert torch.allclose(got.values, want.values, atol=1e-5)
         assert torch.allclose(got.log_partition, want.log_partition, atol=1e-5)
     # Every class kept: the cache serves a student of any temperature, T = 4 here.
-    hot = open_teacher(tmp_path / "cache", wanted, 4.0, torch.device("cpu"))
-    assert hot.column is None and wanted["temperatures"] == [1.0]
+    hot = open_teacher(tmp_path / "cache", dataclasses.replace(wanted, temperature=4.0),
+                       torch.device("cpu"))
+    assert hot.column is None and wanted.temperatures == (1.0,)
     want = OnlineTeacher(model, views, 10, 4.0)(batch.index[order], 0, batch.image[order], None)
     got = hot(batch.index[order], 0)
     assert got.temperature == 4.0
     assert torch.allclose(got.log_partition, want.log_partition, atol=1e-5)
     # Another generation's views are another cache: the fingerprint refuses it.
     (other,) = schedules(recipe, 3)
-    other_wanted = expected_manifest(tmp_path / "teacher.safetensors", beton, samples, other,
-                                     recipe.cache, 10, 1.0)
+    other_wanted = cache_spec(tmp_path / "teacher.safetensors", beton, samples, other,
+                              recipe.cache, 10, 1.0)
     with pytest.raises(UserError, match="built for another augmentation"):
         open_arrays(tmp_path / "cache", other_wanted)
 
@@ -156,13 +157,13 @@ def test_the_cache_answers_what_the_online_teacher_answers_on_the_students_views
 def test_an_lsr_or_cp_patriarch_with_an_explicit_eta_is_labelled_by_its_loss(digits, loss):
     recipe = recipe_for(digits, f'generations.patriarch_loss="{loss}"', "generations.u=1.0",
                         "generations.eta=0.5", "generations.lam=0.6")
-    assert paper_patriarch(recipe) == loss
-    assert f"{loss.upper()} patriarch" in method_title(recipe, "digits")
-    resnet110 = dataclasses.replace(recipe, model=dataclasses.replace(
-        recipe.model, name="cifar_resnet110"))
-    assert not [s for s in match_paper(resnet110, 100) if s.patriarch == "ce"]
+    assert paper_patriarch(recipe.generations) == loss
+    assert f"{loss.upper()} patriarch" in method_title(recipe.generations, recipe.model.name,
+                                                       "digits")
+    assert not [s for s in match_paper(recipe.generations, "cifar_resnet110", 100)
+                if s.patriarch == "ce"]
     plain = recipe_for(digits, f'generations.patriarch_loss="{loss}"', "generations.u=1.0")
-    assert paper_patriarch(plain) == "ce"  # eta derived from u = 1 is plain CE
+    assert paper_patriarch(plain.generations) == "ce"  # eta derived from u = 1 is plain CE
 
 
 def test_nothing_imports_the_entry_point():
