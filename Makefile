@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The main job on the embedded default: three generations on scikit-learn's digits.
+# Every launch setting given and -q: accelerate adds no warning and no traceback to
+# fasttt's one-line errors (README, Training; tests/test_launch.py).
 demo: setup
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no \
-		fasttt/train.py recipes/digits_d06.toml
+	$(BIN)/accelerate launch -q --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no fasttt/train.py recipes/digits_d06.toml
 
 test: setup
 	$(BIN)/python -m pytest
