@@ -44,6 +44,18 @@ TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 
 # samples, 2 epochs, TensorBoard on for tests/test_watching.py: a rerun of it, or of a copy,
 # must pass the same keys (two_generation_args), or it is another recipe.
 TWO_GENERATIONS = {"generations.students": 1, "run.log_with": '["tensorboard"]'}
+# The modules taking a minute or more on 2 cores (fixtures included), started first: with
+# --dist loadscope a worker takes whole modules in collection order, and a long one started
+# last keeps one worker busy while the others idle.
+LONG_MODULES = ("test_sweep.py", "test_faults.py", "test_cache.py", "test_bad_input.py",
+                "test_failures_signals.py", "test_stopping.py", "test_readme.py",
+                "test_failures_machines.py", "test_export.py", "test_compile.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Long modules first, in LONG_MODULES' order; the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
 
 
 @pytest.fixture(autouse=True)
