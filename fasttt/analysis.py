@@ -174,7 +174,8 @@ def _split_sums(model, loader, augment: AugmentConfig, accelerator: Accelerator,
                 progress, description: str) -> dict[str, torch.Tensor]:
     """Every statistic of one split, summed over its batches and over every process."""
     num_classes, device = model.num_classes, accelerator.device
-    with torch.inference_mode(), accelerator.autocast():
+    # no_grad, as evaluate(): inference tensors would make a compiled model compile again
+    with torch.no_grad(), accelerator.autocast():
         sums = _zero_sums(model, augment.eval_size, num_classes, device)
         for images, labels in _views(loader, augment, device, progress, description):
             # penultimate_features and the logits share one backbone pass.
@@ -230,7 +231,7 @@ def ensemble_accuracies(models: list, loader, augment: AugmentConfig,
         model.eval()
     hits = torch.zeros(len(models), 2, dtype=torch.float64, device=accelerator.device)
     samples = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    with (progress_bar(accelerator.is_main_process) as progress, torch.inference_mode(),
+    with (progress_bar(accelerator.is_main_process) as progress, torch.no_grad(),
           accelerator.autocast()):
         for images, labels in _views(loader, augment, accelerator.device, progress,
                                      "ensembles"):

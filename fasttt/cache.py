@@ -309,7 +309,9 @@ def _fill_answers(teacher: OnlineTeacher, loader, arrays: dict, temperatures: li
             index = batch.index.to(accelerator.device, non_blocking=True)  # once for every view
             rows = batch.index.numpy()
             for v in range(views):
-                with torch.inference_mode(), accelerator.autocast():
+                # no_grad, as evaluate(): a compiled teacher reuses its eval graph (inference
+                # tensors would compile another)
+                with torch.no_grad(), accelerator.autocast():
                     logits = teacher.logits(index, v, images, batch.extent)
                     top_values, top_ids = top_logits(logits, k)
                     partitions = log_partitions(logits, temperatures)

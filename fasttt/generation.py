@@ -3,8 +3,9 @@
 The one place a generation is assembled from the recipe. train.py trains what
 `plan_generation` returns, the cache command builds the cache a student's teacher will
 read (`generation_views`, `teacher_weights`), the report names the views, and the
-benchmarks time the same plan. generations.temperature is read here once and reaches
-both the teacher (the log-partition its answers carry) and the student's loss.
+benchmarks time the same plan and objectives (`generation_objective`). Training reads
+generations.temperature here alone: it reaches the student's loss and the teacher (the
+log-partition its answers carry; a cache's CacheSpec holds it), which must agree.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ DenseNet-BC-190 25,624,430 / 25,821,620.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from pathlib import Path
@@ -64,10 +65,27 @@ def build_model(model: ModelConfig, run: RunConfig, num_classes: int, seed: int)
     network = create_model(model.name, num_classes)
     if run.channels_last:
         network = network.to(memory_format=torch.channels_last)
-    if run.compile:
+    if run.compile is True:  # "auto" is decided for the training run (decide_compile)
         # in place: state_dict keys (and so checkpoints) stay unchanged
         network.compile(mode=run.compile_mode)
     return network
+
+
+def decide_compile(run: RunConfig, augment_kind: str, device: torch.device) -> RunConfig:
+    """`run` with compile = "auto" decided: on with CUDA graphs where measured to win, else off."""
+    if run.compile != "auto":
+        return run
+    if device.type == "cuda" and augment_kind == "pad_crop":
+        return dataclasses.replace(run, compile=True, compile_mode="reduce-overhead")
+    return dataclasses.replace(run, compile=False)
+
+
+def compiled_so_far() -> tuple[int, float]:
+    """Graphs torch.compile has compiled in this process, and the seconds that took."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    seconds = sum(metrics.get("_compile.compile_inner", ()))
+    seconds += sum(metrics.get("backward._backward_impl", ()))  # compiled at the first backward
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"], seconds
 
 
 def last_epoch_model(weights: Path, model: ModelConfig, run: RunConfig, num_classes: int,

@@ -140,7 +140,9 @@ class OnlineTeacher:
 
     def __init__(self, model: torch.nn.Module, schedule: ViewSchedule, top_k: int,
                  temperature: float):
-        self.model = model.eval().requires_grad_(False)
+        # Its parameters keep requires_grad (no_grad below keeps autograd out): a compiled
+        # model guards on it, and a frozen teacher would compile a graph of its own.
+        self.model = model.eval()
         self.schedule, self.top_k, self.temperature = schedule, top_k, temperature
 
     @torch.no_grad()

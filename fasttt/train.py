@@ -18,6 +18,7 @@ students only, and may stop early when a holdout says the generations saturate
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -47,9 +48,9 @@ from fasttt.errors import (
     results_complete,
 )
 from fasttt.generation import plan_generation
-from fasttt.models import check_model_name
+from fasttt.models import check_model_name, compiled_so_far, decide_compile
 from fasttt.processes import accelerator_and_console, finish, on_main_process
-from fasttt.progress import log_line
+from fasttt.progress import duration, log_line
 from fasttt.recipe import Recipe, load_recipe
 from fasttt.report import write_report
 from fasttt.rundir import (
@@ -96,7 +97,7 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
     With data.holdout, each generation is judged on the holdout once it has finished; the
     saturation rule (generations.stop) may end the run before the last planned student.
     """
-    results = []
+    results, trained, compiled_before = [], 0, compiled_so_far()
     for m in range(recipe.generations.students + 1):
         directory = generation_dir(run_dir, m)
         if m == 0 and adopted is not None:
@@ -114,6 +115,7 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
                                      hyperparameters(recipe, m), directory):
                 results.append(train_generation(spec, recipe, num_classes, accelerator,
                                                 console))
+            trained += 1
             print_generations(results, console)
         if recipe.cache.keep == "last":
             freed = on_main_process(accelerator, drop_used_caches, run_dir)
@@ -122,6 +124,12 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
                                   "caches whose students have finished")
         if recipe.data.holdout and judge_generation(run_dir, m, accelerator, console):
             break
+    if recipe.run.compile is True and trained:  # every generation shares the graphs
+        graphs, seconds = (now - before for now, before in zip(compiled_so_far(),
+                                                               compiled_before, strict=True))
+        log_line(console, f"torch.compile ({recipe.run.compile_mode}): {graphs} graphs "
+                          f"compiled in {duration(seconds)}, used by {trained} "
+                          f"generation{'s' * (trained > 1)} and their teachers")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
             on_main_process(accelerator, adopt_teacher, run_dir, recipe.generations.teacher,
                             recipe.model.name, recipe.data, manifest)
         adopted = adopted_teacher(run_dir) if recipe.generations.teacher else None
+        # recipe.toml keeps "auto": decided per machine, for this process's training only
+        recipe = dataclasses.replace(recipe, run=decide_compile(recipe.run, recipe.augment.kind,
+                                                                accelerator.device))
         train_generations(run_dir, recipe, len(manifest["class_names"]), adopted, accelerator,
                           console)
         analyze_run(run_dir, accelerator, console)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from conftest import RECIPE, tiny_run_flags
 from safetensors.torch import load_file
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from fasttt.engine import PERCENT
-from fasttt.models import build_model
+from fasttt.models import build_model, decide_compile
 from fasttt.recipe import ModelConfig, RunConfig
 from fasttt.rundir import METRICS, WEIGHTS
 from fasttt.train import main as train
@@ -71,3 +73,34 @@ def test_the_recipes_models_train_as_one_graph(name, side):
     model = build_model(ModelConfig(name=name), RunConfig(), 100, seed=0)
     explained = torch._dynamo.explain(model)(torch.randn(2, 3, side, side))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_one_run_compiles_one_training_and_one_evaluation_graph(digits, tmp_path, monkeypatch,
+                                                                capsys):
+    # Every generation has the same architecture and shapes: gen0's graphs serve each
+    # student, each teacher's cache build, the evaluations and the analysis. A frozen
+    # teacher or inference tensors would each compile a graph of their own.
+    torch._dynamo.reset()
+    counter, compile_for_real = CompileCounterWithBackend("aot_eager"), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
+        function, backend=counter))
+    train([str(RECIPE), *tiny_run_flags(digits, **{**RUN, **COMPILED,
+                                                   "cache.mode": '"precomputed"'}),
+           "--runs-dir", str(tmp_path)])
+    torch._dynamo.reset()
+    assert counter.frame_count == 2
+    out = capsys.readouterr().out
+    assert re.search(r"torch.compile \(reduce-overhead\): 2 graphs compiled in \S+, used by 2 "
+                     r"generations and their teachers", out), out
+
+
+@pytest.mark.parametrize("compile_, kind, device, decided", [
+    ("auto", "pad_crop", "cuda", (True, "reduce-overhead")),
+    ("auto", "pad_crop", "cpu", (False, "default")),
+    ("auto", "resized_crop", "cuda", (False, "default")),  # photos: not measured to win
+    (False, "pad_crop", "cuda", (False, "default")),
+    (True, "resized_crop", "cpu", (True, "default")),
+])
+def test_compile_auto_is_decided_by_the_device_and_the_images(compile_, kind, device, decided):
+    run = decide_compile(RunConfig(compile=compile_), kind, torch.device(device))
+    assert (run.compile, run.compile_mode) == decided
