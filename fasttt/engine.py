@@ -10,6 +10,7 @@ would have seen, and each generation sees its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import Progress
-from torch.profiler import record_function
+from torch.profiler import record_function as _named
 
 from fasttt.augment import eval_images
 from fasttt.checkpoint import drop_checkpoints, load_checkpoint, save_checkpoint, save_weights
@@ -116,6 +117,10 @@ def _step_sums(loss: torch.Tensor, parts: dict, logits: torch.Tensor, labels: to
     return sums
 
 
+def _unnamed(name: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
+
+
 def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: ScheduleConfig,
                     steps_per_epoch: int, accelerator: Accelerator) -> Learner:
     """A fresh model with its optimizer and LR schedule, prepared as every generation's is."""
@@ -123,6 +128,10 @@ def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: Schedu
     if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.scaler is None:
+        # Only fp16's loss scaling needs Accelerate's optimizer wrapper; its step and
+        # zero_grad add ~0.15 ms of Python to each step (benchmarks/host_overhead.py).
+        optimizer = optimizer.optimizer
     return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch))
 
 
@@ -132,10 +141,11 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
     model, optimizer, device = learner.model, learner.optimizer, accelerator.device
     lr = learner.lr(step)
     set_lr(optimizer, lr)
-    # Named ranges (about 5 us each without a profiler) so that a torch.profiler trace
-    # says where a step's time goes. FFCV's ToDevice has copied image and label to the
-    # device already (the CPU's too), so their copies below return them as they are;
-    # only the host index is copied here.
+    # Named ranges so that a torch.profiler trace says where a step's time goes; entered
+    # only under a profiler (six cost ~0.1 ms a step, benchmarks/host_overhead.py). FFCV's
+    # ToDevice has copied image and label to the device already (the CPU's too), so their
+    # copies below return them as they are; only the host index is copied here.
+    record_function = _named if torch.autograd._profiler_enabled() else _unnamed
     with record_function("fasttt.augment"):
         images = batch.image.to(device, non_blocking=True)
         labels = batch.label.to(device, non_blocking=True)
@@ -149,7 +159,10 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
             logits = model(shown)
             loss, parts = spec.objective(logits, labels, target)
     with record_function("fasttt.backward"):
-        accelerator.backward(loss)
+        if accelerator.scaler is None:  # as accelerator.backward does, less its Python
+            loss.backward()
+        else:
+            accelerator.backward(loss)
     with record_function("fasttt.optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,10 @@ def progress_bar(enabled: bool = True, console: Console | None = None,
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(),
                     TextColumn("{task.fields[info]}"), console=console,
-                    disable=not enabled, transient=transient)
+                    disable=not enabled, transient=transient,
+                    # rich's default 10 Hz redraw thread took up to ~0.3 ms of a small
+                    # model's step at a terminal (benchmarks/host_overhead.py)
+                    refresh_per_second=2)
 
 
 def log_line(console: Console, text: str) -> None:
