@@ -56,9 +56,9 @@ from rich.table import Table
 from step_profile import phase_table  # benchmarks/step_profile.py
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_TESTS = ["tests/test_devices.py", "tests/test_data.py", "tests/test_augment.py",
-                "tests/test_losses.py", "tests/test_views.py", "tests/test_cache.py",
-                "tests/test_train.py"]
+DEVICE_TESTS = ["tests/test_devices.py", "tests/test_data.py", "tests/test_jpeg.py",
+                "tests/test_augment.py", "tests/test_losses.py", "tests/test_views.py",
+                "tests/test_cache.py", "tests/test_train.py"]
 COMPILE_TESTS = ["tests/test_compile.py"]  # CUDA graphs, compiled for real: a budget of its own
 # seconds per step: 9 minutes in all, so a 10-minute remote call leaves time to send it back
 STEP_LIMITS = {"imagenet": 170, "cifar": 90, "demo": 90, "tests": 100, "compile": 90}

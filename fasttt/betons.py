@@ -121,6 +121,18 @@ def train_labels(beton_dir: Path, manifest: dict) -> np.ndarray:
     return _sample_fields(path, descriptors, count)["label"].astype(np.int64)
 
 
+def image_storage(path: Path, manifest: dict, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's image mode (FFCV's: 0 JPEG, 1 raw pixels) and stored bytes, in row order."""
+    beton_fields(path, manifest, count)  # checked before its metadata and table are trusted
+    header = np.fromfile(path, HeaderType, count=1)[0]
+    descriptors = np.fromfile(path, FieldDescType, count=int(header["num_fields"]),
+                              offset=HeaderType.itemsize)
+    table = np.fromfile(path, ALLOC_TABLE_TYPE, offset=int(header["alloc_table_ptr"]))
+    # one allocation per sample, its image (beton_fields checked it)
+    stored = table["size"][np.argsort(table["sample_id"], kind="stable")]
+    return _sample_fields(path, descriptors, count)["image"]["mode"], stored
+
+
 def _field_names(descriptors: np.ndarray) -> list[str]:
     return [bytes(d["name"]).decode("ascii").split("\0")[0] for d in descriptors]
 

@@ -10,8 +10,8 @@ recipe stores (cache.temperatures, else the student's), so the student step look
 up instead of running the teacher. Arrays
 are view-major .npy files ([V, N, k]), memory-mapped, so an epoch reads one contiguous
 slab. A cache is built under a hidden name, sealed with `complete: true` in its
-manifest, then renamed; one whose fingerprints (teacher weights, beton, views) disagree
-with the run is refused.
+manifest, then renamed; one whose fingerprints (teacher weights, beton, views, JPEG
+decoder) disagree with the run is refused.
 
 A run that takes its teacher from another run (generations.teacher) reads that
 generation's cache in place, read-only; one built for it is built under the teacher
@@ -57,6 +57,7 @@ from fasttt.files import (
     tree_bytes,
     write_json,
 )
+from fasttt.jpeg import FFCV_DECODER, decoder_name
 from fasttt.models import last_epoch_model
 from fasttt.processes import accelerator_and_console, main_value, on_main_process
 from fasttt.progress import duration, log_line, progress_bar
@@ -73,6 +74,7 @@ from fasttt.teachers import OnlineTeacher, TopKTeacher, ViewSchedule, log_partit
 
 FORMAT_VERSION = 3  # 3: log-partitions at several temperatures
 CACHE_MANIFEST = "manifest.json"
+DECODER = "JPEG decoder (data.decode)"  # how a refusal names a cache's other decoder
 CACHE_ARRAYS = ("values", "ids", "log_partition")  # a cache's arrays, as TopKTeacher's fields
 CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
 SEAL = "manifest_sha256"  # manifest: sha256 of its other fields
@@ -118,6 +120,7 @@ class CacheSpec:
     temperatures: tuple[float, ...]  # the log-partitions a new cache stores
     holdout: float
     temperature: float  # the student's, whose log-partition the cache serves (not stored)
+    decoder: str = FFCV_DECODER  # who decoded the JPEGs the teacher saw (fasttt/jpeg.py)
 
     def __post_init__(self):
         log_partition_column(self.temperatures, self.top_k, self.classes, self.temperature,
@@ -127,6 +130,8 @@ class CacheSpec:
         """The manifest of a cache built for this spec, before its checksums and seal."""
         fields = dataclasses.asdict(self)
         del fields["temperature"]
+        if self.decoder == FFCV_DECODER:  # as caches built before data.decode: still valid
+            del fields["decoder"]
         return {"format_version": FORMAT_VERSION, **fields,
                 "temperatures": list(self.temperatures)}
 
@@ -168,8 +173,11 @@ def new_cache_temperatures(cache: CacheConfig, temperature: float) -> tuple[floa
 
 def cache_spec(teacher_weights: Path, beton: dict, samples: int, views: ViewSchedule,
                cache: CacheConfig, classes: int, temperature: float,
-               holdout: float = 0.0) -> CacheSpec:
-    """What the cache of these teacher weights holds for a student at `temperature`."""
+               holdout: float = 0.0, decoder: str = FFCV_DECODER) -> CacheSpec:
+    """What the cache of these teacher weights holds for a student at `temperature`.
+
+    `decoder`: fasttt.jpeg.decoder_name of the run's data.decode on its device.
+    """
     return CacheSpec(
         teacher_sha256=sha256_file(teacher_weights),
         beton_sha256=beton["splits"]["train"]["sha256"],
@@ -178,7 +186,7 @@ def cache_spec(teacher_weights: Path, beton: dict, samples: int, views: ViewSche
         teacher_view="unaugmented" if views.unaugmented_teacher else "student",
         top_k=min(cache.top_k or classes, classes), dtype=cache.dtype,
         temperatures=new_cache_temperatures(cache, temperature), holdout=holdout,
-        temperature=temperature)
+        temperature=temperature, decoder=decoder)
 
 
 def array_specs(manifest: dict) -> dict:
@@ -192,8 +200,11 @@ def array_specs(manifest: dict) -> dict:
 def _differences(found: dict, spec: CacheSpec) -> list[str]:
     names = {"teacher_sha256": "teacher weights", "beton_sha256": "beton",
              "augment_sha256": "augmentation"}
-    return [names.get(key, key) for key, value in spec.manifest().items()
-            if key != "temperatures" and found.get(key) != value]
+    differ = [names.get(key, key) for key, value in spec.manifest().items()
+              if key not in ("temperatures", "decoder") and found.get(key) != value]
+    if found.get("decoder", FFCV_DECODER) != spec.decoder:  # absent: FFCV's
+        differ.append(DECODER)
+    return differ
 
 
 def _digest(manifest: dict) -> str:
@@ -381,7 +392,8 @@ def ensure_cache(weights: Path, views: ViewSchedule, temperature: float, recipe:
     """
     beton = read_manifest(recipe.data.beton_dir)
     spec = cache_spec(weights, beton, train_samples(recipe.data, beton), views, recipe.cache,
-                      num_classes, temperature, recipe.data.holdout)
+                      num_classes, temperature, recipe.data.holdout,
+                      decoder_name(recipe.data.decode, accelerator.device))
     cache_dir = teacher_cache(weights)
     lock = None if lock_dir is None else _teacher_run_lock(cache_dir, lock_dir, accelerator,
                                                            console)
@@ -442,12 +454,12 @@ def _check_shared(cache_dir: Path, spec: CacheSpec, lock_dir: Path) -> None:
     found = read_cache_manifest(cache_dir)
     differ = [key for key in _differences(found, spec)
               if key in ("augmentation", "views", "stored_views", "teacher_view", "top_k",
-                         "dtype")]
+                         "dtype", DECODER)]
     if differ:
         raise UserError(f"{cache_dir} serves the students of {lock_dir}'s teacher with another "
                         f"{', '.join(differ)} than this recipe's: give this recipe their "
-                        "[augment], schedule.epochs and [cache] settings (views, teacher_view, "
-                        "top_k, dtype), or set cache.mode = \"online\"")
+                        "[augment], schedule.epochs, data.decode and [cache] settings (views, "
+                        "teacher_view, top_k, dtype), or set cache.mode = \"online\"")
 
 
 def open_teacher(cache_dir: Path, spec: CacheSpec, device: torch.device) -> CachedTeacher:

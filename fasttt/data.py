@@ -12,7 +12,9 @@ so a CPU run takes the same pipeline steps as a GPU run and fails where it would
 uint8 canvas as an NCHW view of NHWC memory (channels_last), `label` and `index` are
 int64 of shape (B,), `extent` is the region of the canvas a photo fills and None for
 fixed-size sources. Random augmentation happens later on the device
-(fasttt/augment.py), keyed by `index`.
+(fasttt/augment.py), keyed by `index`. Under data.decode = "gpu" FFCV sends a photo's
+JPEG bytes instead and the loader's iterator decodes each batch's canvases on `device`
+(fasttt/jpeg.py), the one place every consumer's batches pass through.
 FFCV reuses a few batch buffers in turn: use or copy a batch before asking for the
 next few.
 """
@@ -48,6 +50,14 @@ from fasttt.betons import (
 )
 from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
 from fasttt.errors import UserError, raise_if_interrupted, signals_deferred
+from fasttt.jpeg import (
+    FFCV_DECODER,
+    DeviceJpegDecoder,
+    JpegBytesDecoder,
+    JpegSizeDecoder,
+    decoder_name,
+    jpeg_row_width,
+)
 from fasttt.processes import on_main_process
 from fasttt.recipe import AugmentConfig, DataConfig
 
@@ -107,8 +117,12 @@ def _integer(to_device: list) -> list:
 
 
 def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
-               device: torch.device) -> dict:
-    """One pipeline per Batch field, in Batch order; every other beton field is skipped."""
+               device: torch.device, jpeg: DeviceJpegDecoder | None = None) -> dict:
+    """One pipeline per Batch field, in Batch order; every other beton field is skipped.
+
+    With `jpeg`, "image" is each JPEG's bytes and "jpeg" their sizes, both on the host,
+    where torchvision reads them.
+    """
     to_device = [ToDevice(torch.device(device), non_blocking=True)]
     if is_photo(manifest):
         if not canvas_size:
@@ -116,8 +130,9 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
         decoder = CanvasRGBImageDecoder(canvas_size)
     else:
         decoder = SimpleRGBImageDecoder()
+    image = [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)]
     pipelines = {
-        "image": [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
+        "image": [JpegBytesDecoder(jpeg.row_width), ToTensor()] if jpeg else image,
         "label": _integer(to_device),
         # The index stays on the host: cache lookups read rows of host memory with it, and
         # a device copy would cost them a device-to-host synchronisation every step.
@@ -126,15 +141,21 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
     if is_photo(manifest):
         pipelines["extent"] = PipelineSpec("image", CanvasExtentDecoder(canvas_size),
                                            [ToTensor(), *to_device])
+    if jpeg:
+        pipelines["jpeg"] = PipelineSpec("image", JpegSizeDecoder(), [ToTensor()])
     # FFCV decodes every field it is not told to skip, in an order of its own.
     return pipelines | {name: None for name in field_names if name not in pipelines}
 
 
 class BetonLoader:
-    """An FFCV Loader over one split whose iteration yields `Batch`es."""
+    """An FFCV Loader over one split whose iteration yields `Batch`es.
 
-    def __init__(self, loader: Loader, path: Path, manifest: dict):
-        self.loader, self.path, self.manifest = loader, path, manifest
+    With `jpeg` (data.decode = "gpu"), FFCV gives each photo's bytes, decoded here.
+    """
+
+    def __init__(self, loader: Loader, path: Path, manifest: dict,
+                 jpeg: DeviceJpegDecoder | None = None):
+        self.loader, self.path, self.manifest, self.jpeg = loader, path, manifest, jpeg
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -156,6 +177,9 @@ class BetonLoader:
             raise_if_interrupted()
             while (fields := _next_batch(epoch, self)) is not None:
                 raise_if_interrupted()
+                if self.jpeg is not None:
+                    rows, label, index, extent, sizes = fields
+                    fields = (self.jpeg(rows, sizes, index, extent), label, index, extent)
                 yield Batch(*fields)
         finally:
             if epoch is not None:
@@ -246,7 +270,7 @@ def _stop(epoch) -> None:
         epoch.join(timeout=READER_POLL_S / 10)
 
 
-def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
+def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, indices=None,
           **loader_args) -> BetonLoader:
     manifest = read_manifest(beton_dir)
     path = split_path(beton_dir, manifest, split)
@@ -254,27 +278,29 @@ def _open(beton_dir: Path, split: str, canvas_size, device, indices=None,
     field_names = beton_fields(path, manifest, count)
     if callable(indices):
         indices = indices(count)
-    pipelines = _pipelines(manifest, field_names, canvas_size, device)
+    jpeg = (None if decoder_name(decode, device) == FFCV_DECODER else
+            DeviceJpegDecoder(canvas_size, device, path, manifest, count))
+    pipelines = _pipelines(manifest, field_names, canvas_size, device, jpeg)
     # FFCV sets numba's thread count to num_workers, which numba refuses above its own
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
     loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)
     loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
-    return BetonLoader(loader, path, manifest)
+    return BetonLoader(loader, path, manifest, jpeg)
 
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
                  distributed: bool = False, os_cache: bool = True, split: str = "train",
                  canvas_size: int | None = None, device=CPU, limit: int = 0,
-                 rows: np.ndarray | None = None) -> BetonLoader:
+                 rows: np.ndarray | None = None, decode: str = "cpu") -> BetonLoader:
     """Shuffled, drop_last loader; distributed=True shards it over the process group.
 
     `limit` > 0 keeps only the first `limit` samples (quick runs and tests); `rows`, when
-    given, are the only samples read.
+    given, are the only samples read. `decode` is data.decode's choice of JPEG decoder.
     """
     # QUASI_RANDOM keeps memory low when the beton is not in the page cache, but FFCV
     # does not implement it for distributed loaders.
     order = OrderOption.RANDOM if os_cache or distributed else OrderOption.QUASI_RANDOM
-    loader = _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
+    loader = _open(beton_dir, split, canvas_size, device, decode, batch_size=batch_size,
                    num_workers=num_workers, order=order, os_cache=os_cache,
                    distributed=distributed, seed=seed, drop_last=True,
                    indices=_indices(limit, rows))
@@ -287,18 +313,19 @@ def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: in
 def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_workers: int = 2,
                       rank: int = 0, world_size: int = 1, os_cache: bool = True,
                       canvas_size: int | None = None, device=CPU,
-                      limit: int = 0, rows: np.ndarray | None = None) -> BetonLoader:
+                      limit: int = 0, rows: np.ndarray | None = None,
+                      decode: str = "cpu") -> BetonLoader:
     """In-order loader over `rank`'s disjoint slice: every sample exactly once across ranks.
 
     Serves evaluation and the teacher-cache pass. Unlike FFCV's distributed sampler it
-    pads nothing, so no sample is seen twice and nothing needs de-duplication. `limit`
-    and `rows` choose the samples, as `train_loader`'s do.
+    pads nothing, so no sample is seen twice and nothing needs de-duplication. `limit`,
+    `rows` and `decode` are as `train_loader`'s.
     """
     def indices(count: int) -> np.ndarray:
         chosen = np.arange(min(limit, count) if limit else count) if rows is None else rows
         return chosen[shard_indices(len(chosen), rank, world_size)]
 
-    return _open(beton_dir, split, canvas_size, device, batch_size=batch_size,
+    return _open(beton_dir, split, canvas_size, device, decode, batch_size=batch_size,
                  num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
                  indices=indices, drop_last=False)
 
@@ -318,7 +345,8 @@ def train_samples(data: DataConfig, manifest: dict) -> int:
 
 def _loader_settings(data: DataConfig, accelerator: Accelerator) -> dict:
     return dict(num_workers=data.num_workers, os_cache=data.os_cache,
-                canvas_size=data.canvas_size or None, device=accelerator.device)
+                canvas_size=data.canvas_size or None, device=accelerator.device,
+                decode=data.decode)
 
 
 def split_loader(data: DataConfig, accelerator: Accelerator, split: str, batch_size: int,
@@ -368,7 +396,9 @@ def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, *, k: i
                batch_size: int, processes: int) -> None:
     """Refuse, before anything is written, a recipe that cannot work on these betons."""
     for split in ("train", "val"):
-        split_path(data.beton_dir, manifest, split)
+        path = split_path(data.beton_dir, manifest, split)
+        if data.decode == "gpu":  # raw samples have no JPEG bytes to send
+            jpeg_row_width(path, manifest, manifest["splits"][split]["count"])
     per_process_batch(batch_size, processes)
     held = len(holdout_rows(data, manifest))
     if data.holdout and not held:

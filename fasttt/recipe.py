@@ -120,6 +120,12 @@ class DataConfig:
     beton_dir: str = "data/digits"
     canvas_size: int = 0  # photos only: canvas side in pixels (>= the beton's max resolution)
     num_workers: int = 2  # FFCV decoding threads per process
+    # who decodes a photo beton's JPEGs: "cpu": FFCV's threads; "gpu": the loader sends the
+    # bytes and each batch is decoded on the run's device (nvJPEG; libjpeg-turbo on the
+    # CPU), for betons written with --write-mode jpg. Their pixels differ slightly, so a
+    # teacher's cache serves only students of its decoder. "auto": "cpu" until a GPU
+    # measurement shows nvJPEG winning (unmeasured)
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
     os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
     train_limit: int = 0  # train on the first N samples only (quick checks); 0 = all
     builtin: Literal["", "digits"] = ""  # "digits": build the embedded betons if missing
