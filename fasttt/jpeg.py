@@ -11,7 +11,8 @@ No two of these decoders give the same pixels: FFCV decodes with libjpeg-turbo's
 DCT, torchvision's CPU decode with its accurate one, and nvJPEG upsamples chroma its own
 way. So a run decodes every sample with one decoder, and `decoder_name` enters the
 teacher cache's manifest: a student never learns from a teacher that saw other pixels.
-Raw samples have no bytes to decode; a beton holding any keeps FFCV's path.
+Raw samples have no JPEG to decode: a beton holding any is refused under "gpu" and keeps
+FFCV's path (data.decode = "cpu").
 """
 
 from __future__ import annotations
