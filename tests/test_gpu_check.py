@@ -68,7 +68,12 @@ def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
         assert named and all((ROOT / arg).is_file() for arg in named), command
     full = gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"], out=tmp_path),
                            tmp_path / "work")
-    assert [name for name, _ in full] == ["imagenet", "cifar", "compile"]
+    assert [name for name, _ in full] == ["imagenet", "imagenet_gpu_decode", "cifar", "compile"]
+    data_dirs = [command[command.index("--data-dir") + 1] for _, command in
+                 gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"],
+                                                    out=tmp_path), tmp_path / "work")
+                 if "--data-dir" in command]
+    assert data_dirs[0] == data_dirs[1] != data_dirs[2]  # both ImageNet steps: one beton
 
 
 def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
@@ -80,8 +85,8 @@ def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
     finished = two_generation_run / "runs" / NAME
     packed = tmp_path / "back" / "gpu_check.tar.gz"
     status, result, printed = check(
-        ["--skip", "tests", "--skip", "compile", "--out", tmp_path, "--work", tmp_path / "work",
-         "--archive", packed], monkeypatch, capsys,
+        ["--skip", "tests", "--skip", "compile", "--skip", "imagenet_gpu_decode", "--out",
+         tmp_path, "--work", tmp_path / "work", "--archive", packed], monkeypatch, capsys,
         imagenet=lambda work: python("print('imagenet: a stub')"),
         demo=lambda work: python("import shutil, sys; shutil.copytree(*sys.argv[1:])",
                                  finished, work / "runs" / NAME))
@@ -155,7 +160,8 @@ time.sleep(60)
 def test_a_step_past_its_limit_is_stopped_and_the_rest_still_reported(tmp_path, monkeypatch,
                                                                       capsys):
     status, result, printed = check(
-        ["--skip", "cifar", "--skip", "tests", "--skip", "compile", "--limit", "demo=4",
+        ["--skip", "cifar", "--skip", "tests", "--skip", "compile", "--skip",
+         "imagenet_gpu_decode", "--limit", "demo=4",
          "--out", tmp_path, "--work", tmp_path / "work"], monkeypatch, capsys,
         imagenet=lambda work: python("import sys; print('imagenet fails'); sys.exit(3)"),
         demo=lambda work: python(HANGS, tmp_path / "gpu_check.json"))
