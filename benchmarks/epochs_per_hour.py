@@ -10,7 +10,8 @@ loader settings, measured side by side in one run with the trainer's own code
 (`fasttt.engine.train_epoch`, `fasttt.data.generation_loaders`, `fasttt.models.build_model`,
 `fasttt.cache.build_cache`, `fasttt.teachers`, `fasttt.processes.accelerator_and_console`):
 
-1. loader alone: the FFCV train loader, batches moved to the device (the ceiling);
+1. loader alone: the FFCV train loader through the steps' own window, nothing done per
+   batch (the ceiling: no step row reads faster, beyond noise);
 2. patriarch step: loader + keyed augmentation + forward/backward/SGD, patriarch loss;
 3. student step reading a teacher cache (the teacher: the patriarch after its steps);
 4. student step with the online teacher (one teacher forward per step);
@@ -24,10 +25,17 @@ loader settings, measured side by side in one run with the trainer's own code
    ops) also goes under "profile" in the JSON result and is printed as a table.
 
 A row times `--steps` steps after `--warmup` untimed ones, the device synchronised at
-both ends, and the time each step spent blocked waiting for its next batch. Rounds
+both ends, and the time each step spent blocked waiting for its next batch. Between the
+two it drops, untimed, the 4 batches FFCV can have decoded ahead (3 queued, 1 held by
+its reader): steps slower than the decode, as the first ones are, let it fill up, and
+those batches would cost the window nothing. Every window thus starts with nothing
+decoded ahead, as the loader alone's does. A row bound by its step rather than by the
+decode pays for that one batch's decode at most, and, where the decode shares the
+step's cores (a CPU), the decode of the batches FFCV reads ahead again. Rounds
 (`--repeats`) run every row in turn, so all rows share the machine's load; the table
 shows medians over rounds. Epochs per hour are for the recipe's whole train split.
-Every row reads the same first (warmup + steps) x batch samples, which the cache
+Every row reads the same first (warmup + 4 + steps) x batch samples, in one epoch when
+the split has them (a new epoch allocates FFCV's batch buffers again), which the cache
 covers; progressive resizing is pinned to the recipe's final train size; the cache is
 built with at most two of the recipe's views (its cost per view does not depend on how
 many there are).
@@ -80,6 +88,9 @@ from fasttt.teachers import OnlineTeacher
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
 PHOTO_CLASSES, FIXED_CLASSES = 1000, 100
 LOADER_PREFETCH = 3  # FFCV Loader's batches_ahead, which fasttt.data leaves at its default
+# Batches FFCV can hold decoded before they are asked for: its queue of batches_ahead,
+# and the one its reader thread decoded and waits to put there.
+READ_AHEAD = LOADER_PREFETCH + 1
 
 # ---------------------------------------------------------------- synthetic data
 
@@ -143,11 +154,13 @@ class Timing:
 
 
 class TimedLoader:
-    """Exactly `warmup + steps` batches of a train loader (over as many epochs as it takes).
+    """`warmup` batches of a train loader, then `steps` timed ones (across epochs if need be).
 
-    Times the last `steps` of them: wall time between device synchronisations, and the
-    time spent blocked inside the loader for the next batch. With `profiler`, marks the
-    end of every step for its schedule, after the last one's synchronisation.
+    Between the two it drops the READ_AHEAD batches FFCV may have decoded meanwhile, so
+    that every row's window starts with the loader's read-ahead empty. Times the `steps`:
+    wall time between device synchronisations, and the time spent blocked inside the
+    loader for the next batch. With `profiler`, marks the end of every step for its
+    schedule: the warm-up's last after the drop, the timed last after its synchronisation.
     """
 
     def __init__(self, loader, warmup: int, steps: int, batch_size: int, device: torch.device,
@@ -159,34 +172,52 @@ class TimedLoader:
     def __len__(self) -> int:
         return self.warmup + self.steps
 
-    def __iter__(self):
-        fed, epoch, start = 0, 0, None
-        while fed < len(self):
+    def _batches(self):
+        """The loader's batches, epoch after epoch."""
+        epoch = 0
+        while True:
             self.loader.set_epoch(epoch)
-            batches = iter(self.loader)
-            try:
-                while fed < len(self):
-                    if fed == self.warmup and start is None:
-                        synchronize(self.device)
-                        start = time.perf_counter()
-                    asked = time.perf_counter()
-                    batch = next(batches, None)
-                    if fed >= self.warmup:
-                        self.timing.waited += time.perf_counter() - asked
-                    if batch is None:
-                        break
-                    fed += 1
-                    yield batch
-                    if fed == len(self):
-                        synchronize(self.device)
-                        self.timing.seconds = time.perf_counter() - start
-                    if self.profiler is not None:
-                        self.profiler.step()
-            finally:
-                # Stopping FFCV half way through an epoch joins its thread (~0.5 s): a cost
-                # the trainer never pays, so it falls outside the timing.
-                batches.close()
+            yield from self.loader
             epoch += 1
+
+    def _step_ended(self) -> None:
+        """Mark the end of a yielded step for the profiler's schedule."""
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def __iter__(self):
+        batches = self._batches()
+        try:
+            for i in range(self.warmup):
+                yield next(batches)
+                if i < self.warmup - 1:
+                    self._step_ended()
+            # While a step is slower than the decode (the first ones always are), FFCV
+            # decodes ahead: timed, those batches would cost the window nothing, and steps
+            # that outrun the decode would read faster than the loader alone. Dropped after
+            # the device catches up (the reader keeps decoding while it does), they leave
+            # every row's window starting as the loader alone's: the reader just handed
+            # over its last batch, nothing decoded ahead.
+            synchronize(self.device)
+            for _ in range(READ_AHEAD):
+                next(batches)
+            if self.profiler is not None:  # nor their copies to the device in its steps
+                synchronize(self.device)
+            self._step_ended()  # the last warm-up step's, so a profile leaves the drop out
+            start = time.perf_counter()
+            for step in range(self.steps):
+                asked = time.perf_counter()
+                batch = next(batches)
+                self.timing.waited += time.perf_counter() - asked
+                yield batch
+                if step == self.steps - 1:
+                    synchronize(self.device)
+                    self.timing.seconds = time.perf_counter() - start
+                self._step_ended()
+        finally:
+            # Stopping FFCV half way through an epoch joins its thread (~0.5 s): a cost
+            # the trainer never pays, so it falls outside the timing.
+            batches.close()
 
 
 class ForwardClock(torch.nn.Module):
@@ -210,6 +241,11 @@ class ForwardClock(torch.nn.Module):
 # ---------------------------------------------------------------- the rows
 
 
+def read_batches(args) -> int:
+    """Batches each row reads: its warm-up, the dropped read-ahead, its timed steps."""
+    return args.warmup + READ_AHEAD + args.steps
+
+
 def measured_recipe(recipe: Recipe, epoch_samples: int, batches: int) -> Recipe:
     """The recipe as measured: its first `batches` batches of samples, one train size."""
     size = train_size(recipe.schedule.epochs - 1, recipe.augment)
@@ -226,15 +262,14 @@ def recipe_views(recipe: Recipe) -> int:
 
 
 def loader_alone(train, args, recipe: Recipe, accelerator) -> Timing:
-    """Iterate the train loader and move each batch to the device, nothing else."""
+    """The train loader through the steps' own TimedLoader window, nothing done per batch."""
     device = accelerator.device
-    # With nothing else to do, the batches FFCV decoded ahead during the warm-up would be
-    # timed at no cost: they are drained untimed first.
-    timed = TimedLoader(train, args.warmup + LOADER_PREFETCH, args.steps,
-                        recipe.optim.batch_size, device)
+    timed = TimedLoader(train, args.warmup, args.steps, recipe.optim.batch_size, device)
     with steps_bar(accelerator.is_main_process) as progress:
         task = progress.add_task("loader alone", total=len(timed), info="")
         for batch in timed:
+            # train_step's copies: image and label are on the device already (ToDevice),
+            # so only the host index is copied.
             for tensor in (batch.image, batch.label, batch.index):
                 tensor.to(device, non_blocking=True)
             progress.advance(task)
@@ -312,7 +347,9 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     by the last weights of the generation before. Also returns what profiles the patriarch
     and cached-student steps (`profile_steps` with their specs and loader).
     """
-    bench = measured_recipe(recipe, epoch_samples, args.warmup + args.steps)
+    # Every row reads within one epoch when the split allows: a new epoch allocates FFCV's
+    # batch buffers again (on a GPU, ~4 GB pinned for ImageNet's canvases).
+    bench = measured_recipe(recipe, epoch_samples, read_batches(args))
     method, device = bench.generations, accelerator.device
     beton = read_manifest(bench.data.beton_dir)
     patriarch_views, views = (generation_views(bench, m) for m in (0, 1))
@@ -423,7 +460,9 @@ def print_table(result: dict, console: Console) -> None:
     for name, row in rows.items():
         wait, rounds = row.get("loader_wait_fraction"), row.get("images_per_s_rounds")
         spread = f"{min(rounds):,.0f}-{max(rounds):,.0f}" if rounds else ""
-        note = {"cache_build": f"{row.get('seconds_per_view', 0):.1f} s per view of the split",
+        note = {"loader": f"the steps' window, {s['read_ahead_dropped']} batches decoded "
+                          "ahead dropped first",
+                "cache_build": f"{row.get('seconds_per_view', 0):.1f} s per view of the split",
                 "student_cache_with_build": f"{s['recipe_views']} views built once "
                                             f"for {s['epochs']} epochs"}.get(name, "")
         table.add_row(LABELS[name], f"{row['images_per_s']:,.0f}", spread,
@@ -493,7 +532,8 @@ def settings(recipe: Recipe, args, accelerator, epoch_samples: int) -> dict:
         "train_samples": epoch_samples,
         # the train loader drops the last partial batch of every epoch
         "train_images_per_epoch": epoch_samples // batch * batch,
-        "measured_samples": min(epoch_samples, (args.warmup + args.steps) * batch),
+        "measured_samples": min(epoch_samples, read_batches(args) * batch),
+        "read_ahead_dropped": READ_AHEAD,
         "recipe_views": recipe_views(recipe),
         "built_views": min(recipe_views(recipe), BUILT_VIEWS), "epochs": recipe.schedule.epochs,
         "mixed_precision": accelerator.mixed_precision, "channels_last": recipe.run.channels_last,
