@@ -75,11 +75,13 @@ class GenerationSpec:
 
 @dataclass(frozen=True)
 class Learner:
-    """The model in training, its optimizer, and the learning rate as a function of the step."""
+    """The model in training, its optimizer, the learning rate as a function of the step,
+    and how a loss is backpropagated."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr: Callable[[int], float]
+    backward: Callable[[torch.Tensor], None]
 
 
 def evaluate(model, loader, augment: AugmentConfig, accelerator: Accelerator) -> dict:
@@ -128,11 +130,12 @@ def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: Schedu
     if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
+    backward = accelerator.backward
     if accelerator.scaler is None:
-        # Only fp16's loss scaling needs Accelerate's optimizer wrapper; its step and
-        # zero_grad add ~0.15 ms of Python to each step (benchmarks/host_overhead.py).
-        optimizer = optimizer.optimizer
-    return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch))
+        # Only fp16's loss scaling needs Accelerate's optimizer wrapper and backward; they
+        # add ~0.15 ms of Python to each step (benchmarks/host_overhead.py).
+        optimizer, backward = optimizer.optimizer, torch.Tensor.backward
+    return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch), backward)
 
 
 def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: int,
@@ -159,10 +162,7 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
             logits = model(shown)
             loss, parts = spec.objective(logits, labels, target)
     with record_function("fasttt.backward"):
-        if accelerator.scaler is None:  # as accelerator.backward does, less its Python
-            loss.backward()
-        else:
-            accelerator.backward(loss)
+        learner.backward(loss)
     with record_function("fasttt.optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
