@@ -1,7 +1,8 @@
 """Classifiers: any timm model, plus the paper's CIFAR networks registered in timm's registry.
 
 Importing this module registers cifar_resnet20/32/56/110 (He et al. 2016, section 4.2,
-shortcut option A) and cifar_densenet_bc100/bc190 (Huang et al. 2017), so both
+shortcut option A; and cifar_resnet8, the family's smallest, for quick checks and the
+tests' runs) and cifar_densenet_bc100/bc190 (Huang et al. 2017), so both
 `create_model("cifar_resnet56", 100)` and `timm.create_model("cifar_resnet56",
 num_classes=100)` work. They follow timm's classifier interface (`forward_features`,
 `forward_head`, `num_features`, `num_classes`, `get_classifier`, `reset_classifier`), so
@@ -10,8 +11,8 @@ so each carries a `pretrained_cfg`: fasttt's default evaluation view (32 px, bil
 crop), or, when its weights come from an export, that run's (see _build). The import also
 registers `fasttt_softmax_average`, the model of an ensemble export (`SoftmaxAverage`).
 Parameters with 10 / 100 classes:
-ResNet-20 269,722 / 275,572; ResNet-32 464,154 / 470,004; ResNet-56 853,018 / 858,868;
-ResNet-110 1,727,962 / 1,733,812; DenseNet-BC-100 769,162 / 800,032;
+ResNet-8 75,290 / 81,140; ResNet-20 269,722 / 275,572; ResNet-32 464,154 / 470,004;
+ResNet-56 853,018 / 858,868; ResNet-110 1,727,962 / 1,733,812; DenseNet-BC-100 769,162 / 800,032;
 DenseNet-BC-190 25,624,430 / 25,821,620.
 """
 
@@ -33,7 +34,7 @@ from fasttt.errors import UserError
 from fasttt.recipe import AugmentConfig, ModelConfig, RunConfig
 
 CIFAR_MODELS = (
-    "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
+    "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
     "cifar_densenet_bc100", "cifar_densenet_bc190",
 )
 ENSEMBLE = "fasttt_softmax_average"  # the architecture of an ensemble export's config.json
@@ -289,6 +290,12 @@ def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.
     first = _BasicBlock(in_channels, out_channels, stride)
     rest = [_BasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
     return nn.Sequential(first, *rest)
+
+
+@register_model
+def cifar_resnet8(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-8 for CIFAR, 0.08M parameters: one block per stage, about 3x ResNet-20's speed."""
+    return _build(CifarResNet, "cifar_resnet8", pretrained, depth=8, **kwargs)
 
 
 @register_model

@@ -36,10 +36,12 @@ RECIPE = ROOT / "recipes" / "digits_d06.toml"  # the embedded demo recipe
 # them on a GPU machine); CI has the CPU alone.
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 RUN_DEVICE = DEVICES[-1]  # where Accelerate puts a run: the GPU when there is one
-# A run of seconds on the digits: few samples and epochs, the patriarch alone.
+# A run of seconds on the digits: few samples and epochs, the patriarch alone, ResNet-8
+# (a third of the demo's ResNet-20 compute: most of the suite's time is these runs). No
+# trackers: the shared run's (TWO_GENERATIONS) are checked.
 TINY_RUN = {"data.train_limit": 256, "data.num_workers": 1, "optim.batch_size": 64,
             "schedule.epochs": 2, "schedule.peak_epoch": 1, "generations.students": 0,
-            "run.log_with": "[]"}  # trackers: the shared run's (TWO_GENERATIONS) are checked
+            "model.name": '"cifar_resnet8"', "run.log_with": "[]"}
 # The patriarch and one student of the run several modules share (two_generation_run), 128
 # samples, 2 epochs, TensorBoard on for tests/test_watching.py: a rerun of it, or of a copy,
 # must pass the same keys (two_generation_args), or it is another recipe.

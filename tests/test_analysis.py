@@ -150,10 +150,11 @@ def test_superclass_map_prefers_the_recipe_then_the_manifest(digits):
 
 
 def fake_generation(run: Path, m: int, finished: bool = True) -> None:
-    """gen<m>/ holding randomly initialised ResNet-20 weights, and eval.json if finished."""
+    """gen<m>/ holding randomly initialised weights of the tiny run's ResNet-8, and eval.json
+    if finished."""
     torch.manual_seed(m)
     generation_dir(run, m).mkdir(parents=True)
-    save_weights(create_model("cifar_resnet20", 10), generation_dir(run, m) / WEIGHTS)
+    save_weights(create_model("cifar_resnet8", 10), generation_dir(run, m) / WEIGHTS)
     if finished:
         mark_finished(generation_dir(run, m))
 

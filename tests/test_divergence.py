@@ -43,9 +43,9 @@ def advised(digits, tmp_path_factory) -> tuple[str, list[str], Path]:
     """(the refusal of a run that diverged, the command its advice gives, the runs dir),
     the advice followed once: its run finished."""
     runs = tmp_path_factory.mktemp("diverged") / "runs"
-    # optim.lr=1 blows up BatchNorm's running statistics in epoch 2: the training loss
-    # (batch statistics) stays below 2 x chance while the validation loss reaches 1e8.
-    args = tiny_run_args(digits, runs, **{"optim.lr": 1})
+    # optim.lr=1 blows up ResNet-20's BatchNorm running statistics in epoch 2: the training
+    # loss (batch statistics) stays below 2 x chance while the validation loss reaches 1e8.
+    args = tiny_run_args(digits, runs, **{"optim.lr": 1, "model.name": '"cifar_resnet20"'})
     message = one_line_refusal(lambda: train(args), "gen0 diverged in epoch 2: ")
     gen0 = runs / NAME / "gen0"  # epoch 1 claimed the run: the advice names another
     assert (gen0 / "ckpt-0001").is_dir()

@@ -56,7 +56,7 @@ def test_an_exported_generation_loads_in_timm_and_gives_the_runs_outputs(run, di
                                                                         val_batch):
     export_cli([str(run), str(tmp_path / "gen1")])
     config = json.loads((tmp_path / "gen1" / "config.json").read_text())
-    assert config["architecture"] == "cifar_resnet20" and config["num_classes"] == 10
+    assert config["architecture"] == "cifar_resnet8" and config["num_classes"] == 10
     assert config["label_names"] == [str(d) for d in range(10)]
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     model = timm.create_model(config["architecture"], pretrained=True, num_classes=10,

@@ -50,7 +50,7 @@ def fill(disk: Path, leave: int) -> Path:
 def test_a_full_disk_while_checkpointing_names_the_file_and_a_rerun_finishes(digits, tmp_path,
                                                                             capsys):
     with small_disk(tmp_path / "disk", "16m") as disk:
-        filler = fill(disk, leave=1_500_000)  # room for the weights, not the optimizer state
+        filler = fill(disk, leave=450_000)  # room for ResNet-8's weights, not its optimizer state
         args = tiny_run_args(digits, disk / "runs")
         with pytest.raises(SystemExit) as stop:
             exit_on_user_error(lambda: train(args))  # as the CLI runs it

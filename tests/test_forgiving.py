@@ -186,7 +186,7 @@ def test_a_changed_result_key_and_fewer_students_than_finished_are_refused_by_na
     advice = f"; pick another run.name or delete {run}"
     message = one_line_refusal(
         lambda: train(args_for(betons, runs, **{"model.name": "cifar_resnet32"})))
-    assert message == (f'{run} was made by a different recipe: model.name is "cifar_resnet20" '
+    assert message == (f'{run} was made by a different recipe: model.name is "cifar_resnet8" '
                        f'in {run / RUN_RECIPE}, "cifar_resnet32" now{advice}')
     # Bookkeeping keys that differ as well are not counted among the refused ones.
     one_line_refusal(lambda: train(args_for(betons, runs, **{

@@ -67,7 +67,7 @@ def test_a_finished_run_reports_eval_json_and_no_time_left(trained, tmp_path, ca
     main([str(run)])
     text = capsys.readouterr().out
     assert "finished: all generations finished; no process holds it" in text
-    assert "cifar_resnet20" in text and "generation 0:00:00, run 0:00:00" in text
+    assert "cifar_resnet8" in text and "generation 0:00:00, run 0:00:00" in text
 
 
 def test_a_stopped_run_stands_in_its_second_generation_with_time_left(trained, tmp_path,

@@ -194,7 +194,7 @@ def test_a_temperature_the_cache_cannot_serve_is_refused(swept, digits, tmp_path
 
 
 @pytest.mark.parametrize("overrides, needles", [
-    ({"model.name": '"cifar_resnet56"'}, ["is a cifar_resnet20", 'model.name = "cifar_resnet20"']),
+    ({"model.name": '"cifar_resnet56"'}, ["is a cifar_resnet8", 'model.name = "cifar_resnet8"']),
     ({"data.holdout": 0.1}, ["data.holdout = 0", "set data.holdout = 0"]),
     ({"data.train_limit": 64}, ["data.train_limit = 128"]),
 ])

@@ -47,7 +47,8 @@ def untrained_run(runs: Path, recipe: Recipe, generations: int) -> Path:
 
 @pytest.fixture(scope="module")
 def recipe(digits) -> Recipe:
-    return tiny_recipe(digits, **VIEW)
+    """The tiny run's recipe with VIEW, of ResNet-20: the architecture the tests name."""
+    return tiny_recipe(digits, **VIEW, **{"model.name": '"cifar_resnet20"'})
 
 
 @pytest.fixture(scope="module")
