@@ -14,14 +14,6 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-from ffcv.types import (
-    ALLOC_TABLE_TYPE,
-    CURRENT_VERSION,
-    FieldDescType,
-    HeaderType,
-    get_handlers,
-    get_metadata_type,
-)
 
 from fasttt.errors import UserError
 
@@ -95,12 +87,13 @@ def beton_fields(path: Path, manifest: dict, count: int) -> list[str]:
     truncation and damage to anything FFCV follows; damaged image bytes pass, as raw
     pixels merely change and the JPEG decoder writes only within its buffer.
     """
+    fmt = _ffcv_format()
     try:
-        header = np.fromfile(path, HeaderType, count=1)
+        header = np.fromfile(path, fmt.HeaderType, count=1)
         problem = _header_problem(path, header, count)
         if problem is None:
-            descriptors = np.fromfile(path, FieldDescType, count=int(header[0]["num_fields"]),
-                                      offset=HeaderType.itemsize)
+            descriptors = np.fromfile(path, fmt.FieldDescType, count=int(header[0]["num_fields"]),
+                                      offset=fmt.HeaderType.itemsize)
             problem = (_fields_problem(descriptors, manifest)
                        or _samples_problem(path, header[0], descriptors, manifest))
     except OSError as err:
@@ -115,22 +108,37 @@ def train_labels(beton_dir: Path, manifest: dict) -> np.ndarray:
     path = split_path(beton_dir, manifest, "train")
     count = manifest["splits"]["train"]["count"]
     beton_fields(path, manifest, count)  # checked before its metadata is trusted
-    header = np.fromfile(path, HeaderType, count=1)[0]
-    descriptors = np.fromfile(path, FieldDescType, count=int(header["num_fields"]),
-                              offset=HeaderType.itemsize)
+    _, descriptors = _checked_layout(path)
     return _sample_fields(path, descriptors, count)["label"].astype(np.int64)
 
 
 def image_storage(path: Path, manifest: dict, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's image mode (FFCV's: 0 JPEG, 1 raw pixels) and stored bytes, in row order."""
     beton_fields(path, manifest, count)  # checked before its metadata and table are trusted
-    header = np.fromfile(path, HeaderType, count=1)[0]
-    descriptors = np.fromfile(path, FieldDescType, count=int(header["num_fields"]),
-                              offset=HeaderType.itemsize)
-    table = np.fromfile(path, ALLOC_TABLE_TYPE, offset=int(header["alloc_table_ptr"]))
+    header, descriptors = _checked_layout(path)
+    table = np.fromfile(path, _ffcv_format().ALLOC_TABLE_TYPE,
+                        offset=int(header["alloc_table_ptr"]))
     # one allocation per sample, its image (beton_fields checked it)
     stored = table["size"][np.argsort(table["sample_id"], kind="stable")]
     return _sample_fields(path, descriptors, count)["image"]["mode"], stored
+
+
+def _ffcv_format():
+    """FFCV's beton format (its header, field and table types), imported at a beton's first
+    check rather than with this module: importing FFCV compiles numba's typed dict (2.5 s),
+    which the commands that read manifests alone (report, export, predict) never need."""
+    import ffcv.types
+
+    return ffcv.types
+
+
+def _checked_layout(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The header and field descriptors of a beton that beton_fields has checked."""
+    fmt = _ffcv_format()
+    header = np.fromfile(path, fmt.HeaderType, count=1)[0]
+    descriptors = np.fromfile(path, fmt.FieldDescType, count=int(header["num_fields"]),
+                              offset=fmt.HeaderType.itemsize)
+    return header, descriptors
 
 
 def _field_names(descriptors: np.ndarray) -> list[str]:
@@ -138,19 +146,21 @@ def _field_names(descriptors: np.ndarray) -> list[str]:
 
 
 def _header_problem(path: Path, header: np.ndarray, count: int) -> str | None:
+    fmt = _ffcv_format()
     if len(header) == 0:
         return "shorter than its header"
     version, samples, page, table_at = (int(header[0][k]) for k in (
         "version", "num_samples", "page_size", "alloc_table_ptr"))
-    metadata_at = HeaderType.itemsize + int(header[0]["num_fields"]) * FieldDescType.itemsize
+    fields = int(header[0]["num_fields"])
+    metadata_at = fmt.HeaderType.itemsize + fields * fmt.FieldDescType.itemsize
     size = path.stat().st_size
-    if version != CURRENT_VERSION:
-        return f"FFCV format {version}, expected {CURRENT_VERSION}"
+    if version != fmt.CURRENT_VERSION:
+        return f"FFCV format {version}, expected {fmt.CURRENT_VERSION}"
     if samples != count:
         return f"it holds {samples} samples, {MANIFEST} says {count}"
     if page <= 0 or page & (page - 1):
         return f"page size {page} is not a power of two"
-    if not metadata_at <= table_at <= size or (size - table_at) % ALLOC_TABLE_TYPE.itemsize:
+    if not metadata_at <= table_at <= size or (size - table_at) % fmt.ALLOC_TABLE_TYPE.itemsize:
         return "truncated, or its allocation table is misplaced"
     return None
 
@@ -169,9 +179,10 @@ def _fields_problem(descriptors: np.ndarray, manifest: dict) -> str | None:
 
 
 def _samples_problem(path: Path, header, descriptors: np.ndarray, manifest: dict) -> str | None:
+    fmt = _ffcv_format()
     samples, table_at = int(header["num_samples"]), int(header["alloc_table_ptr"])
-    metadata_at = HeaderType.itemsize + descriptors.nbytes
-    dtype = get_metadata_type(get_handlers(descriptors))
+    metadata_at = fmt.HeaderType.itemsize + descriptors.nbytes
+    dtype = fmt.get_metadata_type(fmt.get_handlers(descriptors))
     if metadata_at + samples * dtype.itemsize > table_at:
         return "its sample metadata is cut short"
     field = _sample_fields(path, descriptors, samples)
@@ -189,7 +200,7 @@ def _samples_problem(path: Path, header, descriptors: np.ndarray, manifest: dict
         return "an image size differs from the manifest's"
     if policy["kind"] == "photo" and (longest > policy.get("max_resolution", 2**16)).any():
         return "an image is larger than the manifest's max_resolution"
-    table = np.fromfile(path, ALLOC_TABLE_TYPE, offset=table_at)
+    table = np.fromfile(path, fmt.ALLOC_TABLE_TYPE, offset=table_at)
     table = table[np.argsort(table["sample_id"], kind="stable")]
     ptr, length, page = table["ptr"], table["size"], int(header["page_size"])
     if not (np.array_equal(table["sample_id"], np.arange(samples))
@@ -206,8 +217,9 @@ def _samples_problem(path: Path, header, descriptors: np.ndarray, manifest: dict
 
 def _sample_fields(path: Path, descriptors: np.ndarray, samples: int) -> dict[str, np.ndarray]:
     """Each field's per-sample metadata (FFCV's table after the header), by field name."""
-    metadata = np.fromfile(path, get_metadata_type(get_handlers(descriptors)), count=samples,
-                           offset=HeaderType.itemsize + descriptors.nbytes)
+    fmt = _ffcv_format()
+    metadata = np.fromfile(path, fmt.get_metadata_type(fmt.get_handlers(descriptors)),
+                           count=samples, offset=fmt.HeaderType.itemsize + descriptors.nbytes)
     return {name: metadata[f"f{i}"] for i, name in enumerate(_field_names(descriptors))}
 
 

@@ -7,6 +7,8 @@ an image and its 8-bit copy reach it as the same pixels, and so get the same top
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_refusal
+from conftest import ROOT, one_line_refusal
 from PIL import Image
 
 from fasttt.checkpoint import save_weights
@@ -165,3 +167,13 @@ def test_the_advice_to_raise_the_pixel_limit_works(exported, tmp_path, capsys):
                                                                          capsys)
     one_line_refusal(lambda: predict_cli([str(exported), str(path), "--max-pixels", "0"]),
                      "--max-pixels 0: must be at least 1")
+
+
+def test_predict_and_export_start_without_ffcv():
+    # They read manifests, never betons: importing FFCV would compile numba's typed dict
+    # (2.5 s of a 7 s start) for nothing.
+    code = ("import sys, fasttt.export, fasttt.predict; "
+            "print(sorted(m for m in ('ffcv', 'numba') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
