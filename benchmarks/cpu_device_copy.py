@@ -87,7 +87,8 @@ def main() -> None:
         work = Path(scratch)
         synthetic.write_fixed_betons(work / "raw32", args.images, 32, CLASSES)
         synthetic.write_photo_tree(work / "tree", args.photos, CLASSES, args.workers)
-        synthetic.build_photo_betons(work / "tree", work / "photos", 512, args.workers)
+        synthetic.build_photo_betons(work / "tree", work / "photos",
+                                     synthetic.photo_options("fasttt", 512), args.workers)
         cases = {
             "raw 32x32, batch 512": (args.images, lambda: sequential_loader(
                 work / "raw32", split="train", batch_size=512, num_workers=args.workers)),

@@ -88,7 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fasttt-bench-") as scratch:
         work = Path(scratch)
         synthetic.write_photo_tree(work / "tree", args.photos, CLASSES, args.workers)
-        synthetic.build_photo_betons(work / "tree", work / "photos", args.canvas, args.workers)
+        synthetic.build_photo_betons(work / "tree", work / "photos",
+                                     synthetic.photo_options("fasttt", args.canvas), args.workers)
         manifest = read_manifest(work / "photos")
         count = manifest["splits"]["train"]["count"]
         _, stored = image_storage(split_path(work / "photos", manifest, "train"), manifest,

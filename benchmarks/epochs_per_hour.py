@@ -1,8 +1,8 @@
 """Epochs per hour of a recipe on this machine, with and without the teacher cache.
 
     python benchmarks/epochs_per_hour.py RECIPE.toml [--synthetic N] [--steps 10] [--warmup 2]
-        [--repeats 3] [--set section.key=value ...] [--data-dir DIR] [--out FILE]
-        [--profile DIR [--profile-steps 6]]
+        [--photo-policy fasttt|ffcv] [--repeats 3] [--set section.key=value ...]
+        [--data-dir DIR] [--out FILE] [--profile DIR [--profile-steps 6]]
     accelerate launch --num_processes 8 benchmarks/epochs_per_hour.py RECIPE.toml  # 8 GPUs
 
 Steady-state throughput of the recipe's model, train size, batch size, precision and
@@ -43,7 +43,9 @@ many there are).
 `--synthetic N` first writes N generated images of the recipe's kind into --data-dir
 (reused when already there): ImageNet-like JPEGs (about 400x350, ~100 KB, up to 1000
 classes) through the imagefolder builder for photo recipes, else raw square images of
-the recipe's train size in 100 classes. Prints a table and writes JSON.
+the recipe's train size in 100 classes. `--photo-policy ffcv` stores the photos as FFCV's
+own ImageNet betons do (longest side 400, 10 % JPEG, the rest raw pixels), so that a loader
+figure compares like for like with FFCV's published ones. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -95,19 +97,25 @@ READ_AHEAD = LOADER_PREFETCH + 1
 # ---------------------------------------------------------------- synthetic data
 
 
-def synthetic_spec(recipe: Recipe, images: int) -> dict:
-    """What `--synthetic` builds for this recipe: photos on its canvas, or fixed-size images."""
+def synthetic_spec(recipe: Recipe, images: int, policy: str = "fasttt") -> dict:
+    """What `--synthetic` builds for this recipe: photos on its canvas, stored as `policy`
+    says (synthetic.PHOTO_POLICIES), or fixed-size images."""
     if recipe.augment.kind == "resized_crop" and recipe.data.canvas_size > 0:
-        return {"kind": "photo", "images": images, "max_resolution": recipe.data.canvas_size,
-                "classes": min(PHOTO_CLASSES, max(10, images // 10))}
+        options = synthetic.photo_options(policy, recipe.data.canvas_size)
+        return {"kind": "photo", "images": images, "max_resolution": options.max_resolution,
+                "classes": min(PHOTO_CLASSES, max(10, images // 10)),
+                **({"policy": policy, **dataclasses.asdict(options)} if policy != "fasttt"
+                   else {})}
     return {"kind": "fixed", "images": images, "side": recipe.augment.max_size,
             "classes": FIXED_CLASSES}
 
 
 def default_data_dir(spec: dict) -> Path:
-    """bench_out/synthetic/<kind><pixels>_n<N>."""
+    """bench_out/synthetic/<kind><pixels>[_<policy>]_n<N>."""
     pixels = spec.get("max_resolution") or spec["side"]
-    return Path("bench_out") / "synthetic" / f"{spec['kind']}{pixels}_n{spec['images']}"
+    policy = f"_{spec['policy']}" if "policy" in spec else ""
+    return (Path("bench_out") / "synthetic"
+            / f"{spec['kind']}{pixels}{policy}_n{spec['images']}")
 
 
 def synthetic_betons(spec: dict, data_dir: Path, console: Console) -> Path:
@@ -127,7 +135,8 @@ def synthetic_betons(spec: dict, data_dir: Path, console: Console) -> Path:
         tree, workers = data_dir / "jpegs", default_workers()
         kb = synthetic.write_photo_tree(tree, spec["images"], spec["classes"], workers)
         console.print(f"{spec['images']} JPEGs, {kb:.0f} KB each on average")
-        synthetic.build_photo_betons(tree, betons, spec["max_resolution"], workers)
+        options = synthetic.photo_options(spec.get("policy", "fasttt"), spec["max_resolution"])
+        synthetic.build_photo_betons(tree, betons, options, workers)
         shutil.rmtree(tree)  # the beton holds every image
     else:
         synthetic.write_fixed_betons(betons, spec["images"], spec["side"], spec["classes"])
@@ -485,6 +494,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="generate N training images of the recipe's kind first")
+    parser.add_argument("--photo-policy", choices=synthetic.PHOTO_POLICIES, default="fasttt",
+                        help="how --synthetic stores photos: fasttt's (all JPEG, the canvas's "
+                        "side) or FFCV's ImageNet policy (side 400, 10 %% JPEG, the rest raw)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=3,
@@ -512,7 +524,7 @@ def prepare_data(recipe: Recipe, args, accelerator, console: Console) -> Recipe:
     if args.synthetic < recipe.optim.batch_size:
         raise UserError(f"--synthetic {args.synthetic} is fewer images than one batch of "
                         f"{recipe.optim.batch_size}")
-    spec = synthetic_spec(recipe, args.synthetic)
+    spec = synthetic_spec(recipe, args.synthetic, args.photo_policy)
     data_dir = args.data_dir or default_data_dir(spec)
     if accelerator.is_main_process:
         synthetic_betons(spec, data_dir, console)
@@ -526,7 +538,7 @@ def settings(recipe: Recipe, args, accelerator, epoch_samples: int) -> dict:
     batch = recipe.optim.batch_size
     return {
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-        "synthetic": args.synthetic,
+        "synthetic": args.synthetic, "photo_policy": args.photo_policy,
         "beton_dir": recipe.data.beton_dir, "batch_size": batch,
         "train_size": train_size(recipe.schedule.epochs - 1, recipe.augment),
         "train_samples": epoch_samples,

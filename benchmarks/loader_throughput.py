@@ -114,7 +114,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     tree, w, n, size = work / "tree", args.workers, args.images, args.canvas
     mean_kb = synthetic.write_photo_tree(tree, n, CLASSES, w)
     console.print(f"mean JPEG {mean_kb:.0f} KB; building betons ...")
-    synthetic.build_photo_betons(tree, work / "photos", MAX_RESOLUTION, w)
+    synthetic.build_photo_betons(tree, work / "photos",
+                                 synthetic.photo_options("fasttt", MAX_RESOLUTION), w)
     paths = sorted(tree.glob("train/*/*.JPEG"))
     def fasttt(canvas_size):
         return lambda: sequential_loader(work / "photos", split="train",

@@ -2,6 +2,7 @@
 
 - `synthetic_photo`: one ImageNet-like photo (about 400x350; ~100 KB as a quality-90 JPEG);
 - `write_photo_tree`: N such JPEGs in ImageNet layout, written in parallel with progress;
+- `photo_options`: how a photo beton stores them, fasttt's default policy or FFCV's own;
 - `build_photo_betons`: photo betons of a tree, through fasttt's imagefolder builder;
 - `write_fixed_betons`: raw betons of random fixed-size images, as the CIFAR builder writes.
 
@@ -11,6 +12,7 @@ on the path.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from pathlib import Path
 
@@ -31,6 +33,12 @@ from fasttt.errors import leave_signals_to_the_parent
 JPEG_QUALITY = 90
 NOISE_SIDE = 600  # the photo noise tile; photos are cut from it at random offsets
 VAL_SHARE = 50  # one val photo per this many train photos
+# How the betons store the photos: fasttt's default (every image a JPEG, the longest side
+# the recipe's canvas) and FFCV's for its ImageNet anchors (its examples/imagenet README:
+# `write_dataset.sh 400 0.10 90`, longest side 400, 10 % JPEG, the rest raw pixels).
+PHOTO_POLICIES = ("fasttt", "ffcv")
+FFCV_POLICY = PhotoOptions(max_resolution=400, jpeg_quality=JPEG_QUALITY, write_mode="proportion",
+                           compress_probability=0.10)
 
 _noise: np.ndarray | None = None
 
@@ -83,10 +91,15 @@ def write_photo_tree(root: Path, images: int, classes: int, workers: int) -> flo
     return sum(sizes) / len(sizes) / 1024
 
 
-def build_photo_betons(tree: Path, out: Path, max_resolution: int, workers: int) -> None:
-    """Photo betons of `tree` in `out`: quality-90 JPEGs, longest side at most `max_resolution`."""
-    options = PhotoOptions(max_resolution=max_resolution, jpeg_quality=JPEG_QUALITY,
-                           write_mode="jpg")
+def photo_options(policy: str, canvas_size: int) -> PhotoOptions:
+    """The storage of `policy` (PHOTO_POLICIES) for a recipe whose canvas is `canvas_size`."""
+    if policy == "ffcv":
+        return dataclasses.replace(FFCV_POLICY, max_resolution=min(400, canvas_size))
+    return PhotoOptions(max_resolution=canvas_size, jpeg_quality=JPEG_QUALITY, write_mode="jpg")
+
+
+def build_photo_betons(tree: Path, out: Path, options: PhotoOptions, workers: int) -> None:
+    """Photo betons of `tree` in `out`, stored as `options` say."""
     with staged_output(out) as staging:
         finish_manifest(staging, *build_imagefolder(staging, tree, options, workers))
 

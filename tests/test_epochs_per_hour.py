@@ -20,7 +20,7 @@ from PIL import Image
 from rich.console import Console
 from torch.autograd import DeviceType
 
-from fasttt.betons import read_manifest
+from fasttt.betons import image_storage, read_manifest, split_path
 from fasttt.data import train_loader
 from fasttt.errors import UserError
 from fasttt.models import build_model
@@ -185,6 +185,23 @@ def test_synthetic_photo_recipe_goes_through_the_imagefolder_builder(
     assert manifest["splits"]["train"]["count"] == 40 and len(manifest["class_names"]) == 10
     assert not (data_dir / "jpegs").exists()  # the JPEG tree is gone once the beton holds it
     assert json.loads((data_dir / "synthetic.json").read_text())["complete"] is True
+
+
+def test_ffcvs_photo_policy_stores_most_photos_raw_at_its_side(tmp_path):
+    # FFCV's ImageNet betons (side 400, 10 % JPEG), for a loader figure like FFCV's own.
+    recipe = bench.load_recipe(RECIPE, [f"{k}={v}" for k, v in {
+        "augment.kind": '"resized_crop"', "data.canvas_size": 64}.items()])
+    spec = bench.synthetic_spec(recipe, 40, "ffcv")
+    assert (spec["write_mode"], spec["compress_probability"]) == ("proportion", 0.10)
+    assert spec["max_resolution"] == 64  # FFCV's 400, within the recipe's canvas
+    assert bench.default_data_dir(spec).name == "photo64_ffcv_n40"
+    assert "policy" not in bench.synthetic_spec(recipe, 40)  # fasttt's: built betons still match
+    betons = bench.synthetic_betons(spec, tmp_path / "ffcv", Console(file=io.StringIO()))
+    manifest = read_manifest(betons)
+    assert manifest["image_policy"]["write_mode"] == "proportion"
+    assert manifest["image_policy"]["compress_probability"] == 0.10
+    modes, _ = image_storage(split_path(betons, manifest, "train"), manifest, 40)
+    assert (modes == 1).sum() > 20  # raw pixels; 0.9 x 40 expected
 
 
 def test_synthetic_photos_look_like_imagenet_files():

@@ -68,12 +68,18 @@ def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
         assert named and all((ROOT / arg).is_file() for arg in named), command
     full = gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"], out=tmp_path),
                            tmp_path / "work")
-    assert [name for name, _ in full] == ["imagenet", "imagenet_gpu_decode", "cifar", "compile"]
+    assert [name for name, _ in full] == ["imagenet", "imagenet_gpu_decode",
+                                          "imagenet_ffcv_policy", "cifar", "compile"]
     data_dirs = [command[command.index("--data-dir") + 1] for _, command in
                  gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"],
                                                     out=tmp_path), tmp_path / "work")
                  if "--data-dir" in command]
-    assert data_dirs[0] == data_dirs[1] != data_dirs[2]  # both ImageNet steps: one beton
+    # the CPU- and GPU-decode steps read one beton; FFCV's policy and CIFAR their own
+    assert data_dirs[0] == data_dirs[1] and len(set(data_dirs)) == 3
+    # the two parts of a remote run split the steps between them, each within 10 minutes
+    assert sorted(sum(gpu_check.PARTS.values(), ())) == sorted(gpu_check.STEP_LIMITS)
+    assert all(sum(gpu_check.STEP_LIMITS[n] for n in part) <= 540
+               for part in gpu_check.PARTS.values())
 
 
 def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
@@ -85,8 +91,9 @@ def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
     finished = two_generation_run / "runs" / NAME
     packed = tmp_path / "back" / "gpu_check.tar.gz"
     status, result, printed = check(
-        ["--skip", "tests", "--skip", "compile", "--skip", "imagenet_gpu_decode", "--out",
-         tmp_path, "--work", tmp_path / "work", "--archive", packed], monkeypatch, capsys,
+        ["--skip", "tests", "--skip", "compile", "--skip", "imagenet_gpu_decode", "--skip",
+         "imagenet_ffcv_policy", "--out", tmp_path, "--work", tmp_path / "work", "--archive",
+         packed], monkeypatch, capsys,
         imagenet=lambda work: python("print('imagenet: a stub')"),
         demo=lambda work: python("import shutil, sys; shutil.copytree(*sys.argv[1:])",
                                  finished, work / "runs" / NAME))
@@ -161,7 +168,7 @@ def test_a_step_past_its_limit_is_stopped_and_the_rest_still_reported(tmp_path, 
                                                                       capsys):
     status, result, printed = check(
         ["--skip", "cifar", "--skip", "tests", "--skip", "compile", "--skip",
-         "imagenet_gpu_decode", "--limit", "demo=4",
+         "imagenet_gpu_decode", "--skip", "imagenet_ffcv_policy", "--limit", "demo=4",
          "--out", tmp_path, "--work", tmp_path / "work"], monkeypatch, capsys,
         imagenet=lambda work: python("import sys; print('imagenet fails'); sys.exit(3)"),
         demo=lambda work: python(HANGS, tmp_path / "gpu_check.json"))
@@ -174,6 +181,14 @@ def test_a_step_past_its_limit_is_stopped_and_the_rest_still_reported(tmp_path, 
     assert "in gpu_check.json before this step: imagenet" in printed
     assert "started a child" in printed
     assert not processes_naming(tmp_path)  # the step's child went with it
+
+
+def test_a_part_runs_its_steps_only(tmp_path, monkeypatch, capsys):
+    status, result, printed = check(
+        ["--part", "checks", "--skip", "tests", "--skip", "compile", "--out", tmp_path,
+         "--work", tmp_path / "work"], monkeypatch, capsys,
+        demo=lambda work: python("print('demo: a stub')"))
+    assert status == 0 and list(result["steps"]) == ["demo"], printed[-3000:]
 
 
 def processes_naming(path) -> list[str]:
