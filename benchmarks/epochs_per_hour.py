@@ -1,7 +1,7 @@
 """Epochs per hour of a recipe on this machine, with and without the teacher cache.
 
     python benchmarks/epochs_per_hour.py RECIPE.toml [--synthetic N] [--steps 10] [--warmup 2]
-        [--photo-policy fasttt|ffcv] [--repeats 3] [--set section.key=value ...]
+        [--photo-policy fasttt|ffcv] [--compiled auto|off|MODE] [--repeats 3] [--set ...]
         [--data-dir DIR] [--out FILE] [--profile DIR [--profile-steps 6]]
     accelerate launch --num_processes 8 benchmarks/epochs_per_hour.py RECIPE.toml  # 8 GPUs
 
@@ -17,6 +17,10 @@ loader settings, measured side by side in one run with the trainer's own code
 4. student step with the online teacher (one teacher forward per step);
 5. cache build: teacher inference over the keyed views (seconds per view of the split);
 6. the cached student again, its cache build shared over the generation's epochs;
+   and with a compile mode (`--compiled`; "auto", the default, is what a run of the
+   recipe decides on this device: CUDA graphs for a fixed-size recipe on a GPU, none on
+   the CPU), rows 2 and 3 again with the model compiled, each right after its eager row,
+   and the graphs compiled in all rounds and the seconds that took;
 7. with `--profile DIR`, after the rounds and outside their timings: `--profile-steps`
    steps of the patriarch and of the cached student, after one warm-up step, under
    torch.profiler (`benchmarks/step_profile.py`): `DIR/<row>.txt` (the op table),
@@ -81,7 +85,7 @@ from fasttt.engine import GenerationSpec, prepare_learner, train_epoch
 from fasttt.errors import UserError, exit_on_user_error
 from fasttt.files import write_json
 from fasttt.generation import generation_objective, generation_views
-from fasttt.models import build_model
+from fasttt.models import build_model, compiled_so_far, decide_compile
 from fasttt.processes import accelerator_and_console
 from fasttt.progress import progress_bar as steps_bar
 from fasttt.recipe import Recipe, load_recipe
@@ -250,6 +254,19 @@ class ForwardClock(torch.nn.Module):
 # ---------------------------------------------------------------- the rows
 
 
+def compiled_mode(recipe: Recipe, choice: str, device: torch.device) -> str | None:
+    """The torch.compile mode of the compiled rows (--compiled), or None for no such rows.
+
+    "auto" is what a run of the recipe decides on this device (models.decide_compile).
+    """
+    if choice == "off":
+        return None
+    if choice != "auto":
+        return choice
+    run = decide_compile(replace(recipe.run, compile="auto"), recipe.augment.kind, device)
+    return run.compile_mode if run.compile else None
+
+
 def read_batches(args) -> int:
     """Batches each row reads: its warm-up, the dropped read-ahead, its timed steps."""
     return args.warmup + READ_AHEAD + args.steps
@@ -349,12 +366,15 @@ def cache_build(cache_dir: Path, teacher, views, spec: CacheSpec, recipe: Recipe
 
 
 def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelerator,
-            console: Console, work: Path) -> tuple[dict[str, list[Timing]], partial]:
+            console: Console, work: Path) -> tuple[dict[str, list[Timing]], dict, partial]:
     """Every row, once per round: rounds interleave the rows so they share the same load.
 
     The teacher is the patriarch as the first round leaves it, as each student is taught
-    by the last weights of the generation before. Also returns what profiles the patriarch
-    and cached-student steps (`profile_steps` with their specs and loader).
+    by the last weights of the generation before. With a compile mode (--compiled), the
+    patriarch and cached-student steps run again with the model compiled, right after
+    their eager rows; the compilation (in the first round's warm-up steps) is counted
+    apart. Also returns what profiles the patriarch and cached-student steps
+    (`profile_steps` with their specs and loader).
     """
     # Every row reads within one epoch when the split allows: a new epoch allocates FFCV's
     # batch buffers again (on a GPU, ~4 GB pinned for ImageNet's canvases).
@@ -367,6 +387,11 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     student = generation_objective(method, 1)
     timings = {name: [] for name in ("loader", "patriarch_step", "cache_build",
                                      "student_step_cache", "student_step_online")}
+    mode = compiled_mode(bench, args.compiled, device)
+    compiled = replace(bench, run=replace(bench.run, compile=True, compile_mode=mode))
+    if mode:
+        timings |= {f"{name}_compiled": [] for name in COMPILED_ROWS}
+    compile_before, compiling = compiled_so_far(), {"mode": mode}
     teacher = students = None
     for r in range(args.repeats):
         console.print(f"round {r + 1} of {args.repeats}: loader alone, patriarch, cache build, "
@@ -375,6 +400,10 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
         timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
         model = training_steps(patriarch, timed, bench, num_classes, accelerator)
         timings["patriarch_step"].append(timed.timing)
+        if mode:
+            timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
+            training_steps(patriarch, timed, compiled, num_classes, accelerator)
+            timings["patriarch_step_compiled"].append(timed.timing)
         if teacher is None:
             teacher = model
             if accelerator.is_main_process:
@@ -395,8 +424,17 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
             timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
             training_steps(spec, timed, bench, num_classes, accelerator)
             timings[name].append(timed.timing)
+            if mode and name in COMPILED_ROWS:
+                timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size,
+                                    device)
+                training_steps(spec, timed, compiled, num_classes, accelerator)
+                timings[f"{name}_compiled"].append(timed.timing)
+    if mode:  # in the first round's warm-ups: later rounds' models reuse the graphs
+        graphs, seconds = (now - before for now, before in zip(
+            compiled_so_far(), compile_before, strict=True))
+        compiling |= {"graphs": graphs, "seconds": seconds}
     profiled = {"patriarch_step": patriarch, "student_step_cache": students["student_step_cache"]}
-    return timings, partial(profile_steps, profiled, train, args, bench, num_classes,
+    return timings, compiling, partial(profile_steps, profiled, train, args, bench, num_classes,
                             accelerator, console)
 
 
@@ -418,10 +456,13 @@ def machine(accelerator) -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
+COMPILED_ROWS = ("patriarch_step", "student_step_cache")  # measured compiled too (--compiled)
 LABELS = {  # the table's rows, in order
     "loader": "loader alone (ceiling)",
     "patriarch_step": "patriarch step",
+    "patriarch_step_compiled": "patriarch step, compiled",
     "student_step_cache": "student step, teacher cache",
+    "student_step_cache_compiled": "student step, teacher cache, compiled",
     "student_step_online": "student step, online teacher",
     "cache_build": "cache build (teacher, per view)",
     "student_cache_with_build": "student, cache incl. its build",
@@ -452,7 +493,7 @@ def rows_from(timings: dict[str, list[Timing]], epoch_images: int, epoch_samples
     rows["student_cache_with_build"] = {
         "images_per_s": epoch_images / seconds, "epochs_per_hour": 3600 / seconds,
         "vs_loader": epoch_images / seconds / ceiling, "build_seconds_per_epoch": shared}
-    return {name: rows[name] for name in LABELS}
+    return {name: rows[name] for name in LABELS if name in rows}
 
 
 def print_table(result: dict, console: Console) -> None:
@@ -474,6 +515,11 @@ def print_table(result: dict, console: Console) -> None:
                 "cache_build": f"{row.get('seconds_per_view', 0):.1f} s per view of the split",
                 "student_cache_with_build": f"{s['recipe_views']} views built once "
                                             f"for {s['epochs']} epochs"}.get(name, "")
+        if name.endswith("_compiled"):
+            eager = rows[name.removesuffix("_compiled")]["images_per_s"]
+            compiling = result["compile"]
+            note = (f"{row['images_per_s'] / eager:.2f} x eager; {compiling['mode']}: "
+                    f"{compiling['graphs']} graphs compiled in {compiling['seconds']:.0f} s")
         table.add_row(LABELS[name], f"{row['images_per_s']:,.0f}", spread,
                       f"{row['epochs_per_hour']:,.1f}", f"{row['vs_loader']:.3g}",
                       "" if wait is None or name == "loader" else f"{100 * wait:.1f} %", note)
@@ -497,6 +543,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--photo-policy", choices=synthetic.PHOTO_POLICIES, default="fasttt",
                         help="how --synthetic stores photos: fasttt's (all JPEG, the canvas's "
                         "side) or FFCV's ImageNet policy (side 400, 10 %% JPEG, the rest raw)")
+    parser.add_argument("--compiled", default="auto",
+                        choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                        help="also time the patriarch and cached-student steps with the model "
+                        "compiled in this mode; auto: as a run of the recipe decides here")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=3,
@@ -553,8 +603,9 @@ def settings(recipe: Recipe, args, accelerator, epoch_samples: int) -> dict:
 
 
 def result_of(recipe: Recipe, args, accelerator, epoch_samples: int,
-              timings: dict[str, list[Timing]], load_before: tuple) -> dict:
-    """The JSON result: the machine and its load, the recipe, the settings, the rows."""
+              timings: dict[str, list[Timing]], compiling: dict, load_before: tuple) -> dict:
+    """The JSON result: the machine and its load, the recipe, the settings, the rows, and
+    what compiling the compiled rows' model took."""
     setup = settings(recipe, args, accelerator, epoch_samples)
     return {
         "benchmark": "epochs_per_hour",
@@ -564,6 +615,7 @@ def result_of(recipe: Recipe, args, accelerator, epoch_samples: int,
                    "resolved": dataclasses.asdict(recipe)},
         "settings": setup,
         "rows": rows_from(timings, setup["train_images_per_epoch"], epoch_samples, recipe),
+        "compile": compiling,
     }
 
 
@@ -584,11 +636,12 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True)
     accelerator.wait_for_everyone()
     load_before = os.getloadavg()
-    timings, profile = measure(recipe, len(beton["class_names"]), epoch_samples, args,
-                               accelerator, console, work)
+    timings, compiling, profile = measure(recipe, len(beton["class_names"]), epoch_samples,
+                                          args, accelerator, console, work)
     main_process, result = accelerator.is_main_process, {}
     if main_process:
-        result = result_of(recipe, args, accelerator, epoch_samples, timings, load_before)
+        result = result_of(recipe, args, accelerator, epoch_samples, timings, compiling,
+                           load_before)
         print_table(result, console)
         write_json(out, result)  # already: a time limit may stop the profile
     if args.profile:

@@ -1,12 +1,13 @@
 """One prepared command for a GPU machine: does fasttt run there, and how fast.
 
-    source .gpukit/activate && python benchmarks/gpu_check.py [--part speed|checks]
+    source .gpukit/activate && python benchmarks/gpu_check.py [--part imagenet|cifar|checks]
         [--out bench_out/gpu_check] [--work bench_out/gpu_check_work]
         [--archive bench_out/gpu_check.tar.gz]
     python benchmarks/gpu_check.py --tiny        # the same steps in seconds, on any CPU
 
-Runs each step as its own process group with a time limit (STEP_LIMITS: the speed steps
-at most 9 minutes, the checks 5), keeps going when one fails or times out, and writes its results
+Runs each step as its own process group with a time limit (STEP_LIMITS; --part runs the
+ImageNet speeds, the CIFAR speeds or the checks, each at most 9 minutes), keeps going when
+one fails or times out, and writes its results
 under --out (the synthetic betons, GBs, and the demo's run go to --work, so a remote
 machine's --out stays small): `logs/<step>.log`, each benchmark's JSON, and
 `gpu_check.json` (the environment line, the commit and date, each step's exit status and
@@ -18,9 +19,11 @@ still leaves what it measured. Steps, the speed first:
    beton (20,000 JPEGs of about 400x350), decoded by FFCV on the CPU and then, on the same
    betons, by nvJPEG (`data.decode = "gpu"`), then on betons stored as FFCV's own ImageNet
    ones are (side 400, 10 % JPEG, the rest raw: like for like with FFCV's published
-   figures), and for `cifar100_resnet56_d06` on a synthetic
-   50,000-image 32x32 beton: loader ceiling, patriarch, cached and online student, cache
-   build; then 6 steps of the patriarch and of the cached student under torch.profiler
+   figures), and for `cifar100_resnet56_d06`, `cifar100_resnet110_d06` and
+   `cifar100_densenet100_d06` on one synthetic 50,000-image 32x32 beton: loader ceiling,
+   patriarch, cached and online student, cache build, and on a GPU the patriarch and
+   cached student compiled as a run compiles them (CUDA graphs), with the compile time;
+   then 6 steps of the patriarch and of the cached student under torch.profiler
    (`profiles/<recipe>/`: op tables, gzipped Chrome traces, summaries), whose phase
    breakdown (host and GPU kernel ms per step in each `fasttt.*` range of the training
    step) goes into gpu_check.json under "phases" and is printed;
@@ -65,26 +68,30 @@ DEVICE_TESTS = ["tests/test_devices.py", "tests/test_data.py", "tests/test_jpeg.
                 "tests/test_cache.py", "tests/test_train.py"]
 COMPILE_TESTS = ["tests/test_compile.py"]  # CUDA graphs, compiled for real: a budget of its own
 # seconds per step. A remote call's 10 minutes must leave time to send the results back:
-# run it as its two parts (README, Speed), the speed steps (9 min) and the checks (5 min).
+# run it in its parts (README, Speed), each at most 9 minutes.
 STEP_LIMITS = {"imagenet": 170, "imagenet_gpu_decode": 120, "imagenet_ffcv_policy": 150,
-               "cifar": 90, "demo": 90, "tests": 100, "compile": 90}
-PARTS = {"speed": ("imagenet", "imagenet_gpu_decode", "imagenet_ffcv_policy", "cifar"),
+               "cifar": 150, "cifar_resnet110": 190, "cifar_densenet100": 190, "demo": 90,
+               "tests": 100, "compile": 90}
+PARTS = {"imagenet": ("imagenet", "imagenet_gpu_decode", "imagenet_ffcv_policy"),
+         "cifar": ("cifar", "cifar_resnet110", "cifar_densenet100"),
          "checks": ("demo", "tests", "compile")}
 TINY_LIMIT = 300
 TRACES_INLINE_MB = 4  # Chrome traces larger than this together get an archive of their own
 GPU_DECODE = ['data.decode="gpu"']  # the same betons and recipe, decoded by nvJPEG
-# (recipe, synthetic images, --set values, how the photos are stored: benchmarks/synthetic.py)
-FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, [], "fasttt"),
-        "imagenet_gpu_decode": ("imagenet_r18_d06_fast", 20_000, GPU_DECODE, "fasttt"),
-        "imagenet_ffcv_policy": ("imagenet_r18_d06_fast", 20_000, [], "ffcv"),
-        "cifar": ("cifar100_resnet56_d06", 50_000, [], "fasttt")}
+# (recipe, synthetic images, --set values, how photos are stored (benchmarks/synthetic.py),
+# the synthetic data's folder under --work/data: steps naming one folder share its betons)
+FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, [], "fasttt", "photos"),
+        "imagenet_gpu_decode": ("imagenet_r18_d06_fast", 20_000, GPU_DECODE, "fasttt", "photos"),
+        "imagenet_ffcv_policy": ("imagenet_r18_d06_fast", 20_000, [], "ffcv", "photos_ffcv"),
+        "cifar": ("cifar100_resnet56_d06", 50_000, [], "fasttt", "cifar"),
+        "cifar_resnet110": ("cifar100_resnet110_d06", 50_000, [], "fasttt", "cifar"),
+        "cifar_densenet100": ("cifar100_densenet100_d06", 50_000, [], "fasttt", "cifar")}
 TINY_SETS = ["data.num_workers=1", "optim.batch_size=16", "cache.batch_size=32"]
-TINY = {"imagenet": ("imagenet_r18_d06_fast", 64, TINY_SETS, "fasttt"),
-        "imagenet_gpu_decode": ("imagenet_r18_d06_fast", 64, [*TINY_SETS, *GPU_DECODE], "fasttt"),
-        "imagenet_ffcv_policy": ("imagenet_r18_d06_fast", 64, TINY_SETS, "ffcv"),
-        "cifar": ("cifar100_resnet56_d06", 64, TINY_SETS, "fasttt")}
-ROWS = ("loader", "patriarch_step", "student_step_cache", "student_step_online",
-        "cache_build")  # of epochs_per_hour's JSON, in the summary table
+TINY = {name: (recipe, 64, [*TINY_SETS, *sets], policy, data)
+        for name, (recipe, _, sets, policy, data) in FULL.items()}
+ROWS = ("loader", "patriarch_step", "patriarch_step_compiled", "student_step_cache",
+        "student_step_cache_compiled", "student_step_online", "cache_build")  # of
+# epochs_per_hour's JSON, in the summary table ("-" where a step had no compiled rows)
 # of each profile summary in epochs_per_hour's JSON: the phase breakdown and its context
 PHASE_KEYS = ("device", "steps", "wall_ms_per_step", "loader_wait_ms_per_step",
               "timed_ms_per_step", "kernel_ms_per_step", "phases")
@@ -207,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archive", type=Path,
                         help="also pack everything --out holds into this .tar.gz")
     parser.add_argument("--skip", action="append", default=[], choices=list(STEP_LIMITS))
-    parser.add_argument("--part", choices=list(PARTS),
-                        help="run only the speed steps or only the checks (demo, tests, compile)")
+    parser.add_argument("--part", action="append", default=[], choices=list(PARTS),
+                        help="run only the ImageNet speeds, the CIFAR speeds or the checks "
+                        "(demo, tests, compile): each part fits a 10-minute remote call")
     parser.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS",
                         help="another time limit for a step, e.g. compile=300")
     args = parser.parse_args(argv)
     if args.part:
-        args.skip += [name for name in STEP_LIMITS if name not in PARTS[args.part]]
+        chosen = {name for part in args.part for name in PARTS[part]}
+        args.skip += [name for name in STEP_LIMITS if name not in chosen]
     limits = dict.fromkeys(STEP_LIMITS, TINY_LIMIT) if args.tiny else dict(STEP_LIMITS)
     for setting in args.limit:
         name, _, seconds = setting.partition("=")
@@ -252,16 +261,15 @@ def main(argv: list[str] | None = None) -> int:
 def steps(args: argparse.Namespace, work: Path):
     """(name, command) of each step not skipped, the speed steps first."""
     python = [sys.executable]
-    for name, (recipe, images, sets, policy) in (TINY if args.tiny else FULL).items():
+    for name, (recipe, images, sets, policy, data) in (TINY if args.tiny else FULL).items():
         if name in args.skip:
             continue
         timing = (["--steps", "2", "--warmup", "1", "--repeats", "1", "--profile-steps", "2"]
                   if args.tiny else [])
         yield name, [
             *python, "benchmarks/epochs_per_hour.py", f"recipes/{recipe}.toml",
-            # per recipe and policy: the CPU- and GPU-decode steps read the same betons
             "--synthetic", str(images), "--photo-policy", policy, "--data-dir",
-            str(work / "data" / (recipe if policy == "fasttt" else f"{recipe}_{policy}")),
+            str(work / "data" / data),
             "--out", str(args.out.resolve() / f"epochs_per_hour_{name}.json"),
             "--profile", str(args.out.resolve() / "profiles" / name), *timing,
             *(a for s in sets for a in ("--set", s))]
@@ -319,8 +327,13 @@ def summarize(result: dict, tiny: bool, console: Console) -> None:
     for name, figures in result["epochs_per_hour"].items():
         rows = figures["rows"]
         speeds.add_row(name, *(f"{rows[r]['images_per_s']:,.0f} ({rows[r]['vs_loader']:.2f})"
-                               for r in ROWS))
+                               if r in rows else "-" for r in ROWS))
     console.print(speeds)
+    for name, figures in result["epochs_per_hour"].items():
+        compiling = figures.get("compile", {})
+        if compiling.get("mode"):
+            console.print(f"{name}: torch.compile ({compiling['mode']}) compiled "
+                          f"{compiling['graphs']} graphs in {compiling['seconds']:.0f} s")
     if result["phases"]:
         console.print(phase_table("where a step's time goes (profiles/)", result["phases"]))
         for name, profile in result["phases"].items():

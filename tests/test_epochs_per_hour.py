@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,8 @@ def run(argv: list[str], out: Path, capsys, monkeypatch) -> tuple[dict, str]:
 def check_rows(result: dict, printed: str) -> None:
     """Every row holds positive finite numbers that agree with each other; all are printed."""
     rows, settings = result["rows"], result["settings"]
-    assert list(rows) == list(bench.LABELS)
+    compiled = result["compile"]["mode"] is not None
+    assert list(rows) == [n for n in bench.LABELS if compiled or not n.endswith("_compiled")]
     # A step row of these two-step windows may wait on the loader long enough to be named
     # again below the table: its first batch is decoded inside the window.
     table = "\n".join(line for line in printed.splitlines()
@@ -76,7 +78,7 @@ def check_rows(result: dict, printed: str) -> None:
         assert row["epochs_per_hour"] == pytest.approx(3600 * row["images_per_s"] / per_epoch)
         assert row["vs_loader"] == pytest.approx(row["images_per_s"]
                                                  / rows["loader"]["images_per_s"])
-        assert table.count(bench.LABELS[name]) == 1
+        assert len(re.findall(rf"│ {re.escape(bench.LABELS[name])} +│", table)) == 1, name
     for name in STEP_ROWS:
         assert 0 < rows[name]["loader_wait_fraction"] <= 1
         assert len(rows[name]["images_per_s_rounds"]) == settings["repeats"]
@@ -92,28 +94,38 @@ def check_rows(result: dict, printed: str) -> None:
 
 
 def test_digits_recipe_measures_every_row(digits, tmp_path, capsys, monkeypatch):
-    windows = []
+    windows, compile_for_real = [], torch.compile
 
     class Recorded(bench.TimedLoader):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             windows.append(self)
 
+    def captured(function, **kwargs):  # as tests/test_compile.py: no C++ code generation
+        return compile_for_real(function, backend="aot_eager")
+
     monkeypatch.setattr(bench, "TimedLoader", Recorded)
-    result, printed = run([str(RECIPE), *tiny(**{"data.beton_dir": f'"{digits}"'}),
-                           "--repeats", "2"], tmp_path / "out.json", capsys, monkeypatch)
+    monkeypatch.setattr(torch, "compile", captured)
+    result, printed = run([str(RECIPE), *tiny(**{"data.beton_dir": f'"{digits}"',
+                                                 "model.name": '"cifar_resnet8"'}),
+                           "--repeats", "2", "--compiled", "default"], tmp_path / "out.json",
+                          capsys, monkeypatch)
     check_rows(result, printed)
+    # compiled beside the eager steps, once: the second round's models reuse the graphs
+    assert result["compile"]["mode"] == "default" and result["compile"]["graphs"] >= 1
+    assert result["compile"]["seconds"] > 0
+    assert "x eager; default: " in printed
     settings = result["settings"]
     assert settings["train_samples"] == read_manifest(digits)["splits"]["train"]["count"]
     assert settings["train_images_per_epoch"] == settings["train_samples"] // 16 * 16
     # warm-up, the dropped read-ahead, then the steps: (1 + 4 + 2) batches
     assert settings["measured_samples"] == (1 + bench.READ_AHEAD + 2) * 16
     # The loader alone times the steps' window, and no row's reaches a second epoch.
-    assert len(windows) == 2 * 4
+    assert len(windows) == 2 * 6
     assert {(timed.warmup, timed.steps) for timed in windows} == {(1, 2)}
     assert all(len(timed.loader) == 1 + bench.READ_AHEAD + 2 for timed in windows)
     assert (settings["recipe_views"], settings["built_views"]) == (12, 2)
-    assert result["recipe"]["resolved"]["model"]["name"] == "cifar_resnet20"
+    assert result["recipe"]["resolved"]["model"]["name"] == "cifar_resnet8"
 
 
 def test_a_window_times_no_batch_decoded_before_it(digits, monkeypatch):

@@ -69,14 +69,17 @@ def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
     full = gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"], out=tmp_path),
                            tmp_path / "work")
     assert [name for name, _ in full] == ["imagenet", "imagenet_gpu_decode",
-                                          "imagenet_ffcv_policy", "cifar", "compile"]
+                                          "imagenet_ffcv_policy", "cifar", "cifar_resnet110",
+                                          "cifar_densenet100", "compile"]
     data_dirs = [command[command.index("--data-dir") + 1] for _, command in
                  gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"],
                                                     out=tmp_path), tmp_path / "work")
                  if "--data-dir" in command]
-    # the CPU- and GPU-decode steps read one beton; FFCV's policy and CIFAR their own
-    assert data_dirs[0] == data_dirs[1] and len(set(data_dirs)) == 3
-    # the two parts of a remote run split the steps between them, each within 10 minutes
+    # the CPU- and GPU-decode steps read one beton, the CIFAR steps another, FFCV's policy
+    # its own
+    assert data_dirs[0] == data_dirs[1] and data_dirs[3] == data_dirs[4] == data_dirs[5]
+    assert len(set(data_dirs)) == 3
+    # the parts of a remote run split the steps between them, each within 10 minutes
     assert sorted(sum(gpu_check.PARTS.values(), ())) == sorted(gpu_check.STEP_LIMITS)
     assert all(sum(gpu_check.STEP_LIMITS[n] for n in part) <= 540
                for part in gpu_check.PARTS.values())
@@ -92,7 +95,8 @@ def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
     packed = tmp_path / "back" / "gpu_check.tar.gz"
     status, result, printed = check(
         ["--skip", "tests", "--skip", "compile", "--skip", "imagenet_gpu_decode", "--skip",
-         "imagenet_ffcv_policy", "--out", tmp_path, "--work", tmp_path / "work", "--archive",
+         "imagenet_ffcv_policy", "--skip", "cifar_resnet110", "--skip", "cifar_densenet100",
+         "--out", tmp_path, "--work", tmp_path / "work", "--archive",
          packed], monkeypatch, capsys,
         imagenet=lambda work: python("print('imagenet: a stub')"),
         demo=lambda work: python("import shutil, sys; shutil.copytree(*sys.argv[1:])",
@@ -167,8 +171,8 @@ time.sleep(60)
 def test_a_step_past_its_limit_is_stopped_and_the_rest_still_reported(tmp_path, monkeypatch,
                                                                       capsys):
     status, result, printed = check(
-        ["--skip", "cifar", "--skip", "tests", "--skip", "compile", "--skip",
-         "imagenet_gpu_decode", "--skip", "imagenet_ffcv_policy", "--limit", "demo=4",
+        ["--part", "imagenet", "--part", "checks", "--skip", "tests", "--skip", "compile",
+         "--skip", "imagenet_gpu_decode", "--skip", "imagenet_ffcv_policy", "--limit", "demo=4",
          "--out", tmp_path, "--work", tmp_path / "work"], monkeypatch, capsys,
         imagenet=lambda work: python("import sys; print('imagenet fails'); sys.exit(3)"),
         demo=lambda work: python(HANGS, tmp_path / "gpu_check.json"))
