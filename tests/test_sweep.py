@@ -307,7 +307,12 @@ def test_a_signal_to_the_sweep_stops_every_running_point_in_bounded_time(tmp_pat
     assert stopped["lam0.3-seed3"].startswith("stopped by SIGKILL after")
     assert times["lam0.3-seed3"] >= 4
     assert "saved, stopping" in logs[1].read_text() and "stopping" in logs[2].read_text()
-    assert not alive(helper)  # killed with its point's process group
+    # Killed with its point's process group; a loaded machine may run it once more before
+    # the SIGKILL lands (CI saw it alive right after the sweep returned).
+    deadline = time.monotonic() + 5
+    while alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(helper)
     assert not (tmp_path / points[4].name).exists()  # never started
 
 
