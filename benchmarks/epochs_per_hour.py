@@ -67,6 +67,7 @@ import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import synthetic  # benchmarks/synthetic.py: a script's folder comes first on the path
 import torch
@@ -88,7 +89,7 @@ from fasttt.generation import generation_objective, generation_views
 from fasttt.models import build_model, compiled_so_far, decide_compile
 from fasttt.processes import accelerator_and_console
 from fasttt.progress import progress_bar as steps_bar
-from fasttt.recipe import Recipe, load_recipe
+from fasttt.recipe import Recipe, RunConfig, load_recipe
 from fasttt.teachers import OnlineTeacher
 
 BUILT_VIEWS = 2  # of the recipe's R; with one, loading each batch would be charged to one view
@@ -388,22 +389,28 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     timings = {name: [] for name in ("loader", "patriarch_step", "cache_build",
                                      "student_step_cache", "student_step_online")}
     mode = compiled_mode(bench, args.compiled, device)
-    compiled = replace(bench, run=replace(bench.run, compile=True, compile_mode=mode))
     if mode:
         timings |= {f"{name}_compiled": [] for name in COMPILED_ROWS}
     compile_before, compiling = compiled_so_far(), {"mode": mode}
+
+    def step_rows(name: str, spec: GenerationSpec) -> torch.nn.Module:
+        """Time row `name`'s steps eagerly, then compiled right after where it has that row."""
+        timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
+        model = training_steps(spec, timed, bench, num_classes, accelerator)
+        timings[name].append(timed.timing)
+        if f"{name}_compiled" in timings:
+            compiled = replace(bench, run=replace(bench.run, compile=True, compile_mode=mode))
+            timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
+            training_steps(spec, timed, compiled, num_classes, accelerator)
+            timings[f"{name}_compiled"].append(timed.timing)
+        return model
+
     teacher = students = None
     for r in range(args.repeats):
         console.print(f"round {r + 1} of {args.repeats}: loader alone, patriarch, cache build, "
                       "cached student, online student")
         timings["loader"].append(loader_alone(train, args, bench, accelerator))
-        timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
-        model = training_steps(patriarch, timed, bench, num_classes, accelerator)
-        timings["patriarch_step"].append(timed.timing)
-        if mode:
-            timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
-            training_steps(patriarch, timed, compiled, num_classes, accelerator)
-            timings["patriarch_step_compiled"].append(timed.timing)
+        model = step_rows("patriarch_step", patriarch)
         if teacher is None:
             teacher = model
             if accelerator.is_main_process:
@@ -421,15 +428,8 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
             "student_step_online": GenerationSpec(1, work, student, views, OnlineTeacher(
                 teacher, views, num_classes, method.temperature))}
         for name, spec in students.items():
-            timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
-            training_steps(spec, timed, bench, num_classes, accelerator)
-            timings[name].append(timed.timing)
-            if mode and name in COMPILED_ROWS:
-                timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size,
-                                    device)
-                training_steps(spec, timed, compiled, num_classes, accelerator)
-                timings[f"{name}_compiled"].append(timed.timing)
-    if mode:  # in the first round's warm-ups: later rounds' models reuse the graphs
+            step_rows(name, spec)
+    if mode:  # over every round: what the first round's warm-ups compiled, and any recompile
         graphs, seconds = (now - before for now, before in zip(
             compiled_so_far(), compile_before, strict=True))
         compiling |= {"graphs": graphs, "seconds": seconds}
@@ -457,6 +457,7 @@ def machine(accelerator) -> dict:
 
 
 COMPILED_ROWS = ("patriarch_step", "student_step_cache")  # measured compiled too (--compiled)
+COMPILE_MODES = get_args(get_type_hints(RunConfig)["compile_mode"])  # the recipe's run.compile_mode
 LABELS = {  # the table's rows, in order
     "loader": "loader alone (ceiling)",
     "patriarch_step": "patriarch step",
@@ -544,7 +545,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="how --synthetic stores photos: fasttt's (all JPEG, the canvas's "
                         "side) or FFCV's ImageNet policy (side 400, 10 %% JPEG, the rest raw)")
     parser.add_argument("--compiled", default="auto",
-                        choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                        choices=("auto", "off", *COMPILE_MODES),
                         help="also time the patriarch and cached-student steps with the model "
                         "compiled in this mode; auto: as a run of the recipe decides here")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per row")

@@ -7,12 +7,12 @@
 
 Runs each step as its own process group with a time limit (STEP_LIMITS; --part runs the
 ImageNet speeds, the CIFAR speeds or the checks, each at most 9 minutes), keeps going when
-one fails or times out, and writes its results
-under --out (the synthetic betons, GBs, and the demo's run go to --work, so a remote
-machine's --out stays small): `logs/<step>.log`, each benchmark's JSON, and
-`gpu_check.json` (the environment line, the commit and date, each step's exit status and
-seconds, and every figure), rewritten after every step so that a run stopped from outside
-still leaves what it measured. Steps, the speed first:
+one fails or times out, and writes its results under --out (the synthetic betons, GBs,
+and the demo's run go to --work, so a remote machine's --out stays small):
+`logs/<step>.log`, each benchmark's JSON, and `gpu_check.json` (the environment line, the
+commit and date, each step's exit status and seconds, and every figure), rewritten after
+every step so that a run stopped from outside still leaves what it measured. Steps, the
+speed first:
 
 1. environment: GPU, driver, torch, CUDA, CPU cores (printed as one line);
 2. `benchmarks/epochs_per_hour.py` for `imagenet_r18_d06_fast` on a synthetic ImageNet-like

@@ -94,7 +94,8 @@ def write_photo_tree(root: Path, images: int, classes: int, workers: int) -> flo
 def photo_options(policy: str, canvas_size: int) -> PhotoOptions:
     """The storage of `policy` (PHOTO_POLICIES) for a recipe whose canvas is `canvas_size`."""
     if policy == "ffcv":
-        return dataclasses.replace(FFCV_POLICY, max_resolution=min(400, canvas_size))
+        return dataclasses.replace(FFCV_POLICY,
+                                   max_resolution=min(FFCV_POLICY.max_resolution, canvas_size))
     return PhotoOptions(max_resolution=canvas_size, jpeg_quality=JPEG_QUALITY, write_mode="jpg")
 
 
