@@ -38,7 +38,7 @@ from fasttt.adopt import Adopted, adopt_teacher, adopted_teacher
 from fasttt.analysis import analyze_run
 from fasttt.cache import check_cache_serves, drop_used_caches
 from fasttt.checkpoint import drop_checkpoints
-from fasttt.data import check_fits, ensure_betons
+from fasttt.data import check_fits, ensure_betons, sequential_loaders_reused
 from fasttt.engine import train_generation
 from fasttt.errors import (
     OneLineParser,
@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         # recipe.toml keeps "auto": decided per machine, for this process's training only
         recipe = dataclasses.replace(recipe, run=decide_compile(recipe.run, recipe.augment.kind,
                                                                 accelerator.device))
-        train_generations(run_dir, recipe, len(manifest["class_names"]), adopted, accelerator,
-                          console)
-        analyze_run(run_dir, accelerator, console)
+        with sequential_loaders_reused():
+            train_generations(run_dir, recipe, len(manifest["class_names"]), adopted,
+                              accelerator, console)
+            analyze_run(run_dir, accelerator, console)
         report = on_main_process(accelerator, write_report, run_dir, console)
         results_complete()  # a signal from here on cuts nothing short (fasttt/errors.py)
         console.print(f"report: {report}")

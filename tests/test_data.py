@@ -20,6 +20,7 @@ from fasttt.data import (
     ensure_betons,
     generation_loaders,
     sequential_loader,
+    sequential_loaders_reused,
     shard_indices,
     split_loader,
     train_loader,
@@ -49,6 +50,28 @@ def test_sequential_shards_cover_every_sample_once(digits, world_size):
                                             num_workers=1, rank=r, world_size=world_size))
             for r in range(world_size)]
     assert np.array_equal(np.concatenate(seen), np.arange(360))
+
+
+def test_within_a_run_an_in_order_pass_asked_for_again_is_the_loader_built_before(digits,
+                                                                                    tmp_path):
+    rows = np.arange(0, 300, 3)
+    with sequential_loaders_reused():
+        first = sequential_loader(digits, split="train", batch_size=64, num_workers=1, rows=rows)
+        before = epoch_indices(first)
+        assert sequential_loader(digits, split="train", batch_size=64, num_workers=1,
+                                 rows=rows.copy()) is first
+        assert np.array_equal(epoch_indices(first), before)  # the same rows, in order, again
+        assert sequential_loader(digits, split="train", batch_size=32, num_workers=1,
+                                 rows=rows) is not first
+        assert sequential_loader(digits, split="train", batch_size=64, num_workers=1,
+                                 rows=rows[1:]) is not first
+        copy = shutil.copytree(digits, tmp_path / "digits")
+        in_copy = sequential_loader(copy, split="val", batch_size=64, num_workers=1)
+        shutil.copy(digits / "val.beton", copy / "val.beton.new")
+        (copy / "val.beton.new").replace(copy / "val.beton")  # rebuilt in place
+        assert sequential_loader(copy, split="val", batch_size=64, num_workers=1) is not in_copy
+    assert sequential_loader(digits, split="train", batch_size=64, num_workers=1,
+                             rows=rows) is not first  # outside a run: a loader of its own
 
 
 def test_shard_indices_are_disjoint_and_balanced():
