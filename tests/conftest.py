@@ -60,6 +60,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
 
 
+def pytest_collection_finish(session):
+    """Exempt what the imports made (torch, numba, FFCV: half a million objects) from the
+    garbage collector, so that each test's collection scans what tests made: about 0.3 s
+    less per test on 2 cores."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def collect_loaders():
     """Free each test's FFCV loaders when it ends, not at some later allocation.
