@@ -22,11 +22,13 @@ loader settings, measured side by side in one run with the trainer's own code
    the CPU), rows 2 and 3 again with the model compiled, each right after its eager row,
    and the graphs compiled in all rounds and the seconds that took;
 7. with `--profile DIR`, after the rounds and outside their timings: `--profile-steps`
-   steps of the patriarch and of the cached student, after one warm-up step, under
-   torch.profiler (`benchmarks/step_profile.py`): `DIR/<row>.txt` (the op table),
+   steps of the patriarch and of the cached student (and of both compiled, with a
+   compile mode), after one warm-up step, under torch.profiler
+   (`benchmarks/step_profile.py`): `DIR/<row>.txt` (the op table),
    `DIR/<row>.trace.json.gz` (a Chrome trace) and `DIR/<row>.json`, whose summary (wall
    and loader wait per step, each `fasttt.*` phase of `train_epoch` per step, the top
-   ops) also goes under "profile" in the JSON result and is printed as a table.
+   ops, on a GPU every kernel's ms per step and per 1024 images) also goes under
+   "profile" in the JSON result and is printed as a table.
 
 A row times `--steps` steps after `--warmup` untimed ones, the device synchronised at
 both ends, and the time each step spent blocked waiting for its next batch. Between the
@@ -331,16 +333,17 @@ def training_steps(spec: GenerationSpec, timed: TimedLoader, recipe: Recipe, num
     return accelerator.unwrap_model(learner.model)
 
 
-def profile_steps(specs: dict[str, GenerationSpec], train, args, recipe: Recipe,
+def profile_steps(rows: dict[str, tuple[GenerationSpec, Recipe]], train, args,
                   num_classes: int, accelerator, console: Console) -> dict[str, dict]:
-    """Profile `--profile-steps` steps of each spec after a warm-up step; their summaries.
+    """Profile `--profile-steps` steps of each row's spec, trained as its recipe says (eager
+    or compiled), after a warm-up step; their summaries.
 
     Every process runs the steps (a distributed backward needs them all); the main one
     writes its profiles and returns their summaries.
     """
-    console.print(f"profiling {args.profile_steps} steps of: {', '.join(specs)}")
+    console.print(f"profiling {args.profile_steps} steps of: {', '.join(rows)}")
     summaries = {}
-    for name, spec in specs.items():
+    for name, (spec, recipe) in rows.items():
         with step_profiler(accelerator.device, args.profile_steps) as profiler:
             timed = TimedLoader(train, 1, args.profile_steps, recipe.optim.batch_size,
                                 accelerator.device, profiler)
@@ -374,8 +377,8 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     by the last weights of the generation before. With a compile mode (--compiled), the
     patriarch and cached-student steps run again with the model compiled, right after
     their eager rows; the compilation (in the first round's warm-up steps) is counted
-    apart. Also returns what profiles the patriarch and cached-student steps
-    (`profile_steps` with their specs and loader).
+    apart. Also returns what profiles the patriarch and cached-student steps, and with a
+    compile mode their compiled rows (`profile_steps` with their specs and loader).
     """
     # Every row reads within one epoch when the split allows: a new epoch allocates FFCV's
     # batch buffers again (on a GPU, ~4 GB pinned for ImageNet's canvases).
@@ -392,6 +395,7 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
     if mode:
         timings |= {f"{name}_compiled": [] for name in COMPILED_ROWS}
     compile_before, compiling = compiled_so_far(), {"mode": mode}
+    compiled = replace(bench, run=replace(bench.run, compile=True, compile_mode=mode))
 
     def step_rows(name: str, spec: GenerationSpec) -> torch.nn.Module:
         """Time row `name`'s steps eagerly, then compiled right after where it has that row."""
@@ -399,7 +403,6 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
         model = training_steps(spec, timed, bench, num_classes, accelerator)
         timings[name].append(timed.timing)
         if f"{name}_compiled" in timings:
-            compiled = replace(bench, run=replace(bench.run, compile=True, compile_mode=mode))
             timed = TimedLoader(train, args.warmup, args.steps, bench.optim.batch_size, device)
             training_steps(spec, timed, compiled, num_classes, accelerator)
             timings[f"{name}_compiled"].append(timed.timing)
@@ -434,8 +437,11 @@ def measure(recipe: Recipe, num_classes: int, epoch_samples: int, args, accelera
             compiled_so_far(), compile_before, strict=True))
         compiling |= {"graphs": graphs, "seconds": seconds}
     profiled = {"patriarch_step": patriarch, "student_step_cache": students["student_step_cache"]}
-    return timings, compiling, partial(profile_steps, profiled, train, args, bench, num_classes,
-                            accelerator, console)
+    rows = {name: (spec, bench) for name, spec in profiled.items()}
+    if mode:
+        rows |= {f"{name}_compiled": (spec, compiled) for name, spec in profiled.items()}
+    return timings, compiling, partial(profile_steps, rows, train, args, num_classes,
+                                       accelerator, console)
 
 
 # ---------------------------------------------------------------- report
@@ -457,6 +463,7 @@ def machine(accelerator) -> dict:
 
 
 COMPILED_ROWS = ("patriarch_step", "student_step_cache")  # measured compiled too (--compiled)
+KERNEL_IMAGES = 1024  # a profile's GPU kernel time is also given per this many images
 COMPILE_MODES = get_args(get_type_hints(RunConfig)["compile_mode"])  # the recipe's run.compile_mode
 LABELS = {  # the table's rows, in order
     "loader": "loader alone (ceiling)",
@@ -648,9 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profiles = profile()
         if main_process:
+            batch = result["settings"]["batch_size"]
             for name, summary in profiles.items():  # the same step unprofiled, for comparison
-                summary["timed_ms_per_step"] = round(1000 * result["settings"]["batch_size"]
+                summary["timed_ms_per_step"] = round(1000 * batch
                                                       / result["rows"][name]["images_per_s"], 3)
+                # comparable across recipes and batch sizes (ImageNet's issue states it so)
+                summary["kernel_ms_per_1024_images"] = round(
+                    summary["kernel_ms_per_step"] * KERNEL_IMAGES / batch, 3)
             result["profile"] = profiles
             console.print(phase_table(f"profile ({args.profile})", profiles))
             write_json(out, result)

@@ -61,7 +61,7 @@ def run(argv: list[str], out: Path, capsys, monkeypatch) -> tuple[dict, str]:
     return json.loads(out.read_text()), capsys.readouterr().out
 
 
-def check_rows(result: dict, printed: str) -> None:
+def check_rows(result: dict, printed: str, profiled: bool = False) -> None:
     """Every row holds positive finite numbers that agree with each other; all are printed."""
     rows, settings = result["rows"], result["settings"]
     compiled = result["compile"]["mode"] is not None
@@ -90,7 +90,7 @@ def check_rows(result: dict, printed: str) -> None:
         rows["student_step_cache"]["images_per_s"]
     assert "epochs per hour" in printed
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
-    assert "profile" not in result  # only with --profile (tests/test_gpu_check.py)
+    assert ("profile" in result) == profiled  # only with --profile
 
 
 def test_digits_recipe_measures_every_row(digits, tmp_path, capsys, monkeypatch):
@@ -108,9 +108,18 @@ def test_digits_recipe_measures_every_row(digits, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(torch, "compile", captured)
     result, printed = run([str(RECIPE), *tiny(**{"data.beton_dir": f'"{digits}"',
                                                  "model.name": '"cifar_resnet8"'}),
-                           "--repeats", "2", "--compiled", "default"], tmp_path / "out.json",
+                           "--repeats", "2", "--compiled", "default", "--profile",
+                           str(tmp_path / "profiles"), "--profile-steps", "1"],
+                          tmp_path / "out.json",
                           capsys, monkeypatch)
-    check_rows(result, printed)
+    check_rows(result, printed, profiled=True)
+    # the profiled steps, eager and compiled (on a GPU the model's kernels before and after)
+    profiled = result["profile"]
+    assert list(profiled) == ["patriarch_step", "student_step_cache", "patriarch_step_compiled",
+                              "student_step_cache_compiled"]
+    assert all(p["steps"] == 1 and p["kernel_ms_per_1024_images"] == 0  # no GPU kernels
+               and p["phases"]["fasttt.forward_loss"]["host_ms_per_step"] > 0
+               for p in profiled.values())
     # compiled beside the eager steps, once: the second round's models reuse the graphs
     assert result["compile"]["mode"] == "default" and result["compile"]["graphs"] >= 1
     assert result["compile"]["seconds"] > 0
@@ -121,6 +130,7 @@ def test_digits_recipe_measures_every_row(digits, tmp_path, capsys, monkeypatch)
     # warm-up, the dropped read-ahead, then the steps: (1 + 4 + 2) batches
     assert settings["measured_samples"] == (1 + bench.READ_AHEAD + 2) * 16
     # The loader alone times the steps' window, and no row's reaches a second epoch.
+    windows = [timed for timed in windows if timed.profiler is None]  # the profiles' apart
     assert len(windows) == 2 * 6
     assert {(timed.warmup, timed.steps) for timed in windows} == {(1, 2)}
     assert all(len(timed.loader) == 1 + bench.READ_AHEAD + 2 for timed in windows)

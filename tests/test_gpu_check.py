@@ -15,6 +15,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 NAME = "digits_d06"
@@ -79,6 +80,16 @@ def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
     # its own
     assert data_dirs[0] == data_dirs[1] and data_dirs[3] == data_dirs[4] == data_dirs[5]
     assert len(set(data_dirs)) == 3
+    # ResNet-18 compiled by inductor once, where FFCV decodes; the CIFAR steps as runs decide
+    compiled = {name: command[command.index("--compiled") + 1] for name, command in
+                gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"],
+                                                   out=tmp_path), tmp_path / "work")
+                if "--compiled" in command}
+    assert compiled == {"imagenet": "default", "imagenet_gpu_decode": "auto",
+                        "imagenet_ffcv_policy": "auto", "cifar": "auto",
+                        "cifar_resnet110": "auto", "cifar_densenet100": "auto"}
+    assert {c[c.index("--compiled") + 1] for c in made.values() if "--compiled" in c} == {
+        "auto"}  # --tiny: no inductor C++ on a CPU
     # the parts of a remote run split the steps between them, each within 10 minutes
     assert sorted(sum(gpu_check.PARTS.values(), ())) == sorted(gpu_check.STEP_LIMITS)
     assert all(sum(gpu_check.STEP_LIMITS[n] for n in part) <= 540
@@ -129,6 +140,20 @@ def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
     assert "images/s" in printed and "where a step's time goes" in printed
 
 
+def test_the_kernel_time_per_1024_images_is_said_eager_against_compiled_on_a_gpu():
+    def profile(device, ms):
+        return {"device": device, "kernel_ms_per_1024_images": ms}
+
+    phases = {"imagenet patriarch_step": profile("cuda", 96.0),
+              "imagenet patriarch_step_compiled": profile("cuda", 64.0),
+              "imagenet student_step_cache": profile("cuda", 97.0),
+              "cifar patriarch_step": profile("cpu", 0.0),
+              "cifar patriarch_step_compiled": profile("cpu", 0.0)}
+    assert gpu_check.compiled_kernels(phases) == [
+        "imagenet patriarch_step: GPU kernels per 1024 images, eager 96.0 ms, compiled "
+        "64.0 ms (1.50x)"]
+
+
 def check_profile(result: dict, directory, name: str, row: str) -> None:
     """A row's profile files and its phase breakdown: each phase of a step once per step."""
     breakdown = result["phases"][f"{name} {row}"]
@@ -141,15 +166,20 @@ def check_profile(result: dict, directory, name: str, row: str) -> None:
     assert sum(p["host_ms_per_step"] for p in phases.values()) <= breakdown["wall_ms_per_step"]
     assert breakdown["steps"] == 2
     assert (breakdown["kernel_ms_per_step"] > 0) == (breakdown["device"] == "cuda")
+    assert breakdown["kernel_ms_per_1024_images"] == pytest.approx(
+        breakdown["kernel_ms_per_step"] * 1024 / result["epochs_per_hour"][name]["settings"][
+            "batch_size"], abs=1e-3)
     summary = result["epochs_per_hour"][name]["profile"][row]
     assert summary["phases"] == phases and len(summary["top_ops"]) == 15
     own = [op["self_device_ms_per_step" if breakdown["device"] == "cuda" else
               "self_cpu_ms_per_step"] for op in summary["top_ops"]]
     assert own == sorted(own, reverse=True) and own[0] > 0
     assert "Self CPU" in (directory / f"{row}.txt").read_text()
-    # the file is written before the benchmark adds the unprofiled step's time
+    # the file is written before the benchmark adds the unprofiled step's time and the
+    # kernel time per 1024 images
     written = json.loads((directory / f"{row}.json").read_text())
-    assert written == {k: v for k, v in summary.items() if k != "timed_ms_per_step"}
+    assert written == {k: v for k, v in summary.items()
+                       if k not in ("timed_ms_per_step", "kernel_ms_per_1024_images")}
     assert summary["timed_ms_per_step"] > 0
     trace = json.loads(gzip.decompress((directory / f"{row}.trace.json.gz").read_bytes()))
     assert {"fasttt.forward_loss", "fasttt.backward"} <= {e.get("name")
