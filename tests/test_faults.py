@@ -39,7 +39,7 @@ from fasttt.rundir import lock_run_dir
 from fasttt.train import main as train
 
 SEED = 20261126
-KILLS = 6  # SIGKILLs per CI run: one in each phase (DELAYS), in a seeded order and delay
+KILLS = 8  # SIGKILLs per CI run: each phase (DELAYS) once, then drawn again; seeded delays
 
 AUDIT_HOOK = textwrap.dedent("""
     import os, sys
@@ -230,12 +230,14 @@ def test_sigkill_at_seeded_moments_then_rerun_gives_identical_results(tmp_path):
     while True:
         attempts += 1
         assert attempts <= 2 * KILLS, f"the run never finished: {log}"
-        phases = [p for p in possible_phases(killed) if p not in chosen]
-        # The beton build happens once, at the start: kill there first. A kill in the
-        # analysis comes after every generation, so it waits until the others are done.
-        phases = phases[:1] if attempts == 1 else (
-            [p for p in phases if p != "analysis and report"] or phases)
-        phase = rng.choice(phases or [None])
+        phases = possible_phases(killed) if kills < KILLS else []
+        # The beton build happens once, at the start: kill there first, then elsewhere.
+        phases = phases[:1] if attempts == 1 else [p for p in phases if p != "beton build"]
+        # Every other phase once, then at phases drawn again; the analysis, which comes
+        # after every generation, is the last kill.
+        last = kills == KILLS - 1
+        phases = [p for p in phases if (p == "analysis and report") == last] or phases
+        phase = rng.choice([p for p in phases if p not in chosen] or phases or [None])
         chosen.add(phase)
         since, finished_before = time.time(), evals(killed / "runs" / "digits_d06")
         run = start(killed, tiny_args(killed))
@@ -253,7 +255,7 @@ def test_sigkill_at_seeded_moments_then_rerun_gives_identical_results(tmp_path):
     print("\n".join(log))
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err[-2000:]
-    assert kills == KILLS, log
+    assert kills == KILLS and set(DELAYS) <= chosen, log
     run_a, run_b = whole / "runs" / "digits_d06", killed / "runs" / "digits_d06"
     for m in range(3):
         for name in RESULTS:
