@@ -326,7 +326,7 @@ def training_steps(spec: GenerationSpec, timed: TimedLoader, recipe: Recipe, num
     model = build_model(recipe.model, recipe.run, num_classes, seed=1 + spec.index)
     last_batch_norm_statistics(model)
     learner = prepare_learner(model, recipe.optim, recipe.schedule, len(timed.loader),
-                              accelerator)
+                              accelerator, recipe.run)
     with steps_bar(accelerator.is_main_process) as progress:
         train_epoch(learner, timed, spec, 0, accelerator, progress, "timed epoch")
     accelerator.free_memory()

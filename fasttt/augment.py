@@ -190,7 +190,10 @@ def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor
 
 def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
     """(x / 255 - mean) / std in `dtype`, channels_last memory."""
-    shift, scale = _affine(tuple(mean), tuple(std), images.device)
+    # A compiled step folds the constants into its graph: the cache is the eager step's
+    # (and dynamo warns about tracing through one).
+    affine = _affine.__wrapped__ if torch.compiler.is_compiling() else _affine
+    shift, scale = affine(tuple(mean), tuple(std), images.device)
     out = (images.float() - shift) * scale
     return out.to(dtype=dtype, memory_format=torch.channels_last)
 

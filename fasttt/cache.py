@@ -484,6 +484,10 @@ class CachedTeacher:
     cost is one pass over the slab an epoch reads anyway, once per open.
     """
 
+    # read by the host index before a compiled step's graph (engine.train_step), which
+    # must not trace its memory-mapped arrays
+    reads_host_memory = True
+
     def __init__(self, arrays: dict[str, np.ndarray], checksums: dict[str, list[str]],
                  temperature: float, column: int | None, device: torch.device, source: Path):
         """`column`: the stored log-partition at `temperature`; None: from the full logits."""

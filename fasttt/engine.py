@@ -33,7 +33,15 @@ from fasttt.files import write_json, write_text
 from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer, set_lr
 from fasttt.progress import Position, log_line, mean_epoch_seconds, progress_bar
-from fasttt.recipe import AugmentConfig, OptimConfig, Recipe, ScheduleConfig, derived_name
+from fasttt.recipe import (
+    WHOLE_STEP,
+    AugmentConfig,
+    OptimConfig,
+    Recipe,
+    RunConfig,
+    ScheduleConfig,
+    derived_name,
+)
 from fasttt.rundir import EVAL, METRICS, WEIGHTS, best_and_last
 from fasttt.teachers import TopKTeacher, ViewSchedule
 
@@ -73,15 +81,44 @@ class GenerationSpec:
         return self.views.key if self.order_key is None else self.order_key
 
 
+def forward_loss(model: torch.nn.Module, spec: GenerationSpec, images: torch.Tensor,
+                 labels: torch.Tensor, index: torch.Tensor, host_index: torch.Tensor,
+                 epoch: int, extent: torch.Tensor | None, target: TopKTeacher | None,
+                 ranges: Callable) -> tuple:
+    """A step's device work up to its loss: the student's keyed view, the teacher's answers
+    (unless given as `target`), the forward and the loss; (loss, logits, parts, target).
+
+    `ranges` names the phases for a profiler (a no-op outside one). With run.compile_mode =
+    "whole-step" this is compiled as one graph, and its backward with it.
+    """
+    with ranges("fasttt.augment"):
+        shown = spec.views.student_pixels(images, index, epoch, extent)
+    with ranges("fasttt.teacher"):
+        if target is None and spec.teacher is not None:
+            target = spec.teacher(host_index, spec.views.teacher_view(epoch), images, extent,
+                                  shown)
+    with ranges("fasttt.forward_loss"):
+        logits = model(shown)
+        loss, parts = spec.objective(logits, labels, target)
+    return loss, logits, parts, target
+
+
 @dataclass(frozen=True)
 class Learner:
     """The model in training, its optimizer, the learning rate as a function of the step,
-    and how a loss is backpropagated."""
+    how a loss is backpropagated, and the step's device work (`forward_loss`, or it compiled
+    as one graph)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr: Callable[[int], float]
     backward: Callable[[torch.Tensor], None]
+    forward_loss: Callable[..., tuple] = forward_loss
+
+    @property
+    def whole_step(self) -> bool:
+        """Whether the step's device work runs as one compiled graph."""
+        return self.forward_loss is not forward_loss
 
 
 def evaluate(model, loader, augment: AugmentConfig, accelerator: Accelerator) -> dict:
@@ -124,8 +161,10 @@ def _unnamed(name: str) -> contextlib.nullcontext:
 
 
 def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: ScheduleConfig,
-                    steps_per_epoch: int, accelerator: Accelerator) -> Learner:
-    """A fresh model with its optimizer and LR schedule, prepared as every generation's is."""
+                    steps_per_epoch: int, accelerator: Accelerator,
+                    run: RunConfig | None = None) -> Learner:
+    """A fresh model with its optimizer and LR schedule, prepared as every generation's is;
+    with `run` compiling the whole step, its device work compiled."""
     optimizer = make_optimizer(model.to(accelerator.device), optim)
     if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
@@ -135,7 +174,18 @@ def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: Schedu
         # Only fp16's loss scaling needs Accelerate's optimizer wrapper and backward; they
         # add ~0.15 ms of Python to each step (benchmarks/host_overhead.py).
         optimizer, backward = optimizer.optimizer, torch.Tensor.backward
-    return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch), backward)
+    step = (compiled_forward_loss(accelerator.device)
+            if run is not None and run.compile is True and run.compile_mode == WHOLE_STEP
+            else forward_loss)
+    return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch), backward,
+                   step)
+
+
+def compiled_forward_loss(device: torch.device) -> Callable[..., tuple]:
+    """`forward_loss` compiled, as CUDA graphs on a GPU. Dynamo keeps its graphs with the
+    function's code, so a later generation's guards decide whether they serve it."""
+    return torch.compile(forward_loss,
+                         mode="reduce-overhead" if device.type == "cuda" else "default")
 
 
 def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: int,
@@ -149,18 +199,19 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
     # ToDevice has copied image and label to the device already (the CPU's too), so their
     # copies below return them as they are; only the host index is copied here.
     record_function = _named if torch.autograd._profiler_enabled() else _unnamed
-    with record_function("fasttt.augment"):
-        images = batch.image.to(device, non_blocking=True)
-        labels = batch.label.to(device, non_blocking=True)
-        shown = spec.views.student_pixels(images, batch.index.to(device, non_blocking=True),
-                                          epoch, batch.extent)
-    with accelerator.autocast():
-        with record_function("fasttt.teacher"):
-            target = (spec.teacher(batch.index, spec.views.teacher_view(epoch), images,
-                                   batch.extent, shown) if spec.teacher else None)
-        with record_function("fasttt.forward_loss"):
-            logits = model(shown)
-            loss, parts = spec.objective(logits, labels, target)
+    images = batch.image.to(device, non_blocking=True)
+    labels = batch.label.to(device, non_blocking=True)
+    index = batch.index.to(device, non_blocking=True)
+    target, host_index, ranges = None, batch.index, record_function
+    if learner.whole_step:
+        ranges = _unnamed  # one graph: its phases are not apart
+        host_index = index  # no host tensor inside the graph (CUDA graphs refuse one)
+        if getattr(spec.teacher, "reads_host_memory", False):  # a cache's rows, by host index
+            target = spec.teacher(batch.index, spec.views.teacher_view(epoch))
+    graph = record_function("fasttt.step_graph") if learner.whole_step else _unnamed("")
+    with accelerator.autocast(), graph:
+        loss, logits, parts, target = learner.forward_loss(
+            model, spec, images, labels, index, host_index, epoch, batch.extent, target, ranges)
     with record_function("fasttt.backward"):
         learner.backward(loss)
     with record_function("fasttt.optimizer"):
@@ -246,7 +297,8 @@ def train_generation(spec: GenerationSpec, recipe: Recipe, num_classes: int,
                                     spec.batch_order_key(), accelerator)
     learner = prepare_learner(build_model(recipe.model, recipe.run, num_classes,
                                           seed=recipe.run.seed + 1000 * spec.index),
-                              recipe.optim, recipe.schedule, len(train), accelerator)
+                              recipe.optim, recipe.schedule, len(train), accelerator,
+                              recipe.run)
     model, optimizer = learner.model, learner.optimizer
     spec.directory.mkdir(parents=True, exist_ok=True)
     state = load_checkpoint(spec.directory, accelerator.unwrap_model(model), optimizer,

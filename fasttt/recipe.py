@@ -46,6 +46,7 @@ MAX_WORKERS = 1024
 MAX_STUDENTS = 100
 MAX_BASE_DEPTH = 32  # `base =` links followed from one recipe
 MAX_TEMPERATURES = 64
+WHOLE_STEP = "whole-step"  # run.compile_mode that compiles the training step (fasttt/engine.py)
 TEACHER_PATTERN = re.compile(r"[^\0]*[^/\0]/gen(0|[1-9][0-9]{0,2})")  # runs/NAME/genM
 RUN_NAME = re.compile(r"\w[\w.+=,@-]*")  # \w: letters, digits, _ (any script)
 MAX_NAME_BYTES = 200  # of a file name's 255
@@ -93,8 +94,12 @@ class RunConfig:
     # and for photos (unmeasured). Either way the eager and compiled steps train alike.
     compile: bool | Literal["auto"] = "auto"
     # torch.compile's mode (with compile = true): "reduce-overhead" replays CUDA graphs,
-    # for small models whose steps are bound by kernel launches (CIFAR ResNets, batch 128)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    # for small models whose steps are bound by kernel launches (CIFAR ResNets, batch 128).
+    # "whole-step" (unmeasured on a GPU, so "auto" never picks it) compiles the training
+    # step's device work as one graph instead: keyed augmentation, an online teacher, the
+    # forward and the loss, its backward with it, replayed as CUDA graphs on a GPU; a
+    # cache's answers are read before it, and evaluation stays eager.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "whole-step"] = "default"
     channels_last: bool = True
     # experiment trackers, by Accelerate's names (tensorboard, wandb, mlflow, comet_ml,
     # aim, clearml, dvclive, swanlab, trackio); [] logs to metrics.jsonl only

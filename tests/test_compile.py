@@ -24,16 +24,19 @@ from fasttt.rundir import METRICS, WEIGHTS
 from fasttt.train import main as train
 
 COMPILED = {"run.compile": "true", "run.compile_mode": '"reduce-overhead"'}
+WHOLE_STEP = {"run.compile": "true", "run.compile_mode": '"whole-step"'}
 # A patriarch, then a student taught online: the compiled teacher's outputs must outlive
 # the student's own forward and backward in the same step (CUDA graphs reuse memory).
 RUN = {"data.train_limit": 128, "generations.students": 1, "cache.mode": '"online"'}
 
 
 def test_a_compiled_run_trains_like_the_eager_one(digits, tmp_path, monkeypatch):
+    # The model compiled, and the whole step's device work compiled as one graph (its
+    # online teacher inside): each against the eager run.
     modes, compile_for_real = [], torch.compile
 
     def spy(function, **kwargs):
-        modes.append(kwargs.get("mode"))
+        modes.append((getattr(function, "__name__", ""), kwargs.get("mode")))
         if torch.cuda.is_available():
             return compile_for_real(function, **kwargs)
         # On the CPU inductor's C++ code generation alone would cost this suite ~75 s:
@@ -42,21 +45,31 @@ def test_a_compiled_run_trains_like_the_eager_one(digits, tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "compile", spy)
     rows, weights = {}, {}
-    for name, settings in (("eager", {}), ("compiled", COMPILED)):
+    for name, settings in (("eager", {}), ("compiled", COMPILED), ("whole-step", WHOLE_STEP)):
         train([str(RECIPE), *tiny_run_flags(digits, **RUN, **settings), "--runs-dir",
                str(tmp_path / name)])
         run = tmp_path / name / "digits_d06"
         rows[name] = [json.loads(line) for gen in ("gen0", "gen1")
                       for line in (run / gen / METRICS).read_text().splitlines()]
         weights[name] = load_file(str(run / "gen1" / WEIGHTS))
-    # the patriarch, its student, the teacher, and the models the report's analysis loads
-    assert len(modes) >= 3 and set(modes) == {"reduce-overhead"}
-    assert list(weights["compiled"]) == list(weights["eager"])  # the same checkpoint keys
-    assert [r["epoch"] for r in rows["compiled"]] == [1, 2, 1, 2]
+    # the patriarch, its student, the teacher, and the models the report's analysis load;
+    # then each generation's step, its device work as one graph (CUDA graphs on a GPU)
+    steps = [mode for name, mode in modes if name == "forward_loss"]
+    assert steps == 2 * ["reduce-overhead" if torch.cuda.is_available() else "default"]
+    models = [mode for name, mode in modes if name != "forward_loss"]
+    assert len(models) >= 3 and set(models) == {"reduce-overhead"}
+    for name in ("compiled", "whole-step"):
+        check_trains_like_eager(rows[name], rows["eager"], weights[name], weights["eager"])
+
+
+def check_trains_like_eager(rows: list, eager_rows: list, weights: dict, eager_weights: dict):
+    """A compiled run's metrics rows and last weights against the eager run's."""
+    assert list(weights) == list(eager_weights)  # the same checkpoint keys
+    assert [r["epoch"] for r in rows] == [1, 2, 1, 2]
     # Fused kernels sum in another order: close, not equal. Two epochs leave the models
     # near chance, where a small change flips many argmaxes of the val split: its top-1 is
     # left out, its loss compared loosely.
-    for compiled, eager in zip(rows["compiled"], rows["eager"], strict=True):
+    for compiled, eager in zip(rows, eager_rows, strict=True):
         assert compiled.keys() == eager.keys()
         for key, value in eager.items():
             if key in PERCENT:  # of 128 training samples: within two of them
@@ -92,6 +105,26 @@ def test_one_run_compiles_one_training_and_one_evaluation_graph(digits, tmp_path
     out = capsys.readouterr().out
     assert re.search(r"torch.compile \(reduce-overhead\): 2 graphs compiled in \S+, used by 2 "
                      r"generations and their teachers", out), out
+
+
+def test_the_whole_steps_device_work_is_one_graph_and_reads_a_cache_before_it(
+        digits, tmp_path, monkeypatch, capsys):
+    # Per generation one graph for the first epoch and one once the epoch changed (then a
+    # symbol): no graph break, no graph per view. A cache's rows are read by the host index
+    # before the graph, which would otherwise trace its memory-mapped arrays.
+    torch._dynamo.reset()
+    counter, compile_for_real = CompileCounterWithBackend("aot_eager"), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
+        function, backend=counter))
+    train([str(RECIPE), *tiny_run_flags(digits, **{**RUN, **WHOLE_STEP,
+                                                   "cache.mode": '"precomputed"'}),
+           "--runs-dir", str(tmp_path)])
+    torch._dynamo.reset()
+    assert counter.frame_count == 2 * 2
+    out = capsys.readouterr().out
+    assert "teacher cache: 1/" in out  # the student was taught from a cache
+    assert re.search(r"torch.compile \(whole-step\): 4 graphs compiled in \S+, used by 2 "
+                     r"generations \(their training steps\)", out), out
 
 
 @pytest.mark.parametrize("compile_, kind, device, decided", [
