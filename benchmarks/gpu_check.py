@@ -1,14 +1,15 @@
 """One prepared command for a GPU machine: does fasttt run there, and how fast.
 
-    source .gpukit/activate && python benchmarks/gpu_check.py [--part imagenet|cifar|checks]
-        [--out bench_out/gpu_check] [--work bench_out/gpu_check_work]
-        [--archive bench_out/gpu_check.tar.gz]
+    source .gpukit/activate && python benchmarks/gpu_check.py
+        [--part imagenet|cifar|densenet|checks] [--out bench_out/gpu_check]
+        [--work bench_out/gpu_check_work] [--archive bench_out/gpu_check.tar.gz]
     python benchmarks/gpu_check.py --tiny        # the same steps in seconds, on any CPU
 
 Runs each step as its own process group with a time limit (STEP_LIMITS; --part runs the
-ImageNet speeds, the CIFAR speeds or the checks, each at most 9 minutes), keeps going when
-one fails or times out, and writes its results under --out (the synthetic betons, GBs,
-and the demo's run go to --work, so a remote machine's --out stays small):
+ImageNet speeds, the CIFAR ResNets' speeds, DenseNet's or the checks, each at most 9
+minutes), keeps going when one fails or times out, and writes its results under --out
+(the synthetic betons, GBs, and the demo's run go to --work, so a remote machine's --out
+stays small):
 `logs/<step>.log`, each benchmark's JSON, and `gpu_check.json` (the environment line, the
 commit and date, each step's exit status and seconds, and every figure), rewritten after
 every step so that a run stopped from outside still leaves what it measured. Steps, the
@@ -23,7 +24,8 @@ speed first:
    `cifar100_densenet100_d06` on one synthetic 50,000-image 32x32 beton: loader ceiling,
    patriarch, cached and online student, cache build, and on a GPU the patriarch and
    cached student compiled as a run compiles them (CUDA graphs), with the compile time
-   (ResNet-18 compiled by inductor in the CPU-decode step, COMPILED); then 6 steps of the
+   (ResNet-18 compiled by inductor in the CPU-decode step, and ResNet-56 again with its
+   whole step as one graph, COMPILED); then 6 steps of the
    patriarch and of the cached student, eager and compiled, under torch.profiler
    (`profiles/<recipe>/`: op tables, gzipped Chrome traces, summaries), whose phase
    breakdown (host and GPU kernel ms per step in each `fasttt.*` range of the training
@@ -72,11 +74,11 @@ COMPILE_TESTS = ["tests/test_compile.py"]  # CUDA graphs, compiled for real: a b
 # seconds per step. A remote call's 10 minutes must leave time to send the results back:
 # run it in its parts (README, Speed), each at most 9 minutes.
 STEP_LIMITS = {"imagenet": 230, "imagenet_gpu_decode": 120, "imagenet_ffcv_policy": 150,
-               "cifar": 150, "cifar_resnet110": 190, "cifar_densenet100": 190, "demo": 90,
-               "tests": 100, "compile": 90}
+               "cifar": 150, "cifar_whole_step": 150, "cifar_resnet110": 190,
+               "cifar_densenet100": 190, "demo": 90, "tests": 100, "compile": 90}
 PARTS = {"imagenet": ("imagenet", "imagenet_gpu_decode", "imagenet_ffcv_policy"),
-         "cifar": ("cifar", "cifar_resnet110", "cifar_densenet100"),
-         "checks": ("demo", "tests", "compile")}
+         "cifar": ("cifar", "cifar_whole_step", "cifar_resnet110"),
+         "densenet": ("cifar_densenet100",), "checks": ("demo", "tests", "compile")}
 TINY_LIMIT = 300
 TRACES_INLINE_MB = 4  # Chrome traces larger than this together get an archive of their own
 GPU_DECODE = ['data.decode="gpu"']  # the same betons and recipe, decoded by nvJPEG
@@ -86,13 +88,16 @@ FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, [], "fasttt", "photos"),
         "imagenet_gpu_decode": ("imagenet_r18_d06_fast", 20_000, GPU_DECODE, "fasttt", "photos"),
         "imagenet_ffcv_policy": ("imagenet_r18_d06_fast", 20_000, [], "ffcv", "photos_ffcv"),
         "cifar": ("cifar100_resnet56_d06", 50_000, [], "fasttt", "cifar"),
+        "cifar_whole_step": ("cifar100_resnet56_d06", 50_000, [], "fasttt", "cifar"),
         "cifar_resnet110": ("cifar100_resnet110_d06", 50_000, [], "fasttt", "cifar"),
         "cifar_densenet100": ("cifar100_densenet100_d06", 50_000, [], "fasttt", "cifar")}
 # epochs_per_hour's --compiled per step, "auto" where not named: ResNet-18 compiled by
 # inductor (channels_last and bf16, as its recipe; no CUDA graphs: a photo step's decode and
 # crops stay outside), once, in the step that decodes on the CPU; the CIFAR steps as their
-# runs decide (CUDA graphs on a GPU). --tiny leaves it "auto": inductor's C++ on a CPU.
-COMPILED = {"imagenet": "default"}
+# runs decide (the model in CUDA graphs on a GPU), and ResNet-56 again with its whole step
+# in one graph (run.compile_mode = "whole-step", which no run picks until measured here).
+# --tiny leaves it "auto": inductor's C++ on a CPU.
+COMPILED = {"imagenet": "default", "cifar_whole_step": "whole-step"}
 TINY_SETS = ["data.num_workers=1", "optim.batch_size=16", "cache.batch_size=32"]
 TINY = {name: (recipe, 64, [*TINY_SETS, *sets], policy, data)
         for name, (recipe, _, sets, policy, data) in FULL.items()}
@@ -222,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also pack everything --out holds into this .tar.gz")
     parser.add_argument("--skip", action="append", default=[], choices=list(STEP_LIMITS))
     parser.add_argument("--part", action="append", default=[], choices=list(PARTS),
-                        help="run only the ImageNet speeds, the CIFAR speeds or the checks "
-                        "(demo, tests, compile): each part fits a 10-minute remote call")
+                        help="run only the ImageNet speeds, the CIFAR ResNets' speeds, "
+                        "DenseNet's or the checks (demo, tests, compile): each part fits a "
+                        "10-minute remote call")
     parser.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS",
                         help="another time limit for a step, e.g. compile=300")
     args = parser.parse_args(argv)

@@ -27,6 +27,10 @@ RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes, then
 STREAM_FLIP, STREAM_CROP_Y, STREAM_CROP_X = 0, 1, 2
 STREAM_AREA, STREAM_RATIO = 16, 16 + RRC_ATTEMPTS
 
+# A view's key or index: a Python int, or a 0-d int64 tensor on the images' device, which
+# draws the same parameters and lets one compiled step serve every epoch and generation.
+Keyed = int | torch.Tensor
+
 
 def _mix32(x):
     """murmur3's 32-bit finaliser; works alike on Python ints and int64 tensors."""
@@ -46,12 +50,13 @@ def generation_key(seed: int, generation: int) -> int:
         & 0x7FFFFFFF
 
 
-def keyed_uniform(seed: int, index: torch.Tensor, view: int, stream: int,
+def keyed_uniform(seed: Keyed, index: torch.Tensor, view: Keyed, stream: int,
                   count: int | None = None) -> torch.Tensor:
     """Uniform floats in [0, 1), float32: a pure function of (seed, index, view, stream).
 
     One per sample, or with `count` a (B, count) block of streams stream..stream+count-1.
-    The seed and view enter as Python ints, so nothing is copied to the device.
+    The seed and view enter as Python ints (nothing is copied to the device) or as device
+    tensors (`Keyed`).
     """
     key = torch.as_tensor(index, dtype=torch.int64)
     h = _mix32(key + _mix32(seed & MASK32))
@@ -64,7 +69,7 @@ def keyed_uniform(seed: int, index: torch.Tensor, view: int, stream: int,
     return (h >> 8).to(torch.float32) / float(1 << 24)  # 24 bits: exact in float32
 
 
-def keyed_int(seed: int, index: torch.Tensor, view: int, stream: int,
+def keyed_int(seed: Keyed, index: torch.Tensor, view: Keyed, stream: int,
               high: torch.Tensor) -> torch.Tensor:
     """Integers uniform in [0, high) per sample (high >= 1), keyed like `keyed_uniform`."""
     u = keyed_uniform(seed, index, view, stream)
@@ -82,12 +87,12 @@ def _frame(images: torch.Tensor, extent: torch.Tensor | None) -> tuple[torch.Ten
     return extent[:, 0], extent[:, 1]
 
 
-def flip_mask(seed: int, index: torch.Tensor, view: int) -> torch.Tensor:
+def flip_mask(seed: Keyed, index: torch.Tensor, view: Keyed) -> torch.Tensor:
     """Which samples of this view are mirrored (probability 0.5)."""
     return keyed_uniform(seed, index, view, STREAM_FLIP) < 0.5
 
 
-def resized_crop_boxes(seed: int, index: torch.Tensor, view: int, heights: torch.Tensor,
+def resized_crop_boxes(seed: Keyed, index: torch.Tensor, view: Keyed, heights: torch.Tensor,
                        widths: torch.Tensor, scale, ratio) -> torch.Tensor:
     """Integer boxes (top, left, height, width), torchvision's RandomResizedCrop rule, batched.
 
@@ -159,7 +164,7 @@ def resample_boxes(images: torch.Tensor, boxes: torch.Tensor, size: int,
     return rows[:, None] @ source @ cols.transpose(1, 2)[:, None]
 
 
-def pad_crop_flip(images: torch.Tensor, seed: int, index: torch.Tensor, view: int,
+def pad_crop_flip(images: torch.Tensor, seed: Keyed, index: torch.Tensor, view: Keyed,
                   pad: int, flip: bool) -> torch.Tensor:
     """Zero-pad by `pad`, take a random crop of the original size, maybe mirror; stays uint8.
 
@@ -198,7 +203,7 @@ def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tens
     return out.to(dtype=dtype, memory_format=torch.channels_last)
 
 
-def train_view(images: torch.Tensor, index: torch.Tensor, *, seed: int, view: int, size: int,
+def train_view(images: torch.Tensor, index: torch.Tensor, *, seed: Keyed, view: Keyed, size: int,
                augment: AugmentConfig, extent: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """View `view` of each sample: the recipe's random crop and flip, normalised, size x size."""

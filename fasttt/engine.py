@@ -43,7 +43,7 @@ from fasttt.recipe import (
     derived_name,
 )
 from fasttt.rundir import EVAL, METRICS, WEIGHTS, best_and_last
-from fasttt.teachers import TopKTeacher, ViewSchedule
+from fasttt.teachers import KeyedView, TopKTeacher, ViewSchedule
 
 # x ln C, chance level: a mean training loss above DIVERGED_LOSS, or a validation loss
 # above DIVERGED_VAL_LOSS, has diverged. ln C is a model that learned nothing and says so
@@ -83,20 +83,20 @@ class GenerationSpec:
 
 def forward_loss(model: torch.nn.Module, spec: GenerationSpec, images: torch.Tensor,
                  labels: torch.Tensor, index: torch.Tensor, host_index: torch.Tensor,
-                 epoch: int, extent: torch.Tensor | None, target: TopKTeacher | None,
-                 ranges: Callable) -> tuple:
-    """A step's device work up to its loss: the student's keyed view, the teacher's answers
-    (unless given as `target`), the forward and the loss; (loss, logits, parts, target).
+                 shows: KeyedView, teacher_view: int, extent: torch.Tensor | None,
+                 target: TopKTeacher | None, ranges: Callable) -> tuple:
+    """A step's device work up to its loss: the student's keyed view `shows`, the teacher's
+    answers on `teacher_view` (unless given as `target`), the forward and the loss;
+    (loss, logits, parts, target).
 
     `ranges` names the phases for a profiler (a no-op outside one). With run.compile_mode =
     "whole-step" this is compiled as one graph, and its backward with it.
     """
     with ranges("fasttt.augment"):
-        shown = spec.views.student_pixels(images, index, epoch, extent)
+        shown = spec.views.pixels(images, index, shows, extent)
     with ranges("fasttt.teacher"):
         if target is None and spec.teacher is not None:
-            target = spec.teacher(host_index, spec.views.teacher_view(epoch), images, extent,
-                                  shown)
+            target = spec.teacher(host_index, teacher_view, images, extent, shown)
     with ranges("fasttt.forward_loss"):
         logits = model(shown)
         loss, parts = spec.objective(logits, labels, target)
@@ -202,16 +202,20 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
     images = batch.image.to(device, non_blocking=True)
     labels = batch.label.to(device, non_blocking=True)
     index = batch.index.to(device, non_blocking=True)
+    shows, teacher_view = spec.views.keyed(spec.views.view(epoch)), spec.views.teacher_view(epoch)
     target, host_index, ranges = None, batch.index, record_function
     if learner.whole_step:
         ranges = _unnamed  # one graph: its phases are not apart
         host_index = index  # no host tensor inside the graph (CUDA graphs refuse one)
+        # the key and view as inputs, not constants: one graph for every epoch and student
+        shows = shows.on(device)
         if getattr(spec.teacher, "reads_host_memory", False):  # a cache's rows, by host index
-            target = spec.teacher(batch.index, spec.views.teacher_view(epoch))
+            target = spec.teacher(batch.index, teacher_view)
     graph = record_function("fasttt.step_graph") if learner.whole_step else _unnamed("")
     with accelerator.autocast(), graph:
         loss, logits, parts, target = learner.forward_loss(
-            model, spec, images, labels, index, host_index, epoch, batch.extent, target, ranges)
+            model, spec, images, labels, index, host_index, shows, teacher_view, batch.extent,
+            target, ranges)
     with record_function("fasttt.backward"):
         learner.backward(loss)
     with record_function("fasttt.optimizer"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fasttt.augment import eval_view, generation_key, train_size, train_view
+from fasttt.augment import Keyed, eval_view, generation_key, train_size, train_view
 from fasttt.errors import UserError
 from fasttt.recipe import AugmentConfig, CacheConfig
 
@@ -76,6 +76,21 @@ def log_partitions(logits: Tensor, temperatures) -> Tensor:
 
 
 @dataclass(frozen=True)
+class KeyedView:
+    """One keyed view of a batch: the generation's key, the view's index and its size."""
+
+    key: Keyed
+    view: Keyed
+    size: int
+
+    def on(self, device: torch.device) -> KeyedView:
+        """The key and view as device tensors: a compiled step takes them as inputs, so one
+        graph serves every epoch and generation of a size (they draw the same views)."""
+        return KeyedView(torch.full((), self.key, dtype=torch.int64, device=device),
+                         torch.full((), self.view, dtype=torch.int64, device=device), self.size)
+
+
+@dataclass(frozen=True)
 class ViewSchedule:
     """Which keyed view each epoch of one generation shows, and the pixels of a view."""
 
@@ -98,12 +113,20 @@ class ViewSchedule:
         """How many views a teacher labels for this schedule (a cache's stored views)."""
         return 1 if self.unaugmented_teacher else self.count
 
+    def keyed(self, view: int) -> KeyedView:
+        """View `view` of this generation, at its size."""
+        return KeyedView(self.key, view, train_size(view, self.augment))
+
+    def pixels(self, images: Tensor, index: Tensor, keyed: KeyedView,
+               extent: Tensor | None) -> Tensor:
+        """The keyed view's pixels of each sample: the recipe's crop and flip, normalised."""
+        return train_view(images, index, seed=keyed.key, view=keyed.view, size=keyed.size,
+                          augment=self.augment, extent=extent)
+
     def student_pixels(self, images: Tensor, index: Tensor, epoch: int,
                        extent: Tensor | None) -> Tensor:
         """What the student sees at `epoch`: view e mod R, at that view's size."""
-        view = self.view(epoch)
-        return train_view(images, index, seed=self.key, view=view,
-                          size=train_size(view, self.augment), augment=self.augment, extent=extent)
+        return self.pixels(images, index, self.keyed(self.view(epoch)), extent)
 
     def teacher_pixels(self, images: Tensor, index: Tensor, view: int,
                        extent: Tensor | None) -> Tensor:
@@ -111,8 +134,7 @@ class ViewSchedule:
         if self.unaugmented_teacher:
             return eval_view(images, size=self.augment.eval_size, augment=self.augment,
                              extent=extent)
-        return train_view(images, index, seed=self.key, view=view,
-                          size=train_size(view, self.augment), augment=self.augment, extent=extent)
+        return self.pixels(images, index, self.keyed(view), extent)
 
     def describe(self) -> str:
         """The teacher's views in words, for the run's log and report."""

@@ -14,6 +14,7 @@ from fasttt.augment import (
     eval_images,
     eval_view,
     flip_mask,
+    generation_key,
     keyed_uniform,
     normalize,
     pad_crop_flip,
@@ -24,6 +25,7 @@ from fasttt.augment import (
 )
 from fasttt.data import Batch
 from fasttt.recipe import AugmentConfig
+from fasttt.teachers import KeyedView
 
 # Resampled pixels are matrix products: on CUDA they may run in TF32, which the trainer
 # enables there (fasttt/processes.py), up to half a grey level from float32's.
@@ -73,6 +75,26 @@ def test_same_key_same_pixels_whatever_the_batch(spec, device):
     assert torch.allclose(part, full[order], rtol=0, atol=atol)
     other_view = train_view(images, index, seed=1, view=3, size=size, augment=spec)
     assert not torch.equal(other_view, full)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", [CIFAR, PHOTO], ids=["pad_crop", "resized_crop"])
+def test_a_view_keyed_by_device_tensors_is_the_one_keyed_by_ints(spec, device):
+    # A compiled step takes the key and view as tensors (KeyedView.on), so that one graph
+    # serves every epoch and generation: its students must see the eager step's pixels.
+    images, index = smooth_images(8, 32, 32).to(device), torch.arange(100, 108, device=device)
+    extent = None if spec is CIFAR else torch.tensor([[32, 20], [17, 32]] * 4, device=device)
+    size = 32 if spec is CIFAR else 24
+    seed = generation_key(5, 3)  # 31 bits, as every generation's
+    for view in (0, 1, 163):
+        keyed = KeyedView(seed, view, size)
+        as_ints = train_view(images, index, seed=seed, view=view, size=size, augment=spec,
+                             extent=extent)
+        on_device = keyed.on(images.device)
+        assert on_device.key.shape == () and on_device.view.dtype == torch.int64
+        as_tensors = train_view(images, index, seed=on_device.key, view=on_device.view,
+                                size=size, augment=spec, extent=extent)
+        assert torch.equal(as_tensors, as_ints), view
 
 
 def test_flip_rate_and_crop_ranges_over_many_keys():

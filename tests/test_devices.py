@@ -23,10 +23,10 @@ import pytest
 import torch
 from conftest import DEVICES, RECIPE, RUN_DEVICE, interrupt_at_evaluation, tiny_run_flags
 
+from fasttt import engine
 from fasttt.cache import CacheSpec, open_teacher, read_cache_manifest
 from fasttt.engine import PERCENT, TIMINGS
 from fasttt.rundir import CACHE, METRICS
-from fasttt.teachers import ViewSchedule
 from fasttt.train import main as train
 
 # A patriarch and one student reading a 2-view all-class cache, 2 epochs of 128 samples.
@@ -39,14 +39,15 @@ SAMPLES = {"cpu": 0.0, "cuda": 100 * 2 / 128}
 
 
 def recorded_run(digits: Path, runs: Path, monkeypatch) -> list[tuple]:
-    """Train the cached student's run into `runs`; (generation key, epoch, batch) it read."""
-    seen, student_pixels = [], ViewSchedule.student_pixels
+    """Train the cached student's run into `runs`; (generation key, view, batch) of each
+    training step, as the step's device work (engine.forward_loss) was given them."""
+    seen, forward_loss = [], engine.forward_loss
 
-    def spy(schedule, images, index, epoch, extent):
-        seen.append((schedule.key, epoch, tuple(index.tolist())))
-        return student_pixels(schedule, images, index, epoch, extent)
+    def spy(model, spec, images, labels, index, host_index, shows, *rest):
+        seen.append((shows.key, shows.view, tuple(index.tolist())))
+        return forward_loss(model, spec, images, labels, index, host_index, shows, *rest)
 
-    monkeypatch.setattr(ViewSchedule, "student_pixels", spy)
+    monkeypatch.setattr(engine, "forward_loss", spy)
     train([str(RECIPE), *tiny_run_flags(digits, **CACHED_STUDENT), "--runs-dir", str(runs)])
     return seen
 
@@ -75,6 +76,7 @@ def test_a_killed_cached_student_resumes_with_the_same_batches_and_views(
     monkeypatch.undo()
     resumed = recorded_run(digits, tmp_path, monkeypatch)
     steps = len(seen) // 4  # 2 generations x 2 epochs
+    assert steps and len(seen) == 4 * steps
     assert resumed == seen[2 * steps:]  # gen1 from its first epoch, batch for batch
     assert len({key for key, _, _ in seen}) == 2  # each generation its own views
     for gen in ("gen0", "gen1"):
