@@ -1,14 +1,15 @@
 """torch.profiler over a few training steps: where a step's time goes, by phase and by op.
 
 `fasttt.engine.train_epoch` names the phases of a step with `record_function` ranges
-(fasttt.augment with the copies to the device, fasttt.teacher: the cache lookup or the
-online teacher's forward, fasttt.forward_loss, fasttt.backward, fasttt.optimizer,
-fasttt.metrics). `step_profiler` records a few steps after a warm-up
-one; `save_profile` writes the op table (sorted by self GPU time on a GPU, else self CPU
-time) and a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev), and returns the
-summary: wall and loader wait per step, each phase's host and GPU kernel time per step,
-all GPU kernels' time per step (what the phases leave out shows beside it), the top ops.
-`phase_table` prints the phases of several profiles side by side.
+(fasttt.augment, fasttt.teacher: the cache lookup or the online teacher's forward,
+fasttt.forward_loss, fasttt.metrics, fasttt.backward, fasttt.optimizer; the first four as
+one, fasttt.step_graph, where run.compile_mode = "whole-step" compiles them as a graph).
+`step_profiler` records a few steps after a warm-up one; `save_profile` writes the op
+table (sorted by self GPU time on a GPU, else self CPU time) and a gzipped Chrome trace
+(chrome://tracing, ui.perfetto.dev), and returns the summary: wall and loader wait per
+step, each phase's host and GPU kernel time per step, all GPU kernels' time per step
+(what the phases leave out shows beside it), the top ops. `phase_table` prints the
+phases of several profiles side by side.
 """
 
 from __future__ import annotations

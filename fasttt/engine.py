@@ -86,8 +86,8 @@ def forward_loss(model: torch.nn.Module, spec: GenerationSpec, images: torch.Ten
                  shows: KeyedView, teacher_view: int, extent: torch.Tensor | None,
                  target: TopKTeacher | None, ranges: Callable) -> tuple:
     """A step's device work up to its loss: the student's keyed view `shows`, the teacher's
-    answers on `teacher_view` (unless given as `target`), the forward and the loss;
-    (loss, logits, parts, target).
+    answers on `teacher_view` (unless given as `target`), the forward, the loss, and the
+    batch's metric sums (`_step_sums`); (loss, sums).
 
     `ranges` names the phases for a profiler (a no-op outside one). With run.compile_mode =
     "whole-step" this is compiled as one graph, and its backward with it.
@@ -100,7 +100,8 @@ def forward_loss(model: torch.nn.Module, spec: GenerationSpec, images: torch.Ten
     with ranges("fasttt.forward_loss"):
         logits = model(shown)
         loss, parts = spec.objective(logits, labels, target)
-    return loss, logits, parts, target
+    with ranges("fasttt.metrics"):
+        return loss, _step_sums(loss, parts, logits, labels, target)
 
 
 @dataclass(frozen=True)
@@ -213,16 +214,14 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
             target = spec.teacher(batch.index, teacher_view)
     graph = record_function("fasttt.step_graph") if learner.whole_step else _unnamed("")
     with accelerator.autocast(), graph:
-        loss, logits, parts, target = learner.forward_loss(
-            model, spec, images, labels, index, host_index, shows, teacher_view, batch.extent,
-            target, ranges)
+        loss, sums = learner.forward_loss(model, spec, images, labels, index, host_index,
+                                          shows, teacher_view, batch.extent, target, ranges)
     with record_function("fasttt.backward"):
         learner.backward(loss)
     with record_function("fasttt.optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with record_function("fasttt.metrics"):
-        return lr, _step_sums(loss, parts, logits, labels, target)
+    return lr, sums
 
 
 def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
