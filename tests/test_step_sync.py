@@ -25,6 +25,7 @@ from fasttt.data import generation_loaders, split_loader, train_samples
 from fasttt.engine import GenerationSpec, prepare_learner, train_step
 from fasttt.generation import generation_objective, generation_views
 from fasttt.models import build_model
+from fasttt.recipe import WHOLE_STEP
 from fasttt.teachers import OnlineTeacher
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
@@ -71,11 +72,21 @@ def test_the_mode_catches_the_reads_it_is_there_for(monkeypatch):
                 read()
 
 
+@pytest.mark.parametrize("compile_mode", ["eager", WHOLE_STEP])
 @pytest.mark.parametrize("teacher", [None, "online", "cache"])
 def test_a_training_step_reads_nothing_back_from_the_device(digits, tmp_path, monkeypatch,
-                                                            teacher):
+                                                            teacher, compile_mode):
+    # The whole-step path: the key and view moved to the device, a cache read before the
+    # graph. Under a dispatch mode dynamo runs the compiled function's Python eagerly, so
+    # the mode sees every op of the path; that the graph itself holds no host read is its
+    # having no graph break, which test_compile's count of graphs asserts (a read breaks it).
+    compiled = {} if compile_mode == "eager" else {"run.compile": "true",
+                                                   "run.compile_mode": f'"{WHOLE_STEP}"'}
+    compile_for_real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
+        function, backend="aot_eager"))
     recipe = tiny_recipe(digits, **{"data.train_limit": 64, "optim.batch_size": 16,
-                                    "schedule.epochs": 2, "cache.views": 2})
+                                    "schedule.epochs": 2, "cache.views": 2, **compiled})
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, classes = accelerator.device, 10
     m = 0 if teacher is None else 1
@@ -98,7 +109,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(digits, tmp_path, mo
                           answers)
     train, _ = generation_loaders(recipe.data, recipe.optim.batch_size, views.key, accelerator)
     learner = prepare_learner(build_model(recipe.model, recipe.run, classes, seed=1),
-                              recipe.optim, recipe.schedule, len(train), accelerator)
+                              recipe.optim, recipe.schedule, len(train), accelerator,
+                              recipe.run)
+    assert learner.whole_step == (compile_mode == WHOLE_STEP)
     before = [p.detach().clone() for p in learner.model.parameters()]
     steps = 0
     for epoch in range(2):  # the second epoch reads the second stored view
