@@ -241,7 +241,8 @@ def train_epoch(learner: Learner, loader, spec: GenerationSpec, epoch: int,
         waited += time.perf_counter() - ready
         lr, step_sums = train_step(learner, batch, spec, epoch, epoch * steps + i, accelerator)
         for name, value in step_sums.items():
-            sums[name] = sums[name] + value if name in sums else value
+            # a copy: a CUDA graph's replay overwrites the outputs of the one before
+            sums[name] = sums[name] + value if name in sums else value.clone()
         count += len(batch.label)
         progress.update(task, advance=1, info=f"lr {lr:.4g}")
         ready = time.perf_counter()

@@ -10,6 +10,7 @@ inside `engine.train_step`; on a GPU it also runs under CUDA's own sync check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -22,9 +23,17 @@ from fasttt.betons import read_manifest
 from fasttt.cache import build_cache, cache_spec, open_teacher
 from fasttt.checkpoint import save_weights
 from fasttt.data import generation_loaders, split_loader, train_samples
-from fasttt.engine import GenerationSpec, prepare_learner, train_step
+from fasttt.engine import (
+    TIMINGS,
+    GenerationSpec,
+    forward_loss,
+    prepare_learner,
+    train_epoch,
+    train_step,
+)
 from fasttt.generation import generation_objective, generation_views
 from fasttt.models import build_model
+from fasttt.progress import progress_bar
 from fasttt.recipe import WHOLE_STEP
 from fasttt.teachers import OnlineTeacher
 
@@ -127,3 +136,35 @@ def test_a_training_step_reads_nothing_back_from_the_device(digits, tmp_path, mo
     moved = [not torch.equal(a, b.detach()) for a, b in zip(before, learner.model.parameters(),
                                                           strict=True)]
     assert np.mean(moved) > 0.5  # the steps trained: the mode did not skip the update
+
+
+def replaying(step_work):
+    """`step_work` (engine.forward_loss) whose metric sums live in buffers that the next
+    call overwrites, as a CUDA graph's outputs do when it is replayed."""
+    buffers = {}
+
+    def replay(*args):
+        loss, sums = step_work(*args)
+        for name, value in sums.items():
+            buffers.setdefault(name, torch.empty_like(value)).copy_(value)
+        return loss, {name: buffers[name] for name in sums}
+    return replay
+
+
+def test_an_epochs_metrics_hold_no_step_output_past_the_next_step(digits, tmp_path):
+    # Under CUDA graphs (run.compile_mode = "whole-step" on a GPU) a step's outputs are
+    # overwritten by the next replay: the epoch's sums must copy them, never keep them.
+    recipe = tiny_recipe(digits, **{"data.train_limit": 64, "optim.batch_size": 16})
+    accelerator = Accelerator(cpu=True)
+    views = generation_views(recipe, 0)
+    plan = GenerationSpec(0, tmp_path, generation_objective(recipe.generations, 0), views, None)
+    train, _ = generation_loaders(recipe.data, recipe.optim.batch_size, views.key, accelerator)
+    rows = []
+    for step_work in (forward_loss, replaying(forward_loss)):
+        learner = dataclasses.replace(
+            prepare_learner(build_model(recipe.model, recipe.run, 10, seed=1), recipe.optim,
+                            recipe.schedule, len(train), accelerator), forward_loss=step_work)
+        train.set_epoch(0)
+        row = train_epoch(learner, train, plan, 0, accelerator, progress_bar(False), "epoch")
+        rows.append({name: value for name, value in row.items() if name not in TIMINGS})
+    assert len(train) == 4 and rows[1] == rows[0]
