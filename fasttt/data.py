@@ -151,11 +151,19 @@ class BetonLoader:
     """An FFCV Loader over one split whose iteration yields `Batch`es.
 
     With `jpeg` (data.decode = "gpu"), FFCV gives each photo's bytes, decoded here.
+
+    FFCV's reader refills a batch's host buffers as soon as the batch after it is taken,
+    and the device copies that read them wait, on the reader's streams, for the device to
+    finish older steps: a step that never waits for the device (a CUDA graph's) lets the
+    host run so far ahead that the copies read the next batches' bytes. So on a GPU the
+    next batch is taken only once this one's copies (and its JPEG decode) have run, and
+    the index, which the step copies itself, is handed out as a copy of its own.
     """
 
-    def __init__(self, loader: Loader, path: Path, manifest: dict,
+    def __init__(self, loader: Loader, path: Path, manifest: dict, device: torch.device,
                  jpeg: DeviceJpegDecoder | None = None):
         self.loader, self.path, self.manifest, self.jpeg = loader, path, manifest, jpeg
+        self.device = torch.device(device)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -175,16 +183,39 @@ class BetonLoader:
             with signals_deferred(), torch.inference_mode(False):
                 epoch = iter(self.loader)
             raise_if_interrupted()
-            while (fields := _next_batch(epoch, self)) is not None:
+            reading = []  # events after the device work that reads the last batch's buffers
+            while True:
+                for event in reading:
+                    event.synchronize()
+                if (taken := _next_batch(epoch, self)) is None:
+                    break
+                fields, reading = taken
                 raise_if_interrupted()
                 if self.jpeg is not None:
                     rows, label, index, extent, sizes = fields
                     fields = (self.jpeg(rows, sizes, index, extent), label, index, extent)
-                yield Batch(*fields)
+                    reading += _marked(self.jpeg.stream)
+                image, label, index, *extent = fields
+                yield Batch(image, label, _held(index, self.device), *extent)
         finally:
             if epoch is not None:
                 with signals_deferred():  # raised at the next batch, or as the process ends
                     _stop(epoch)
+
+
+def _marked(stream: torch.cuda.Stream | None) -> list[torch.cuda.Event]:
+    """[an event after the work queued so far on `stream`], or [] without one (a CPU's)."""
+    if stream is None:
+        return []
+    event = torch.cuda.Event()
+    event.record(stream)
+    return [event]
+
+
+def _held(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the batch's index that outlives the reader's buffer: on a GPU in pinned
+    memory from torch's caching allocator, which keeps it until the copies reading it ran."""
+    return torch.empty_like(index, pin_memory=device.type == "cuda").copy_(index)
 
 
 def _keep_reader_errors() -> None:
@@ -209,8 +240,9 @@ def _keep_reader_errors() -> None:
     threading.excepthook = keep
 
 
-def _next_batch(epoch, loader: BetonLoader) -> tuple | None:
-    """The reader thread's next batch, or None at the end of the epoch.
+def _next_batch(epoch, loader: BetonLoader) -> tuple[tuple, list] | None:
+    """The reader thread's next batch and the events after its device copies ([] on a
+    CPU), or None at the end of the epoch.
 
     As FFCV's own `__next__`, but never waiting forever on a reader thread that died.
     """
@@ -226,9 +258,11 @@ def _next_batch(epoch, loader: BetonLoader) -> tuple | None:
         if item is None:
             return None
         slot, fields = item
-        if epoch_iterator.IS_CUDA:  # the batch's copy ran on the reader's stream
-            epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
-        return fields
+        if not epoch_iterator.IS_CUDA:
+            return fields, []
+        copies = epoch.cuda_streams[slot]  # the batch's copies ran on the reader's stream
+        epoch.current_stream.wait_stream(copies)
+        return fields, _marked(copies)
 
 
 def reader_failure(path: Path, manifest: dict, error: BaseException | None) -> UserError:
@@ -285,7 +319,7 @@ def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, indices
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
     loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)
     loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
-    return BetonLoader(loader, path, manifest, jpeg)
+    return BetonLoader(loader, path, manifest, device, jpeg)
 
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,

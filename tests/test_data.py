@@ -205,6 +205,40 @@ def test_a_loader_read_under_inference_mode_gives_the_batches_read_outside(digit
         assert torch.equal(image, image_out) and torch.equal(label, label_out)
 
 
+def test_a_batchs_index_outlives_the_readers_buffers(digits):
+    # FFCV's reader refills a batch's buffers once the batch after it is taken, while the
+    # device copy a step made of its index may not have run yet (a GPU behind the host).
+    loader = sequential_loader(digits, split="val", batch_size=8, num_workers=1)
+    held = [(batch.index, batch.index.clone()) for batch in loader]
+    assert len(held) > 8  # more than the reader's buffers
+    assert all(torch.equal(index, as_given) for index, as_given in held)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a GPU; benchmarks/gpu_check.py runs it")
+def test_a_gpu_far_behind_the_host_still_reads_each_batchs_own_samples(digits):
+    # A step that never waits for the device (a CUDA graph's) lets the host run ahead:
+    # FFCV's copies of a batch, waiting on the reader's streams for older steps, must still
+    # read that batch's bytes, not those of a batch decoded later into the same buffers.
+    device = torch.device("cuda")
+
+    def checksums(behind: bool) -> list:
+        loader = sequential_loader(digits, split="val", batch_size=8, num_workers=1,
+                                   device=device)
+        sums = []
+        for batch in loader:
+            if behind:
+                torch.cuda._sleep(20_000_000)  # ~10 ms of device time per batch
+            index = batch.index.to(device, non_blocking=True)
+            sums.append(torch.stack([batch.image.sum(dtype=torch.int64),
+                                     batch.label.sum(), index.sum()]))
+            if not behind:
+                torch.cuda.synchronize()
+        return torch.stack(sums).tolist()
+
+    assert checksums(behind=True) == checksums(behind=False)
+
+
 def test_the_cpu_loaders_take_the_gpu_loaders_pipeline_steps(digits):
     def steps(device: str) -> dict[str, list[str]]:
         pipelines = sequential_loader(digits, split="val", batch_size=8, num_workers=1,
