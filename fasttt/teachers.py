@@ -173,7 +173,9 @@ class OnlineTeacher:
         """Full float32 logits on view `view`; `shown`, the student's pixels, saves augmenting."""
         if shown is None or self.schedule.unaugmented_teacher:
             shown = self.schedule.teacher_pixels(images, index, view, extent)
-        return self.model(shown).float()
+        # A copy even in float32: a model compiled with CUDA graphs returns memory that the
+        # student's forward, replayed from the same pool, overwrites before the loss reads it.
+        return self.model(shown).to(torch.float32, copy=True)
 
     def __call__(self, index: Tensor, view: int, images: Tensor, extent: Tensor | None,
                  shown: Tensor | None = None) -> TopKTeacher:

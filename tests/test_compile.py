@@ -19,8 +19,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from fasttt.engine import PERCENT
 from fasttt.models import build_model, decide_compile
-from fasttt.recipe import ModelConfig, RunConfig
+from fasttt.recipe import AugmentConfig, ModelConfig, RunConfig
 from fasttt.rundir import METRICS, WEIGHTS
+from fasttt.teachers import OnlineTeacher, ViewSchedule
 from fasttt.train import main as train
 
 COMPILED = {"run.compile": "true", "run.compile_mode": '"reduce-overhead"'}
@@ -138,3 +139,37 @@ def test_the_whole_steps_device_work_is_one_graph_for_every_epoch_and_student(
 def test_compile_auto_is_decided_by_the_device_and_the_images(compile_, kind, device, decided):
     run = decide_compile(RunConfig(compile=compile_), kind, torch.device(device))
     assert (run.compile, run.compile_mode) == decided
+
+
+class PooledOutputs(torch.nn.Module):
+    """`model`, its outputs returned in memory shared with every other PooledOutputs of
+    `pool`: as CUDA graph trees hand one pool to all of a device's graphs, where the next
+    graph's replay overwrites what the last one returned."""
+
+    def __init__(self, model: torch.nn.Module, pool: dict):
+        super().__init__()
+        self.model, self.pool = model, pool
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        shared = self.pool.setdefault(out.shape, torch.empty(out.shape, dtype=out.dtype))
+        shared.copy_(out.detach())
+        return out if out.requires_grad else shared  # a student's keeps its autograd
+
+
+def test_an_online_teachers_answers_outlive_the_students_forward_in_float32():
+    # In float32 (run.mixed_precision = "no") `.float()` is the teacher's output itself: a
+    # model compiled with CUDA graphs would have the student's forward overwrite it before
+    # the loss reads it.
+    torch.manual_seed(0)
+    teacher_model, student = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+                              for _ in range(2))
+    views = ViewSchedule(key=1, epochs=2, count=2, augment=AugmentConfig())
+    shown, index = torch.randn(8, 3, 4, 4), torch.arange(8)
+    pool = {}
+    asked = OnlineTeacher(PooledOutputs(teacher_model, pool), views, 10, 1.0)
+    answers = asked(index, 0, shown, None, shown)
+    PooledOutputs(student, pool)(shown)  # the student's forward, replayed into the pool
+    expected = OnlineTeacher(teacher_model, views, 10, 1.0)(index, 0, shown, None, shown)
+    assert torch.equal(answers.values, expected.values)
+    assert torch.equal(answers.log_partition, expected.log_partition)
