@@ -34,7 +34,6 @@ from fasttt.models import build_model
 from fasttt.optim import lr_schedule, make_optimizer, set_lr
 from fasttt.progress import Position, log_line, mean_epoch_seconds, progress_bar
 from fasttt.recipe import (
-    WHOLE_STEP,
     AugmentConfig,
     OptimConfig,
     Recipe,
@@ -175,8 +174,7 @@ def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: Schedu
         # Only fp16's loss scaling needs Accelerate's optimizer wrapper and backward; they
         # add ~0.15 ms of Python to each step (benchmarks/host_overhead.py).
         optimizer, backward = optimizer.optimizer, torch.Tensor.backward
-    step = (compiled_forward_loss(accelerator.device)
-            if run is not None and run.compile is True and run.compile_mode == WHOLE_STEP
+    step = (compiled_forward_loss(accelerator.device) if run is not None and run.whole_step
             else forward_loss)
     return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch), backward,
                    step)

@@ -31,7 +31,7 @@ from torch import nn
 
 from fasttt.checkpoint import load_weights
 from fasttt.errors import UserError
-from fasttt.recipe import WHOLE_STEP, AugmentConfig, ModelConfig, RunConfig
+from fasttt.recipe import AugmentConfig, ModelConfig, RunConfig
 
 CIFAR_MODELS = (
     "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet56", "cifar_resnet110",
@@ -66,7 +66,7 @@ def build_model(model: ModelConfig, run: RunConfig, num_classes: int, seed: int)
     network = create_model(model.name, num_classes)
     if run.channels_last:
         network = network.to(memory_format=torch.channels_last)
-    if run.compile is True and run.compile_mode != WHOLE_STEP:  # "auto": decide_compile
+    if run.compile is True and not run.whole_step:  # "auto" is decided by decide_compile
         # in place: state_dict keys (and so checkpoints) stay unchanged
         network.compile(mode=run.compile_mode)
     return network

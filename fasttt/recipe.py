@@ -105,6 +105,11 @@ class RunConfig:
     # aim, clearml, dvclive, swanlab, trackio); [] logs to metrics.jsonl only
     log_with: tuple[str, ...] = ("tensorboard",)
 
+    @property
+    def whole_step(self) -> bool:
+        """Whether the training step's device work is compiled as one graph (not the model)."""
+        return self.compile is True and self.compile_mode == WHOLE_STEP
+
     def check(self) -> None:
         _require(RUN_NAME.fullmatch(self.name) is not None
                  and len(self.name.encode()) <= MAX_NAME_BYTES, "name",

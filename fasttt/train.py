@@ -51,7 +51,7 @@ from fasttt.generation import plan_generation
 from fasttt.models import check_model_name, compiled_so_far, decide_compile
 from fasttt.processes import accelerator_and_console, finish, on_main_process
 from fasttt.progress import duration, log_line
-from fasttt.recipe import WHOLE_STEP, Recipe, load_recipe
+from fasttt.recipe import Recipe, load_recipe
 from fasttt.report import write_report
 from fasttt.rundir import (
     claim_run_dir,
@@ -127,8 +127,7 @@ def train_generations(run_dir: Path, recipe: Recipe, num_classes: int, adopted: 
     if recipe.run.compile is True and trained:  # every generation shares the graphs
         graphs, seconds = (now - before for now, before in zip(compiled_so_far(),
                                                                compiled_before, strict=True))
-        users = (" (their training steps)" if recipe.run.compile_mode == WHOLE_STEP
-                 else " and their teachers")
+        users = " (their training steps)" if recipe.run.whole_step else " and their teachers"
         log_line(console, f"torch.compile ({recipe.run.compile_mode}): {graphs} graphs "
                           f"compiled in {duration(seconds)}, used by {trained} "
                           f"generation{'s' * (trained > 1)}{users}")
