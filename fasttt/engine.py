@@ -31,7 +31,7 @@ from fasttt.data import generation_loaders
 from fasttt.errors import UserError
 from fasttt.files import write_json, write_text
 from fasttt.models import build_model
-from fasttt.optim import lr_schedule, make_optimizer, set_lr
+from fasttt.optim import lr_schedule, make_optimizer, sgd_in_graph, step_optimizer
 from fasttt.progress import Position, log_line, mean_epoch_seconds, progress_bar
 from fasttt.recipe import (
     AugmentConfig,
@@ -106,14 +106,16 @@ def forward_loss(model: torch.nn.Module, spec: GenerationSpec, images: torch.Ten
 @dataclass(frozen=True)
 class Learner:
     """The model in training, its optimizer, the learning rate as a function of the step,
-    how a loss is backpropagated, and the step's device work (`forward_loss`, or it compiled
-    as one graph)."""
+    how a loss is backpropagated, the step's device work (`forward_loss`, or it compiled
+    as one graph) and how the optimizer updates at a learning rate (torch's step, or it
+    compiled as one graph)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr: Callable[[int], float]
     backward: Callable[[torch.Tensor], None]
     forward_loss: Callable[..., tuple] = forward_loss
+    update: Callable[[torch.optim.Optimizer, float], None] = step_optimizer
 
     @property
     def whole_step(self) -> bool:
@@ -164,7 +166,8 @@ def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: Schedu
                     steps_per_epoch: int, accelerator: Accelerator,
                     run: RunConfig | None = None) -> Learner:
     """A fresh model with its optimizer and LR schedule, prepared as every generation's is;
-    with `run` compiling the whole step, its device work compiled."""
+    with `run` compiling the whole step, its device work and update compiled (fp16's loss
+    scaling keeps torch's update: its check for infinities reads the host)."""
     optimizer = make_optimizer(model.to(accelerator.device), optim)
     if accelerator.scaler is not None:  # fp16: each generation starts its own loss scale
         accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
@@ -174,25 +177,21 @@ def prepare_learner(model: torch.nn.Module, optim: OptimConfig, schedule: Schedu
         # Only fp16's loss scaling needs Accelerate's optimizer wrapper and backward; they
         # add ~0.15 ms of Python to each step (benchmarks/host_overhead.py).
         optimizer, backward = optimizer.optimizer, torch.Tensor.backward
-    step = (compiled_forward_loss(accelerator.device) if run is not None and run.whole_step
-            else forward_loss)
-    return Learner(model, optimizer, lr_schedule(optim, schedule, steps_per_epoch), backward,
-                   step)
-
-
-def compiled_forward_loss(device: torch.device) -> Callable[..., tuple]:
-    """`forward_loss` compiled, as CUDA graphs on a GPU. Dynamo keeps its graphs with the
-    function's code, so a later generation's guards decide whether they serve it."""
-    return torch.compile(forward_loss,
-                         mode="reduce-overhead" if device.type == "cuda" else "default")
+    lr = lr_schedule(optim, schedule, steps_per_epoch)
+    if run is None or not run.whole_step:
+        return Learner(model, optimizer, lr, backward, forward_loss)
+    mode = "reduce-overhead" if accelerator.device.type == "cuda" else "default"  # CUDA graphs
+    update = (step_optimizer if accelerator.scaler is not None
+              else sgd_in_graph(accelerator.device, mode))
+    # Dynamo keeps its graphs with forward_loss's code: a later generation's guards decide
+    # whether they serve it.
+    return Learner(model, optimizer, lr, backward, torch.compile(forward_loss, mode=mode), update)
 
 
 def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: int,
                accelerator: Accelerator) -> tuple[float, dict]:
     """One optimizer step on one batch: its learning rate and its sums (`_step_sums`)."""
-    model, optimizer, device = learner.model, learner.optimizer, accelerator.device
-    lr = learner.lr(step)
-    set_lr(optimizer, lr)
+    model, device, lr = learner.model, accelerator.device, learner.lr(step)
     # Named ranges so that a torch.profiler trace says where a step's time goes; entered
     # only under a profiler (six cost ~0.1 ms a step, benchmarks/host_overhead.py). FFCV's
     # ToDevice has copied image and label to the device already (the CPU's too), so their
@@ -217,8 +216,7 @@ def train_step(learner: Learner, batch, spec: GenerationSpec, epoch: int, step: 
     with record_function("fasttt.backward"):
         learner.backward(loss)
     with record_function("fasttt.optimizer"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        learner.update(learner.optimizer, lr)
     return lr, sums
 
 

@@ -1,4 +1,9 @@
-"""SGD and the learning rate as a pure function of the step (so resuming is just a step)."""
+"""SGD and the learning rate as a pure function of the step (so resuming is just a step).
+
+A step's update is torch's SGD (`step_optimizer`), or under run.compile_mode = "whole-step"
+the same update as one compiled graph (`sgd_in_graph`) with the learning rate a device
+tensor, so that no step reads it from the host or compiles again when it changes.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from fasttt.recipe import OptimConfig, ScheduleConfig
 
@@ -63,3 +69,66 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def step_optimizer(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """One update at learning rate `lr`, then the gradients dropped."""
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# Per parameter group: its parameters, their gradients, their momentum buffers (None
+# without momentum), weight decay, momentum and Nesterov.
+SGDGroup = tuple[list[Tensor], list[Tensor], "list[Tensor] | None", float, float, bool]
+
+
+def sgd_update(groups: list[SGDGroup], lr: Tensor) -> None:
+    """torch.optim.SGD's update (no dampening) with `lr` a tensor it never reads on the host."""
+    with torch.no_grad():
+        for params, grads, buffers, decay, momentum, nesterov in groups:
+            if decay:
+                grads = torch._foreach_add(grads, params, alpha=decay)
+            if buffers is not None:
+                torch._foreach_mul_(buffers, momentum)
+                torch._foreach_add_(buffers, grads)
+                grads = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
+            torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+
+
+def sgd_in_graph(device: torch.device, mode: str) -> Callable[[torch.optim.SGD, float], None]:
+    """`step_optimizer` as one graph compiled in torch.compile's `mode` on `device`.
+
+    The optimizer keeps its state as torch's SGD does, so checkpoints are the same either
+    way. Its momentum buffers start as zeros rather than at the first gradient (the same
+    numbers: 0 x momentum + gradient), so that every step is one graph. Dynamo keeps the
+    graph with `sgd_update`'s code and guards on the tensors' shapes, not their identity:
+    every generation's optimizer steps with the first one's.
+    """
+    update = torch.compile(sgd_update, mode=mode)
+    lr_on_device = torch.zeros((), device=device)
+
+    def step(optimizer: torch.optim.SGD, lr: float) -> None:
+        set_lr(optimizer, lr)  # kept in the state dict, as torch's step would read it
+        lr_on_device.fill_(lr)
+        update([_sgd_group(optimizer, group) for group in optimizer.param_groups], lr_on_device)
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sgd_group(optimizer: torch.optim.SGD, group: dict) -> SGDGroup:
+    params = [p for p in group["params"] if p.grad is not None]  # as torch skips them
+    buffers = None
+    if group["momentum"]:
+        buffers = []
+        for p in params:
+            state = optimizer.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            # Updated in place by the graph, so a CUDA graph keeps it rather than a copy; a
+            # resumed or new optimizer's buffers are elsewhere: re-recorded, not recompiled.
+            torch._dynamo.mark_static_address(state["momentum_buffer"], guard=False)
+            buffers.append(state["momentum_buffer"])
+    return (params, [p.grad for p in params], buffers, group["weight_decay"],
+            group["momentum"], group["nesterov"])

@@ -97,8 +97,9 @@ class RunConfig:
     # for small models whose steps are bound by kernel launches (CIFAR ResNets, batch 128).
     # "whole-step" (unmeasured on a GPU, so "auto" never picks it) compiles the training
     # step's device work as one graph instead: keyed augmentation, an online teacher, the
-    # forward and the loss, its backward with it, replayed as CUDA graphs on a GPU; a
-    # cache's answers are read before it, and evaluation stays eager.
+    # forward and the loss, its backward with it; then the SGD update as a second graph,
+    # its learning rate a device tensor; replayed as CUDA graphs on a GPU. A cache's
+    # answers are read before them, and evaluation stays eager.
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "whole-step"] = "default"
     channels_last: bool = True
     # experiment trackers, by Accelerate's names (tensorboard, wandb, mlflow, comet_ml,

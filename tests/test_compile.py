@@ -54,10 +54,12 @@ def test_a_compiled_run_trains_like_the_eager_one(digits, tmp_path, monkeypatch)
                       for line in (run / gen / METRICS).read_text().splitlines()]
         weights[name] = load_file(str(run / "gen1" / WEIGHTS))
     # the patriarch, its student, the teacher, and the models the report's analysis load;
-    # then each generation's step, its device work as one graph (CUDA graphs on a GPU)
-    steps = [mode for name, mode in modes if name == "forward_loss"]
-    assert steps == 2 * ["reduce-overhead" if torch.cuda.is_available() else "default"]
-    models = [mode for name, mode in modes if name != "forward_loss"]
+    # then each generation's step, its device work and its update each as one graph (CUDA
+    # graphs on a GPU)
+    graphed = "reduce-overhead" if torch.cuda.is_available() else "default"
+    steps = [(name, mode) for name, mode in modes if name in ("forward_loss", "sgd_update")]
+    assert sorted(steps) == 2 * [("forward_loss", graphed)] + 2 * [("sgd_update", graphed)]
+    models = [mode for name, mode in modes if name not in ("forward_loss", "sgd_update")]
     assert len(models) >= 3 and set(models) == {"reduce-overhead"}
     for name in ("compiled", "whole-step"):
         check_trains_like_eager(rows[name], rows["eager"], weights[name], weights["eager"])
@@ -110,10 +112,11 @@ def test_one_run_compiles_one_training_and_one_evaluation_graph(digits, tmp_path
 
 def test_the_whole_steps_device_work_is_one_graph_for_every_epoch_and_student(
         digits, tmp_path, monkeypatch, capsys):
-    # Two graphs for three generations of two epochs: the patriarch's step and the
+    # Three graphs for three generations of two epochs: the patriarch's step and the
     # students' (the key and view are inputs, not constants), no graph break, none per
-    # view. A cache's rows are read by the host index before the graph, which would
-    # otherwise trace its memory-mapped arrays.
+    # view; and one SGD update for every optimizer and learning rate. A cache's rows are
+    # read by the host index before the graph, which would otherwise trace its
+    # memory-mapped arrays.
     torch._dynamo.reset()
     counter, compile_for_real = CompileCounterWithBackend("aot_eager"), torch.compile
     monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
@@ -122,10 +125,10 @@ def test_the_whole_steps_device_work_is_one_graph_for_every_epoch_and_student(
                                                    "cache.mode": '"precomputed"'}),
            "--runs-dir", str(tmp_path)])
     torch._dynamo.reset()
-    assert counter.frame_count == 2
+    assert counter.frame_count == 3
     out = capsys.readouterr().out
     assert "teacher cache: 1/" in out  # the students were taught from a cache
-    assert re.search(r"torch.compile \(whole-step\): 2 graphs compiled in \S+, used by 3 "
+    assert re.search(r"torch.compile \(whole-step\): 3 graphs compiled in \S+, used by 3 "
                      r"generations \(their training steps\)", out), out
 
 

@@ -1,12 +1,14 @@
-"""The learning rate as a function of the step, and SGD's weight-decay groups."""
+"""The learning rate as a function of the step, SGD's weight-decay groups, and its update
+compiled as one graph against torch's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import DEVICES
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from fasttt.optim import lr_at, lr_schedule, make_optimizer, peak_lr
+from fasttt.optim import lr_at, lr_schedule, make_optimizer, peak_lr, sgd_in_graph, step_optimizer
 from fasttt.recipe import OptimConfig, ScheduleConfig
 
 
@@ -58,3 +60,42 @@ def test_sgd_is_fused_on_a_gpu_and_foreach_on_the_cpu(device):
     defaults = make_optimizer(model, OptimConfig(lr=0.1)).defaults
     assert bool(defaults["fused"]) == (device == "cuda")
     assert bool(defaults["foreach"]) == (device == "cpu")
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.9, True), (0.9, False), (0.0, False)])
+def test_the_update_in_a_graph_is_torchs_sgd(momentum, nesterov, monkeypatch):
+    # Three steps at changing learning rates, both weight-decay groups, against torch's
+    # step: the same parameters (to rounding: lr x update, then subtracted) and the same
+    # state to checkpoint. Compiled as run.compile_mode = "whole-step" does on the CPU,
+    # without inductor's C++ code generation; one graph for every step and learning rate.
+    counter, compile_for_real = CompileCounterWithBackend("aot_eager"), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
+        function, backend=counter))
+    torch._dynamo.reset()
+    config = OptimConfig(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=0.01,
+                         decay_norm_and_bias=False)
+    models, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)))
+        optimizers.append(make_optimizer(models[-1], config))
+    in_graph = sgd_in_graph(torch.device("cpu"), "default")
+    inputs, start = torch.randn(3, 8, 4), [p.detach().clone() for p in models[1].parameters()]
+    for lr, batch in zip((0.1, 0.05, 0.2), inputs, strict=True):
+        for model, optimizer, update in zip(models, optimizers, (step_optimizer, in_graph),
+                                            strict=True):
+            model(batch).square().mean().backward()
+            update(optimizer, lr)
+            assert all(p.grad is None for p in model.parameters())
+    for ours, torchs in zip(models[1].parameters(), models[0].parameters(), strict=True):
+        torch.testing.assert_close(ours, torchs, rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(a, b) for a, b in zip(start, models[1].parameters(), strict=True))
+    state, torchs_state = optimizers[1].state_dict(), optimizers[0].state_dict()
+    assert state["param_groups"] == torchs_state["param_groups"]  # the last lr included
+    assert state["state"].keys() == torchs_state["state"].keys()
+    for key, buffers in torchs_state["state"].items():
+        assert buffers.keys() == state["state"][key].keys()
+        for name, buffer in buffers.items():
+            torch.testing.assert_close(state["state"][key][name], buffer, rtol=1e-6, atol=1e-7)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
