@@ -14,11 +14,14 @@ each path over the same beton, alternating, median of --repeats after a warm-up 
    canvases in the loader's iterator (data.decode = "gpu"). On the CPU torchvision decodes
    in the consuming thread, one image after another, whatever --workers says, and the
    placement's small copies take torch's intra-op threads, which FFCV sets to --workers:
-   on a machine whose cores are busy those wait on each other at every copy.
+   on a machine whose cores are busy those wait on each other at every copy;
+4. split: data.gpu_decode_percent = 50, half of the samples (by index) decoded by FFCV's
+   threads onto canvases that are sent as in 1, the other half sent as bytes and decoded
+   as in 3 onto those canvases: both decoders at once, the by-index split's overhead.
 
 With the bytes each image sends to the device: its canvas, or its compressed JPEG (nvJPEG
 reads each row up to the JPEG's length; the rows are the largest JPEG wide on the host).
-`--device cuda` times rows 1 and 3 on a GPU (nvJPEG), the measurement data.decode = "auto"
+`--device cuda` times rows 1, 3 and 4 on a GPU (nvJPEG), the measurement data.decode = "auto"
 waits for; it has not been run yet. Prints a table, writes JSON.
 """
 
@@ -44,7 +47,8 @@ from fasttt.data import sequential_loader
 CLASSES = 10
 LABELS = {"ffcv": "FFCV decode + canvas + ToDevice (data.decode = \"cpu\")",
           "bytes": "JPEG bytes into rows + batching (the CPU's share of \"gpu\")",
-          "bytes_decoded": "bytes + torchvision decode + placement on the device (\"gpu\")"}
+          "bytes_decoded": "bytes + torchvision decode + placement on the device (\"gpu\")",
+          "split": "half by FFCV, half by torchvision, by sample index (gpu_decode_percent 50)"}
 
 
 def epoch_seconds(batches, device: torch.device) -> float:
@@ -63,7 +67,9 @@ def time_paths(betons: Path, args) -> dict[str, list[float]]:
                     canvas_size=args.canvas, device=args.device)
     ffcv = sequential_loader(betons, **settings)
     on_device = sequential_loader(betons, decode="gpu", **settings)
-    passes = {"ffcv": ffcv, "bytes": on_device.loader, "bytes_decoded": on_device}
+    split = sequential_loader(betons, decode="gpu", gpu_percent=50, **settings)
+    passes = {"ffcv": ffcv, "bytes": on_device.loader, "bytes_decoded": on_device,
+              "split": split}
     seconds = {name: [] for name in passes}
     for r in range(args.repeats + 1):
         for name, batches in passes.items():
@@ -94,7 +100,7 @@ def main() -> None:
         count = manifest["splits"]["train"]["count"]
         _, stored = image_storage(split_path(work / "photos", manifest, "train"), manifest,
                                   count)
-        console.print(f"timing the three paths over {count} photos ...")
+        console.print(f"timing the four paths over {count} photos ...")
         seconds = time_paths(work / "photos", args)
     rates = {name: count / statistics.median(took) for name, took in seconds.items()}
     sent = {"canvas": args.canvas**2 * 3, "jpeg_mean": float(stored.mean()),

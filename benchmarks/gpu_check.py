@@ -1,15 +1,15 @@
 """One prepared command for a GPU machine: does fasttt run there, and how fast.
 
     source .gpukit/activate && python benchmarks/gpu_check.py
-        [--part imagenet|cifar|densenet|checks] [--out bench_out/gpu_check]
+        [--part imagenet|decode|cifar|densenet|checks] [--out bench_out/gpu_check]
         [--work bench_out/gpu_check_work] [--archive bench_out/gpu_check.tar.gz]
     python benchmarks/gpu_check.py --tiny        # the same steps in seconds, on any CPU
 
 Runs each step as its own process group with a time limit (STEP_LIMITS; --part runs the
-ImageNet speeds, the CIFAR ResNets' speeds, DenseNet's or the checks, each at most 9
-minutes), keeps going when one fails or times out, and writes its results under --out
-(the synthetic betons, GBs, and the demo's run go to --work, so a remote machine's --out
-stays small):
+ImageNet speeds, the ImageNet decode splits, the CIFAR ResNets' speeds, DenseNet's or the
+checks, each at most 9 minutes), keeps going when one fails or times out, and writes its
+results under --out (the synthetic betons, GBs, and the demo's run go to --work, so a
+remote machine's --out stays small):
 `logs/<step>.log`, each benchmark's JSON, and `gpu_check.json` (the environment line, the
 commit and date, each step's exit status and seconds, and every figure), rewritten after
 every step so that a run stopped from outside still leaves what it measured. Steps, the
@@ -20,8 +20,11 @@ speed first:
    beton (20,000 JPEGs of about 400x350), decoded by FFCV on the CPU and then, on the same
    betons, by nvJPEG (`data.decode = "gpu"`), then on betons stored as FFCV's own ImageNet
    ones are (side 400, 10 % JPEG, the rest raw: like for like with FFCV's published
-   figures), and for `cifar100_resnet56_d06`, `cifar100_resnet110_d06` and
-   `cifar100_densenet100_d06` on one synthetic 50,000-image 32x32 beton: loader ceiling,
+   figures); then (--part decode) both decoders at once, split by sample index
+   (`data.gpu_decode_percent = 60`), and FFCV's policy under nvJPEG (its JPEGs on the
+   device, its raw samples on FFCV's path); and for `cifar100_resnet56_d06`,
+   `cifar100_resnet110_d06` and `cifar100_densenet100_d06` on one synthetic 50,000-image
+   32x32 beton: loader ceiling,
    patriarch, cached and online student, cache build, and on a GPU the patriarch and
    cached student compiled as a run compiles them (CUDA graphs), with the compile time
    (ResNet-18 compiled by inductor in the CPU-decode step, and ResNet-56 again with its
@@ -74,19 +77,29 @@ COMPILE_TESTS = ["tests/test_compile.py"]  # CUDA graphs, compiled for real: a b
 # seconds per step. A remote call's 10 minutes must leave time to send the results back:
 # run it in its parts (README, Speed), each at most 9 minutes.
 STEP_LIMITS = {"imagenet": 230, "imagenet_gpu_decode": 120, "imagenet_ffcv_policy": 150,
+               "imagenet_split_decode": 230, "imagenet_ffcv_policy_gpu_decode": 150,
                "cifar": 150, "cifar_whole_step": 150, "cifar_resnet110": 190,
                "cifar_densenet100": 190, "demo": 90, "tests": 100, "compile": 90}
 PARTS = {"imagenet": ("imagenet", "imagenet_gpu_decode", "imagenet_ffcv_policy"),
+         "decode": ("imagenet_split_decode", "imagenet_ffcv_policy_gpu_decode"),
          "cifar": ("cifar", "cifar_whole_step", "cifar_resnet110"),
          "densenet": ("cifar_densenet100",), "checks": ("demo", "tests", "compile")}
 TINY_LIMIT = 300
 TRACES_INLINE_MB = 4  # Chrome traces larger than this together get an archive of their own
 GPU_DECODE = ['data.decode="gpu"']  # the same betons and recipe, decoded by nvJPEG
+# both decoders at once, split by sample index: nvJPEG 60 of each 100 samples, FFCV's 16
+# threads the rest (unmeasured: the split that keeps both busy is what this step finds out)
+SPLIT_DECODE = [*GPU_DECODE, "data.gpu_decode_percent=60"]
 # (recipe, synthetic images, --set values, how photos are stored (benchmarks/synthetic.py),
 # the synthetic data's folder under --work/data: steps naming one folder share its betons)
 FULL = {"imagenet": ("imagenet_r18_d06_fast", 20_000, [], "fasttt", "photos"),
         "imagenet_gpu_decode": ("imagenet_r18_d06_fast", 20_000, GPU_DECODE, "fasttt", "photos"),
         "imagenet_ffcv_policy": ("imagenet_r18_d06_fast", 20_000, [], "ffcv", "photos_ffcv"),
+        "imagenet_split_decode": ("imagenet_r18_d06_fast", 20_000, SPLIT_DECODE, "fasttt",
+                                  "photos"),
+        # FFCV's policy under nvJPEG: its JPEGs on the device, its raw samples from FFCV
+        "imagenet_ffcv_policy_gpu_decode": ("imagenet_r18_d06_fast", 20_000, GPU_DECODE, "ffcv",
+                                            "photos_ffcv"),
         "cifar": ("cifar100_resnet56_d06", 50_000, [], "fasttt", "cifar"),
         "cifar_whole_step": ("cifar100_resnet56_d06", 50_000, [], "fasttt", "cifar"),
         "cifar_resnet110": ("cifar100_resnet110_d06", 50_000, [], "fasttt", "cifar"),

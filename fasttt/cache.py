@@ -74,7 +74,8 @@ from fasttt.teachers import OnlineTeacher, TopKTeacher, ViewSchedule, log_partit
 
 FORMAT_VERSION = 3  # 3: log-partitions at several temperatures
 CACHE_MANIFEST = "manifest.json"
-DECODER = "JPEG decoder (data.decode)"  # how a refusal names a cache's other decoder
+# how a refusal names a cache's other decoder
+DECODER = "JPEG decoder (data.decode, data.gpu_decode_percent)"
 CACHE_ARRAYS = ("values", "ids", "log_partition")  # a cache's arrays, as TopKTeacher's fields
 CHECKSUMS = "view_sha256"  # manifest: array name -> sha256 of each view's slab
 SEAL = "manifest_sha256"  # manifest: sha256 of its other fields
@@ -393,7 +394,8 @@ def ensure_cache(weights: Path, views: ViewSchedule, temperature: float, recipe:
     beton = read_manifest(recipe.data.beton_dir)
     spec = cache_spec(weights, beton, train_samples(recipe.data, beton), views, recipe.cache,
                       num_classes, temperature, recipe.data.holdout,
-                      decoder_name(recipe.data.decode, accelerator.device))
+                      decoder_name(recipe.data.decode, accelerator.device,
+                                   recipe.data.gpu_decode_percent))
     cache_dir = teacher_cache(weights)
     lock = None if lock_dir is None else _teacher_run_lock(cache_dir, lock_dir, accelerator,
                                                            console)

@@ -22,12 +22,23 @@ from ffcv.pipeline.state import State
 from numba import get_num_threads, get_thread_id
 
 UINT8 = np.dtype("<u1")
+JPG = IMAGE_MODES["jpg"]  # FFCV's mode of a sample stored as JPEG
 
 # libc's memcpy, called from numba code: numba's array slice assignment is a scalar loop
 # that costs nearly as much as the JPEG decode itself.
 _memcpy = ctypes.CDLL(None).memcpy
 _memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcpy.restype = ctypes.c_void_p
+
+
+def decoded_on_device(sample, mode, gpu_percent):
+    """Whether data.decode = "gpu" leaves a sample (stored in FFCV's image `mode`) to the
+    device's decoder: a JPEG whose index falls in `gpu_percent` of each hundred.
+
+    By index, never by load, so that a sample sees one decoder all run. Elementwise on
+    arrays too (numpy's & of the two), and compiled into FFCV's decoders by numba.
+    """
+    return (mode == JPG) & (sample % 100 < gpu_percent)
 
 
 def fit_extent(height, width, canvas_size):
@@ -72,12 +83,14 @@ def place_top_left(image, canvas):
 class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
     """Photos of any size -> (canvas, canvas, 3) uint8, the photo at the top-left corner.
 
-    Subclasses FFCV's simple decoder only because FFCV recognises a field's decoder by type.
+    The samples `decoded_on_device` leaves to the device under `gpu_percent` (0: none)
+    are skipped, their canvases left as they were. Subclasses FFCV's simple decoder only
+    because FFCV recognises a field's decoder by type.
     """
 
-    def __init__(self, canvas_size: int):
+    def __init__(self, canvas_size: int, gpu_percent: int = 0):
         super().__init__()
-        self.canvas_size = canvas_size
+        self.canvas_size, self.gpu_percent = canvas_size, gpu_percent
 
     def declare_state_and_memory(self, previous_state: State):
         heights, widths = self.metadata["height"], self.metadata["width"]
@@ -96,7 +109,8 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
         decode_jpeg, area_resize = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         extent_of, denominator = Compiler.compile(fit_extent), Compiler.compile(dct_denominator)
         place = Compiler.compile(place_top_left)
-        jpg, size, decoded_bytes = IMAGE_MODES["jpg"], self.canvas_size, self.decoded_bytes
+        on_device, gpu_percent = Compiler.compile(decoded_on_device), self.gpu_percent
+        size, decoded_bytes = self.canvas_size, self.decoded_bytes
 
         def decode(batch_indices, storage, metadata, storage_state):
             canvases, scratch = storage
@@ -107,10 +121,12 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
                 # pulling cold memory and costs about a fifth of the throughput.
                 buffer = scratch[get_thread_id()] if per_thread else scratch[i]
                 field = metadata[batch_indices[i]]
+                if on_device(batch_indices[i], field["mode"], gpu_percent):
+                    continue
                 data = read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 extent_h, extent_w = extent_of(height, width, size)
-                if field["mode"] == jpg:
+                if field["mode"] == JPG:
                     d = denominator(height, width, extent_h, extent_w)
                     decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, d,
                                 False, False)

@@ -12,9 +12,10 @@ so a CPU run takes the same pipeline steps as a GPU run and fails where it would
 uint8 canvas as an NCHW view of NHWC memory (channels_last), `label` and `index` are
 int64 of shape (B,), `extent` is the region of the canvas a photo fills and None for
 fixed-size sources. Random augmentation happens later on the device
-(fasttt/augment.py), keyed by `index`. Under data.decode = "gpu" FFCV sends a photo's
-JPEG bytes instead and the loader's iterator decodes each batch's canvases on `device`
-(fasttt/jpeg.py), the one place every consumer's batches pass through.
+(fasttt/augment.py), keyed by `index`. Under data.decode = "gpu" FFCV sends the JPEG
+bytes of the photos left to the device instead and the loader's iterator decodes them
+onto the batch's canvases on `device` (fasttt/jpeg.py), the one place every consumer's
+batches pass through.
 FFCV reuses a few batch buffers in turn: use or copy a batch before asking for the
 next few.
 """
@@ -50,14 +51,7 @@ from fasttt.betons import (
 )
 from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
 from fasttt.errors import UserError, raise_if_interrupted, signals_deferred
-from fasttt.jpeg import (
-    FFCV_DECODER,
-    DeviceJpegDecoder,
-    JpegBytesDecoder,
-    JpegSizeDecoder,
-    decoder_name,
-    jpeg_row_width,
-)
+from fasttt.jpeg import DeviceJpegDecoder, device_jpeg_decoder
 from fasttt.processes import on_main_process
 from fasttt.recipe import AugmentConfig, DataConfig
 
@@ -120,19 +114,20 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
                device: torch.device, jpeg: DeviceJpegDecoder | None = None) -> dict:
     """One pipeline per Batch field, in Batch order; every other beton field is skipped.
 
-    With `jpeg`, "image" is each JPEG's bytes and "jpeg" their sizes, both on the host,
-    where torchvision reads them.
+    With `jpeg`, the JPEGs it decodes come as bytes and sizes, on the host where
+    torchvision reads them, in fields of its own (DeviceJpegDecoder.pipelines).
     """
     to_device = [ToDevice(torch.device(device), non_blocking=True)]
     if is_photo(manifest):
         if not canvas_size:
             raise UserError("photo betons need a canvas size (data.canvas_size, e.g. 512)")
-        decoder = CanvasRGBImageDecoder(canvas_size)
+        decoder = CanvasRGBImageDecoder(canvas_size, jpeg.gpu_percent if jpeg else 0)
     else:
         decoder = SimpleRGBImageDecoder()
     image = [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)]
+    image, for_device = jpeg.pipelines(image) if jpeg else (image, {})
     pipelines = {
-        "image": [JpegBytesDecoder(jpeg.row_width), ToTensor()] if jpeg else image,
+        "image": image,
         "label": _integer(to_device),
         # The index stays on the host: cache lookups read rows of host memory with it, and
         # a device copy would cost them a device-to-host synchronisation every step.
@@ -141,8 +136,7 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
     if is_photo(manifest):
         pipelines["extent"] = PipelineSpec("image", CanvasExtentDecoder(canvas_size),
                                            [ToTensor(), *to_device])
-    if jpeg:
-        pipelines["jpeg"] = PipelineSpec("image", JpegSizeDecoder(), [ToTensor()])
+    pipelines |= for_device
     # FFCV decodes every field it is not told to skip, in an order of its own.
     return pipelines | {name: None for name in field_names if name not in pipelines}
 
@@ -150,7 +144,8 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
 class BetonLoader:
     """An FFCV Loader over one split whose iteration yields `Batch`es.
 
-    With `jpeg` (data.decode = "gpu"), FFCV gives each photo's bytes, decoded here.
+    With `jpeg` (data.decode = "gpu"), FFCV gives the bytes of the photos it leaves to
+    the device, decoded here.
 
     FFCV's reader refills a batch's host buffers as soon as the batch after it is taken,
     and the device copies that read them wait, on the reader's streams, for the device to
@@ -192,8 +187,7 @@ class BetonLoader:
                 fields, reading = taken
                 raise_if_interrupted()
                 if self.jpeg is not None:
-                    rows, label, index, extent, sizes = fields
-                    fields = (self.jpeg(rows, sizes, index, extent), label, index, extent)
+                    fields = self.jpeg.decoded(fields)
                     reading += _marked(self.jpeg.stream)
                 image, label, index, *extent = fields
                 yield Batch(image, label, _held(index, self.device), *extent)
@@ -304,16 +298,15 @@ def _stop(epoch) -> None:
         epoch.join(timeout=READER_POLL_S / 10)
 
 
-def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, indices=None,
-          **loader_args) -> BetonLoader:
+def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, gpu_percent: int,
+          indices=None, **loader_args) -> BetonLoader:
     manifest = read_manifest(beton_dir)
     path = split_path(beton_dir, manifest, split)
     count = manifest["splits"][split]["count"]
     field_names = beton_fields(path, manifest, count)
     if callable(indices):
         indices = indices(count)
-    jpeg = (None if decoder_name(decode, device) == FFCV_DECODER else
-            DeviceJpegDecoder(canvas_size, device, path, manifest, count))
+    jpeg = device_jpeg_decoder(decode, gpu_percent, canvas_size, device, path, manifest, count)
     pipelines = _pipelines(manifest, field_names, canvas_size, device, jpeg)
     # FFCV sets numba's thread count to num_workers, which numba refuses above its own
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
@@ -325,17 +318,19 @@ def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, indices
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,
                  distributed: bool = False, os_cache: bool = True, split: str = "train",
                  canvas_size: int | None = None, device=CPU, limit: int = 0,
-                 rows: np.ndarray | None = None, decode: str = "cpu") -> BetonLoader:
+                 rows: np.ndarray | None = None, decode: str = "cpu",
+                 gpu_percent: int = 100) -> BetonLoader:
     """Shuffled, drop_last loader; distributed=True shards it over the process group.
 
     `limit` > 0 keeps only the first `limit` samples (quick runs and tests); `rows`, when
-    given, are the only samples read. `decode` is data.decode's choice of JPEG decoder.
+    given, are the only samples read. `decode` and `gpu_percent` are data.decode's choice
+    of JPEG decoder and data.gpu_decode_percent.
     """
     # QUASI_RANDOM keeps memory low when the beton is not in the page cache, but FFCV
     # does not implement it for distributed loaders.
     order = OrderOption.RANDOM if os_cache or distributed else OrderOption.QUASI_RANDOM
-    loader = _open(beton_dir, split, canvas_size, device, decode, batch_size=batch_size,
-                   num_workers=num_workers, order=order, os_cache=os_cache,
+    loader = _open(beton_dir, split, canvas_size, device, decode, gpu_percent,
+                   batch_size=batch_size, num_workers=num_workers, order=order, os_cache=os_cache,
                    distributed=distributed, seed=seed, drop_last=True,
                    indices=_indices(limit, rows))
     if len(loader) == 0:
@@ -348,12 +343,12 @@ def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_worke
                       rank: int = 0, world_size: int = 1, os_cache: bool = True,
                       canvas_size: int | None = None, device=CPU,
                       limit: int = 0, rows: np.ndarray | None = None,
-                      decode: str = "cpu") -> BetonLoader:
+                      decode: str = "cpu", gpu_percent: int = 100) -> BetonLoader:
     """In-order loader over `rank`'s disjoint slice: every sample exactly once across ranks.
 
     Serves evaluation and the teacher-cache pass. Unlike FFCV's distributed sampler it
     pads nothing, so no sample is seen twice and nothing needs de-duplication. `limit`,
-    `rows` and `decode` are as `train_loader`'s.
+    `rows`, `decode` and `gpu_percent` are as `train_loader`'s.
     """
     def indices(count: int) -> np.ndarray:
         chosen = np.arange(min(limit, count) if limit else count) if rows is None else rows
@@ -361,12 +356,13 @@ def sequential_loader(beton_dir: Path, *, split: str, batch_size: int, num_worke
 
     key = (_betons_as_found(beton_dir), split, batch_size, num_workers, rank, world_size,
            os_cache, canvas_size, str(device), limit, None if rows is None else rows.tobytes(),
-           decode)
+           decode, gpu_percent)
     if _reused and key in _reused[-1]:
         return _reused[-1][key]
-    loader = _open(beton_dir, split, canvas_size, device, decode, batch_size=batch_size,
-                   num_workers=num_workers, order=OrderOption.SEQUENTIAL, os_cache=os_cache,
-                   indices=indices, drop_last=False)
+    loader = _open(beton_dir, split, canvas_size, device, decode, gpu_percent,
+                   batch_size=batch_size, num_workers=num_workers,
+                   order=OrderOption.SEQUENTIAL, os_cache=os_cache, indices=indices,
+                   drop_last=False)
     if _reused:
         _reused[-1][key] = loader
     return loader
@@ -415,7 +411,7 @@ def train_samples(data: DataConfig, manifest: dict) -> int:
 def _loader_settings(data: DataConfig, accelerator: Accelerator) -> dict:
     return dict(num_workers=data.num_workers, os_cache=data.os_cache,
                 canvas_size=data.canvas_size or None, device=accelerator.device,
-                decode=data.decode)
+                decode=data.decode, gpu_percent=data.gpu_decode_percent)
 
 
 def split_loader(data: DataConfig, accelerator: Accelerator, split: str, batch_size: int,
@@ -464,10 +460,6 @@ def ensure_betons(data: DataConfig, accelerator: Accelerator,
 def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, *, k: int,
                batch_size: int, processes: int) -> None:
     """Refuse, before anything is written, a recipe that cannot work on these betons."""
-    for split in ("train", "val"):
-        path = split_path(data.beton_dir, manifest, split)
-        if data.decode == "gpu":  # raw samples have no JPEG bytes to send
-            jpeg_row_width(path, manifest, manifest["splits"][split]["count"])
     per_process_batch(batch_size, processes)
     held = len(holdout_rows(data, manifest))
     if data.holdout and not held:

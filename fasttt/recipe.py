@@ -133,10 +133,14 @@ class DataConfig:
     num_workers: int = 2  # FFCV decoding threads per process
     # who decodes a photo beton's JPEGs: "cpu": FFCV's threads; "gpu": the loader sends the
     # bytes and each batch is decoded on the run's device (nvJPEG; libjpeg-turbo on the
-    # CPU), for betons written with --write-mode jpg. Their pixels differ slightly, so a
-    # teacher's cache serves only students of its decoder. "auto": "cpu" until a GPU
-    # measurement shows nvJPEG winning (unmeasured)
+    # CPU); raw samples (--write-mode raw or proportion) keep FFCV's path. Their pixels
+    # differ slightly, so a teacher's cache serves only students of its decoder. "auto":
+    # "cpu" until a GPU measurement shows nvJPEG winning (unmeasured)
     decode: Literal["cpu", "gpu", "auto"] = "cpu"
+    # with decode = "gpu": the percent of JPEG samples decoded on the device, chosen by
+    # sample index (index % 100 < it), never by load, so that a sample sees one decoder all
+    # run; FFCV's threads decode the rest meanwhile
+    gpu_decode_percent: int = 100
     os_cache: bool = True  # rely on the page cache (False: FFCV's own, for huge betons)
     train_limit: int = 0  # train on the first N samples only (quick checks); 0 = all
     builtin: Literal["", "digits"] = ""  # "digits": build the embedded betons if missing
@@ -158,6 +162,8 @@ class DataConfig:
         _require(self.canvas_size <= MAX_SIDE, "canvas_size", f"must be <= {MAX_SIDE}")
         _require(all(c >= 0 for c in self.superclasses), "superclasses", "must be >= 0")
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _require(1 <= self.gpu_decode_percent <= 100, "gpu_decode_percent",
+                 "must be in 1..100 (data.decode = \"cpu\" decodes none on the device)")
         _require(self.num_workers <= MAX_WORKERS, "num_workers", f"must be <= {MAX_WORKERS}")
         _require(self.train_limit >= 0, "train_limit", "must be >= 0")
         _require(0 <= self.holdout <= 0.5, "holdout", "must be in [0, 0.5]")

@@ -70,16 +70,18 @@ def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
     full = gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"], out=tmp_path),
                            tmp_path / "work")
     assert [name for name, _ in full] == ["imagenet", "imagenet_gpu_decode",
-                                          "imagenet_ffcv_policy", "cifar", "cifar_whole_step",
-                                          "cifar_resnet110", "cifar_densenet100", "compile"]
+                                          "imagenet_ffcv_policy", "imagenet_split_decode",
+                                          "imagenet_ffcv_policy_gpu_decode", "cifar",
+                                          "cifar_whole_step", "cifar_resnet110",
+                                          "cifar_densenet100", "compile"]
     data_dirs = [command[command.index("--data-dir") + 1] for _, command in
                  gpu_check.steps(argparse.Namespace(tiny=False, skip=["demo", "tests"],
                                                     out=tmp_path), tmp_path / "work")
                  if "--data-dir" in command]
-    # the CPU- and GPU-decode steps read one beton, the CIFAR steps another, FFCV's policy
-    # its own
-    assert data_dirs[0] == data_dirs[1] and len(set(data_dirs[3:])) == 1
-    assert len(set(data_dirs)) == 3
+    # the CPU-, GPU- and split-decode steps read one beton, the CIFAR steps another, FFCV's
+    # policy its own under either decoder
+    assert data_dirs[0] == data_dirs[1] == data_dirs[3] and data_dirs[2] == data_dirs[4]
+    assert len(set(data_dirs[5:])) == 1 and len(set(data_dirs)) == 3
     # ResNet-18 compiled by inductor once, where FFCV decodes; the CIFAR steps as runs
     # decide, and ResNet-56's whole step as one graph
     compiled = {name: command[command.index("--compiled") + 1] for name, command in
@@ -87,7 +89,8 @@ def test_every_tiny_step_is_made_in_order_from_files_that_are_there(tmp_path):
                                                    out=tmp_path), tmp_path / "work")
                 if "--compiled" in command}
     assert compiled == {"imagenet": "default", "imagenet_gpu_decode": "auto",
-                        "imagenet_ffcv_policy": "auto", "cifar": "auto",
+                        "imagenet_ffcv_policy": "auto", "imagenet_split_decode": "auto",
+                        "imagenet_ffcv_policy_gpu_decode": "auto", "cifar": "auto",
                         "cifar_whole_step": "whole-step", "cifar_resnet110": "auto",
                         "cifar_densenet100": "auto"}
     assert {c[c.index("--compiled") + 1] for c in made.values() if "--compiled" in c} == {
@@ -108,8 +111,9 @@ def test_the_gpu_check_runs_its_steps_and_archives_what_they_wrote(
     packed = tmp_path / "back" / "gpu_check.tar.gz"
     status, result, printed = check(
         ["--skip", "tests", "--skip", "compile", "--skip", "imagenet_gpu_decode", "--skip",
-         "imagenet_ffcv_policy", "--skip", "cifar_whole_step", "--skip", "cifar_resnet110",
-         "--skip", "cifar_densenet100",
+         "imagenet_ffcv_policy", "--skip", "imagenet_split_decode", "--skip",
+         "imagenet_ffcv_policy_gpu_decode", "--skip", "cifar_whole_step", "--skip",
+         "cifar_resnet110", "--skip", "cifar_densenet100",
          "--out", tmp_path, "--work", tmp_path / "work", "--archive",
          packed], monkeypatch, capsys,
         imagenet=lambda work: python("print('imagenet: a stub')"),

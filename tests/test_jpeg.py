@@ -25,7 +25,7 @@ from PIL import Image
 
 from beton_builders.__main__ import main as build_betons
 from fasttt import jpeg
-from fasttt.betons import read_manifest
+from fasttt.betons import image_storage, read_manifest
 from fasttt.cache import (
     CACHE_MANIFEST,
     CHECKSUMS,
@@ -34,10 +34,10 @@ from fasttt.cache import (
     open_arrays,
     seal_manifest,
 )
-from fasttt.canvas import fit_extent
-from fasttt.data import check_fits, sequential_loader, split_loader
+from fasttt.canvas import JPG, fit_extent
+from fasttt.data import sequential_loader, split_loader, train_loader
 from fasttt.files import write_json
-from fasttt.jpeg import FFCV_DECODER, DeviceJpegDecoder, decoder_name
+from fasttt.jpeg import FFCV_DECODER, decoder_name, device_jpeg_decoder
 from fasttt.recipe import AugmentConfig, CacheConfig, DataConfig, build_recipe
 from fasttt.teachers import ViewSchedule
 from fasttt.train import main as train
@@ -133,8 +133,8 @@ def jpeg_rows(blobs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_bad_jpeg_fails_its_batch_in_one_line_naming_the_sample(photos, device):
     path = photos / "jpg" / read_manifest(photos / "jpg")["splits"]["train"]["file"]
-    decoder = DeviceJpegDecoder(80, torch.device(device), path, read_manifest(photos / "jpg"),
-                                4)
+    decoder = device_jpeg_decoder("gpu", 100, 80, torch.device(device), path,
+                                  read_manifest(photos / "jpg"), 4)
     rows, sizes, extent = jpeg_rows([encoded(40, 60, seed) for seed in range(3)])
     extent = extent.to(device)
     index = torch.tensor([7, 8, 9])
@@ -153,7 +153,8 @@ def test_one_bad_jpeg_fails_its_batch_in_one_line_naming_the_sample(photos, devi
 def test_a_batch_only_the_device_decoder_fails_is_one_line_advising_the_cpu(photos,
                                                                            monkeypatch):
     path = photos / "jpg" / read_manifest(photos / "jpg")["splits"]["train"]["file"]
-    decoder = DeviceJpegDecoder(80, torch.device("cpu"), path, read_manifest(photos / "jpg"), 4)
+    decoder = device_jpeg_decoder("gpu", 100, 80, torch.device("cpu"), path,
+                                  read_manifest(photos / "jpg"), 4)
     decode = jpeg._torchvision_decode
 
     def fails_in_batches(blobs, device):
@@ -169,18 +170,70 @@ def test_a_batch_only_the_device_decoder_fails_is_one_line_advising_the_cpu(phot
                      "(NVJPEG_STATUS_EXECUTION_FAILED): set data.decode = \"cpu\"")
 
 
-def test_gpu_decoding_of_a_beton_with_raw_samples_is_refused_in_one_line(photos, digits):
-    data = DataConfig(beton_dir=str(photos / "raw"), canvas_size=80, decode="gpu")
-    one_line_refusal(lambda: check_fits(read_manifest(photos / "raw"), data,
-                                        AugmentConfig(kind="resized_crop"), k=2, batch_size=2,
-                                        processes=1),
-                     "data.decode = \"gpu\" decodes JPEGs", "stores 4 of its 4 images as raw "
-                     "pixels (write_mode = \"raw\")", "set data.decode = \"cpu\"",
-                     "--write-mode jpg")
-    one_line_refusal(lambda: sequential_loader(digits, split="val", batch_size=8,
-                                               decode="gpu"), "as raw pixels")
+def within_border(canvas: torch.Tensor, extent: torch.Tensor) -> torch.Tensor:
+    """The pixels of a canvas a crop may read: the photo's extent and its one-pixel border."""
+    height, width = extent.tolist()
+    return canvas[:, :height + 1, :width + 1]
+
+
+def test_raw_samples_keep_ffcvs_path_under_gpu_decoding(photos, tmp_path):
+    # A beton of raw pixels decodes on FFCV's threads alone; one stored as FFCV's ImageNet
+    # betons are (--write-mode proportion) sends the device its JPEGs and FFCV's canvases
+    # of the rest, which keep their pixels bit for bit.
+    np.random.seed(1)  # FFCV draws each sample's mode from numpy's global state: a mix
+    build_betons(["imagefolder", str(photos / "tree"), str(tmp_path / "mixed"), "--write-mode",
+                  "proportion", "--compress-probability", "0.5", "--num-workers", "1"])
+    settings = dict(split="train", batch_size=4, num_workers=1, canvas_size=80)
+    for betons in (photos / "raw", tmp_path / "mixed"):
+        on_device = sequential_loader(betons, decode="gpu", **settings)
+        ffcv = sequential_loader(betons, **settings)
+        manifest = read_manifest(betons)
+        modes, _ = image_storage(betons / manifest["splits"]["train"]["file"], manifest, 4)
+        assert (on_device.jpeg is None) == (betons.name == "raw")
+        assert len(set(modes.tolist())) == (1 if betons.name == "raw" else 2)  # JPEG and raw
+        (got,), (want,) = batches(on_device), batches(ffcv)
+        for canvas, expected, extent, mode in zip(got.image, want.image, got.extent, modes,
+                                                  strict=True):
+            diff = (within_border(canvas, extent).int()
+                    - within_border(expected, extent).int()).abs()
+            if mode == JPG:
+                assert diff.float().mean() < MEAN_DIFF["cpu"]
+            else:
+                assert not diff.any()
     one_line_refusal(lambda: build_recipe({"data": {"decode": "tpu"}}, "r.toml"),
                      "data.decode must be \"cpu\" or \"gpu\" or \"auto\"")
+    one_line_refusal(lambda: build_recipe({"data": {"gpu_decode_percent": 0}}, "r.toml"),
+                     "data.gpu_decode_percent must be in 1..100")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_split_by_index_decodes_each_sample_with_one_decoder_every_epoch(photos, device):
+    # data.gpu_decode_percent = 2: samples 0 and 1 of each hundred to the device, 2 and 3
+    # to FFCV, in every batch and order: each sample's pixels are its decoder's alone.
+    settings = dict(split="train", batch_size=4, num_workers=1, canvas_size=80,
+                    device=torch.device(device))
+    split = sequential_loader(photos / "jpg", decode="gpu", gpu_percent=2, **settings)
+    alone = {"device": batches(sequential_loader(photos / "jpg", decode="gpu", **settings)),
+             "ffcv": batches(sequential_loader(photos / "jpg", **settings))}
+    assert not split.jpeg.every and alone["device"][0].image.shape == (4, 3, 80, 80)
+    for got in (batches(split), batches(split)):
+        (batch,) = got
+        for row, sample in enumerate(batch.index.tolist()):
+            decoder = "device" if sample % 100 < 2 else "ffcv"
+            want = alone[decoder][0]
+            assert want.index[row] == sample
+            assert torch.equal(within_border(batch.image[row], batch.extent[row]),
+                               within_border(want.image[row], want.extent[row])), (sample,
+                                                                                  decoder)
+    ordered = train_loader(photos / "jpg", batch_size=2, seed=3, num_workers=1,
+                           canvas_size=80, device=torch.device(device), decode="gpu",
+                           gpu_percent=2)
+    for batch in batches(ordered):  # shuffled: each sample still meets its own decoder
+        for row, sample in enumerate(batch.index.tolist()):
+            decoder = "device" if sample % 100 < 2 else "ffcv"
+            want = alone[decoder][0]
+            assert torch.equal(within_border(batch.image[row], batch.extent[row]),
+                               within_border(want.image[sample], want.extent[sample]))
 
 
 def test_the_decoder_is_in_the_caches_fingerprint_and_old_caches_stay_valid(tmp_path):
@@ -188,6 +241,7 @@ def test_the_decoder_is_in_the_caches_fingerprint_and_old_caches_stay_valid(tmp_
     assert decoder_name("auto", torch.device("cuda")) == FFCV_DECODER  # until measured
     assert decoder_name("gpu", torch.device("cuda")) == "nvjpeg"
     assert decoder_name("gpu", torch.device("cpu")) == "torchvision-cpu"
+    assert decoder_name("gpu", torch.device("cuda"), 50) == "nvjpeg:50%+ffcv"
     (tmp_path / "teacher.safetensors").write_bytes(b"weights")
     views = ViewSchedule(key=1, epochs=2, count=2, augment=AugmentConfig())
 
@@ -198,11 +252,13 @@ def test_the_decoder_is_in_the_caches_fingerprint_and_old_caches_stay_valid(tmp_
     ffcv, nvjpeg = spec(FFCV_DECODER), spec("nvjpeg")
     assert "decoder" not in ffcv.manifest()  # the manifest caches had before data.decode
     assert nvjpeg.manifest()["decoder"] == "nvjpeg"
-    for built, other in ((ffcv, nvjpeg), (nvjpeg, ffcv), (nvjpeg, spec("torchvision-cpu"))):
+    for built, other in ((ffcv, nvjpeg), (nvjpeg, ffcv), (nvjpeg, spec("torchvision-cpu")),
+                         (nvjpeg, spec("nvjpeg:50%+ffcv"))):
         cache = fake_cache(tmp_path / f"{built.decoder}-cache", built)
         open_arrays(cache, built)
         one_line_refusal(lambda cache=cache, other=other: open_arrays(cache, other),
-                         "was built for another JPEG decoder (data.decode)")
+                         "was built for another JPEG decoder (data.decode, "
+                         "data.gpu_decode_percent)")
     assert dataclasses.replace(ffcv, decoder="nvjpeg") == nvjpeg
 
 
