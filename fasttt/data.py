@@ -460,6 +460,8 @@ def ensure_betons(data: DataConfig, accelerator: Accelerator,
 def check_fits(manifest: dict, data: DataConfig, augment: AugmentConfig, *, k: int,
                batch_size: int, processes: int) -> None:
     """Refuse, before anything is written, a recipe that cannot work on these betons."""
+    for split in ("train", "val"):
+        split_path(data.beton_dir, manifest, split)  # there, or a one-line refusal
     per_process_batch(batch_size, processes)
     held = len(holdout_rows(data, manifest))
     if data.holdout and not held:

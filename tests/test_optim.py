@@ -99,3 +99,29 @@ def test_the_update_in_a_graph_is_torchs_sgd(momentum, nesterov, monkeypatch):
             torch.testing.assert_close(state["state"][key][name], buffer, rtol=1e-6, atol=1e-7)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_a_checkpoint_of_either_update_resumes_under_the_other(monkeypatch):
+    # A run resumed with another run.compile_mode loads the same optimizer state: two steps
+    # of one update, the state dict through a fresh optimizer, two of the other.
+    compile_for_real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
+        function, backend="aot_eager"))
+    config, batches = OptimConfig(lr=0.1, weight_decay=0.01), torch.randn(4, 8, 4)
+    in_graph = sgd_in_graph(torch.device("cpu"), "default")
+    finals = []
+    for first, then in ((step_optimizer, step_optimizer), (step_optimizer, in_graph),
+                        (in_graph, step_optimizer)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = make_optimizer(model, config)
+        for i, batch in enumerate(batches):
+            if i == 2:  # as load_checkpoint does: the state into a new optimizer
+                saved = optimizer.state_dict()
+                optimizer = make_optimizer(model, config)
+                optimizer.load_state_dict(saved)
+            model(batch).square().mean().backward()
+            (first if i < 2 else then)(optimizer, 0.1)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    for resumed in finals[1:]:
+        torch.testing.assert_close(resumed, finals[0], rtol=1e-6, atol=1e-7)
