@@ -12,10 +12,11 @@ so a CPU run takes the same pipeline steps as a GPU run and fails where it would
 uint8 canvas as an NCHW view of NHWC memory (channels_last), `label` and `index` are
 int64 of shape (B,), `extent` is the region of the canvas a photo fills and None for
 fixed-size sources. Random augmentation happens later on the device
-(fasttt/augment.py), keyed by `index`. Under data.decode = "gpu" FFCV sends the JPEG
-bytes of the photos left to the device instead and the loader's iterator decodes them
-onto the batch's canvases on `device` (fasttt/jpeg.py), the one place every consumer's
-batches pass through.
+(fasttt/augment.py), keyed by `index`. Photos travel packed, each with its border at its
+own row pitch, and the loader's iterator lays them out as canvases on `device`
+(fasttt/canvas.py); under data.decode = "gpu" FFCV sends the JPEG bytes of the photos
+left to the device instead and the iterator decodes them onto the batch's canvases
+(fasttt/jpeg.py): the one place every consumer's batches pass through.
 FFCV reuses a few batch buffers in turn: use or copy a batch before asking for the
 next few.
 """
@@ -49,7 +50,7 @@ from fasttt.betons import (
     split_path,
     train_labels,
 )
-from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder
+from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder, unpack_canvases
 from fasttt.errors import UserError, raise_if_interrupted, signals_deferred
 from fasttt.jpeg import DeviceJpegDecoder, device_jpeg_decoder
 from fasttt.processes import on_main_process
@@ -121,10 +122,12 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
     if is_photo(manifest):
         if not canvas_size:
             raise UserError("photo betons need a canvas size (data.canvas_size, e.g. 512)")
-        decoder = CanvasRGBImageDecoder(canvas_size, jpeg.gpu_percent if jpeg else 0)
+        # packed photos, as canvases once on the device (BetonLoader)
+        image = [CanvasRGBImageDecoder(canvas_size, jpeg.gpu_percent if jpeg else 0),
+                 ToTensor(), *to_device]
     else:
-        decoder = SimpleRGBImageDecoder()
-    image = [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)]
+        image = [SimpleRGBImageDecoder(), ToTensor(), *to_device,
+                 ToTorchImage(channels_last=True)]
     image, for_device = jpeg.pipelines(image) if jpeg else (image, {})
     pipelines = {
         "image": image,
@@ -144,8 +147,10 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
 class BetonLoader:
     """An FFCV Loader over one split whose iteration yields `Batch`es.
 
-    With `jpeg` (data.decode = "gpu"), FFCV gives the bytes of the photos it leaves to
-    the device, decoded here.
+    With `packed_canvas` (the canvas side of photos FFCV decodes), its image field is
+    photos packed as `CanvasRGBImageDecoder` packs them, unpacked here on the device; with
+    `jpeg` (data.decode = "gpu"), FFCV gives the bytes of the photos it leaves to the
+    device, decoded here.
 
     FFCV's reader refills a batch's host buffers as soon as the batch after it is taken,
     and the device copies that read them wait, on the reader's streams, for the device to
@@ -156,9 +161,9 @@ class BetonLoader:
     """
 
     def __init__(self, loader: Loader, path: Path, manifest: dict, device: torch.device,
-                 jpeg: DeviceJpegDecoder | None = None):
+                 jpeg: DeviceJpegDecoder | None = None, packed_canvas: int | None = None):
         self.loader, self.path, self.manifest, self.jpeg = loader, path, manifest, jpeg
-        self.device = torch.device(device)
+        self.device, self.packed_canvas = torch.device(device), packed_canvas
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -186,6 +191,10 @@ class BetonLoader:
                     break
                 fields, reading = taken
                 raise_if_interrupted()
+                if self.packed_canvas:
+                    image, label, index, extent, *rest = fields
+                    fields = (unpack_canvases(image, extent, self.packed_canvas), label, index,
+                              extent, *rest)
                 if self.jpeg is not None:
                     fields = self.jpeg.decoded(fields)
                     reading += _marked(self.jpeg.stream)
@@ -308,11 +317,12 @@ def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, gpu_per
         indices = indices(count)
     jpeg = device_jpeg_decoder(decode, gpu_percent, canvas_size, device, path, manifest, count)
     pipelines = _pipelines(manifest, field_names, canvas_size, device, jpeg)
+    packed = is_photo(manifest) and not (jpeg and jpeg.every)  # FFCV decodes some photos
     # FFCV sets numba's thread count to num_workers, which numba refuses above its own
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
     loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)
     loader = Loader(str(path), pipelines=pipelines, indices=indices, **loader_args)
-    return BetonLoader(loader, path, manifest, device, jpeg)
+    return BetonLoader(loader, path, manifest, device, jpeg, canvas_size if packed else None)
 
 
 def train_loader(beton_dir: Path, *, batch_size: int, seed: int, num_workers: int = 2,

@@ -14,7 +14,8 @@ teacher cache's manifest: a student never learns from a teacher that saw other p
 Which samples the device decodes is fasttt.canvas.decoded_on_device's rule: the JPEGs in
 data.gpu_decode_percent of each hundred indices. The rest, and raw samples (which have no
 JPEG to decode: --write-mode raw or proportion), keep FFCV's path in the same batch: FFCV
-then sends canvases as well, and the device's photos are placed on theirs.
+then sends its packed photos as well, and the device's photos are placed on their
+canvases.
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ class DeviceJpegDecoder:
     """Turns one split's batches of JPEG rows into canvases on `device`, laid out as FFCV's.
 
     Made by `device_jpeg_decoder` for a split the device decodes some of. Where it decodes
-    all of them FFCV sends their bytes alone; otherwise FFCV sends its canvases too, with
-    the device's samples left out, and their photos are placed on those.
+    all of them FFCV sends their bytes alone; otherwise FFCV sends its own photos too
+    (packed, the device's left out), and the device's are placed on their canvases.
     """
 
     canvas_size: int | None
