@@ -288,3 +288,36 @@ def test_a_run_trains_caches_and_analyses_on_bytes_decoded_on_its_device(photos,
     assert cache["decoder"] == decoder_name("gpu", torch.device(RUN_DEVICE))
     assert json.loads((run / "gen1" / "eval.json").read_text())["last"]["val_top1"] >= 0
     assert (run / "summary.md").is_file()  # the analysis and report read the run's betons
+
+
+def write_digit_photos(root):
+    """scikit-learn's digits as 32x32 quality-90 JPEG photos in an ImageFolder tree: every
+    fifth in val, the rest in train."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        pixels = np.kron(image * 255 / 16, np.ones((4, 4))).round().astype(np.uint8)
+        path = root / ("val" if i % 5 == 0 else "train") / str(label) / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).convert("RGB").save(path, format="JPEG", quality=90)
+
+
+def test_a_run_decoded_on_the_device_learns_as_one_decoded_by_ffcv(tmp_path):
+    # The same patriarch on the digits as photos, decoded by FFCV and by the device's
+    # decoder (nvJPEG on a GPU, libjpeg-turbo's accurate DCT here): pixels a few levels
+    # apart, the same accuracy band.
+    write_digit_photos(tmp_path / "tree")
+    build_betons(["imagefolder", str(tmp_path / "tree"), str(tmp_path / "photos"),
+                  "--write-mode", "jpg", "--num-workers", "1"])
+    accuracy = {}
+    for decode in ("cpu", "gpu"):
+        train([str(RECIPE), *tiny_run_flags(
+            tmp_path / "photos", **{"data.builtin": '""', "data.canvas_size": 32,
+                                    "data.decode": f'"{decode}"', "data.train_limit": 0,
+                                    "augment.kind": '"resized_crop"', "augment.scale": "[0.5, 1.0]",
+                                    "schedule.epochs": 6}),
+               "--runs-dir", str(tmp_path / decode)])
+        summary = json.loads((tmp_path / decode / "digits_d06" / "gen0" / "eval.json").read_text())
+        accuracy[decode] = summary["last"]["val_top1"]
+    assert min(accuracy.values()) > 80 and abs(accuracy["gpu"] - accuracy["cpu"]) < 5, accuracy
