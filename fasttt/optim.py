@@ -111,7 +111,9 @@ def sgd_in_graph(device: torch.device, mode: str) -> Callable[[torch.optim.SGD, 
     def step(optimizer: torch.optim.SGD, lr: float) -> None:
         set_lr(optimizer, lr)  # kept in the state dict, as torch's step would read it
         lr_on_device.fill_(lr)
-        update([_sgd_group(optimizer, group) for group in optimizer.param_groups], lr_on_device)
+        groups = [_sgd_group(optimizer, group) for group in optimizer.param_groups]
+        # torch's foreach ops refuse empty lists; torch's step skips such a group too
+        update([group for group in groups if group[0]], lr_on_device)
         optimizer.zero_grad(set_to_none=True)
 
     return step

@@ -125,3 +125,17 @@ def test_a_checkpoint_of_either_update_resumes_under_the_other(monkeypatch):
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     for resumed in finals[1:]:
         torch.testing.assert_close(resumed, finals[0], rtol=1e-6, atol=1e-7)
+
+
+def test_the_update_in_a_graph_skips_an_empty_group(monkeypatch):
+    # No vectors to spare weight decay: an empty group, which torch's foreach ops refuse.
+    compile_for_real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compile_for_real(
+        function, backend="aot_eager"))
+    model = torch.nn.Linear(4, 3, bias=False)
+    optimizer = make_optimizer(model, OptimConfig(decay_norm_and_bias=False))
+    assert [len(group["params"]) for group in optimizer.param_groups] == [1, 0]
+    before = model.weight.detach().clone()
+    model(torch.randn(8, 4)).square().mean().backward()
+    sgd_in_graph(torch.device("cpu"), "default")(optimizer, 0.1)
+    assert not torch.equal(model.weight, before)
