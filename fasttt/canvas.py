@@ -55,8 +55,11 @@ def fit_extent(height, width, canvas_size):
     return max(1, height * canvas_size // longest), max(1, width * canvas_size // longest)
 
 
-def block_shape(extent_h, extent_w, canvas_size):
-    """(rows, columns) of a photo's block in a packed batch: its extent and the border."""
+def block_shape(extent_h, extent_w, canvas_size, on_device):
+    """(rows, columns) of a photo's block in a packed batch: its extent and the border, or
+    nothing for a photo the device decodes."""
+    if on_device:
+        return 0, 0
     return min(extent_h + 1, canvas_size), min(extent_w + 1, canvas_size)
 
 
@@ -66,23 +69,24 @@ def packed_row_bytes(canvas_size: int) -> int:
     return (canvas_size + 1) * canvas_size * 3
 
 
-def unpack_canvases(packed: torch.Tensor, extent: torch.Tensor,
+def unpack_canvases(packed: torch.Tensor, blocks: torch.Tensor,
                     canvas_size: int) -> torch.Tensor:
     """(B, 3, S, S) uint8 canvases, channels_last, of a packed batch on its device.
 
     `packed` holds the blocks of `CanvasRGBImageDecoder` (its first rows: the bytes in
-    use), `extent` the photos' (height, width). Canvas row y of a photo is its block's row
-    y (the last one, its border, past the block): S x 3 bytes from where that row starts,
-    gathered for every row at once from overlapping windows of the packed bytes. Beyond a
-    photo's border a row holds whatever follows its block: undefined, as ever.
+    use), `blocks` their (rows, columns) (`CanvasBlockDecoder`). Canvas row y of a photo
+    is its block's row y (the last one, its border, past the block): S x 3 bytes from
+    where that row starts, gathered for every row at once from overlapping windows of the
+    packed bytes. Beyond a photo's border a row holds whatever follows its block:
+    undefined, as ever; so is all of a canvas whose photo the device decodes (no block).
     """
-    size, batch = canvas_size, len(extent)
-    rows, columns = (extent.to(torch.int64) + 1).clamp(max=size).unbind(1)  # block_shape
-    blocks = rows * columns * 3
-    starts = torch.cumsum(blocks, 0) - blocks
+    size, batch = canvas_size, len(blocks)
+    rows, columns = blocks.to(torch.int64).unbind(1)
+    sizes = rows * columns * 3
+    starts = torch.cumsum(sizes, 0) - sizes
     canvas_row = torch.arange(size, device=packed.device)
-    row_starts = starts[:, None] + (torch.minimum(canvas_row[None], rows[:, None] - 1)
-                                    * columns[:, None] * 3)
+    last_row = (rows - 1).clamp(min=0)[:, None]
+    row_starts = starts[:, None] + torch.minimum(canvas_row[None], last_row) * columns[:, None] * 3
     windows = packed.reshape(-1).unfold(0, size * 3, 1)
     canvases = windows.index_select(0, row_starts.reshape(-1))
     return canvases.view(batch, size, size, 3).permute(0, 3, 1, 2)
@@ -125,9 +129,8 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
 
     Returns the batch's first rows of `packed_row_bytes`, as many as its blocks fill (and
     a canvas row more), so that FFCV copies those alone to the device. The samples
-    `decoded_on_device` leaves to the device under `gpu_percent` (0: none) keep their
-    blocks, left as they were. Subclasses FFCV's simple decoder only because FFCV
-    recognises a field's decoder by type.
+    `decoded_on_device` leaves to the device under `gpu_percent` (0: none) have no block.
+    Subclasses FFCV's simple decoder only because FFCV recognises a field's decoder by type.
     """
 
     def __init__(self, canvas_size: int, gpu_percent: int = 0):
@@ -160,11 +163,12 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
             count = len(batch_indices)
             blocks = packed.reshape(-1)
             starts = np.zeros(count + 1, np.int64)  # block i: starts[i] to starts[i + 1]
-            for i in range(count):  # as unpack_canvases finds them again
+            for i in range(count):  # as CanvasBlockDecoder gives them to unpack_canvases
                 field = metadata[batch_indices[i]]
                 extent_h, extent_w = extent_of(np.uint32(field["height"]),
                                                np.uint32(field["width"]), size)
-                rows, columns = block_of(extent_h, extent_w, size)
+                rows, columns = block_of(extent_h, extent_w, size, on_device(
+                    batch_indices[i], field["mode"], gpu_percent))
                 starts[i + 1] = starts[i] + np.int64(rows) * np.int64(columns) * 3
             per_thread = count >= get_num_threads()
             for i in each(count):
@@ -177,7 +181,7 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
                 data = read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 extent_h, extent_w = extent_of(height, width, size)
-                rows, columns = block_of(extent_h, extent_w, size)
+                rows, columns = block_of(extent_h, extent_w, size, False)
                 if field["mode"] == JPG:
                     d = denominator(height, width, extent_h, extent_w)
                     decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, d,
@@ -197,6 +201,37 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
 
         decode.is_parallel = True
         return decode
+
+
+class CanvasBlockDecoder(SimpleRGBImageDecoder):
+    """The (rows, columns) of each photo's block in the packed batch of
+    `CanvasRGBImageDecoder` of the same `gpu_percent`: what `unpack_canvases` reads."""
+
+    def __init__(self, canvas_size: int, gpu_percent: int = 0):
+        super().__init__()
+        self.canvas_size, self.gpu_percent = canvas_size, gpu_percent
+
+    def declare_state_and_memory(self, previous_state: State):
+        int32 = np.dtype("<i4")
+        return (replace(previous_state, jit_mode=True, shape=(2,), dtype=int32),
+                AllocationQuery((2,), int32))
+
+    def generate_code(self):
+        each, extent_of = Compiler.get_iterator(), Compiler.compile(fit_extent)
+        block_of, on_device = Compiler.compile(block_shape), Compiler.compile(decoded_on_device)
+        size, gpu_percent = self.canvas_size, self.gpu_percent
+
+        def blocks(batch_indices, destination, metadata, storage_state):
+            for i in each(len(batch_indices)):
+                field = metadata[batch_indices[i]]
+                extent_h, extent_w = extent_of(field["height"], field["width"], size)
+                destination[i, 0], destination[i, 1] = block_of(
+                    extent_h, extent_w, size, on_device(batch_indices[i], field["mode"],
+                                                        gpu_percent))
+            return destination[: len(batch_indices)]
+
+        blocks.is_parallel = True
+        return blocks
 
 
 class CanvasExtentDecoder(SimpleRGBImageDecoder):

@@ -50,7 +50,12 @@ from fasttt.betons import (
     split_path,
     train_labels,
 )
-from fasttt.canvas import CanvasExtentDecoder, CanvasRGBImageDecoder, unpack_canvases
+from fasttt.canvas import (
+    CanvasBlockDecoder,
+    CanvasExtentDecoder,
+    CanvasRGBImageDecoder,
+    unpack_canvases,
+)
 from fasttt.errors import UserError, raise_if_interrupted, signals_deferred
 from fasttt.jpeg import DeviceJpegDecoder, device_jpeg_decoder
 from fasttt.processes import on_main_process
@@ -119,12 +124,12 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
     torchvision reads them, in fields of its own (DeviceJpegDecoder.pipelines).
     """
     to_device = [ToDevice(torch.device(device), non_blocking=True)]
+    gpu_percent = jpeg.gpu_percent if jpeg else 0
     if is_photo(manifest):
         if not canvas_size:
             raise UserError("photo betons need a canvas size (data.canvas_size, e.g. 512)")
         # packed photos, as canvases once on the device (BetonLoader)
-        image = [CanvasRGBImageDecoder(canvas_size, jpeg.gpu_percent if jpeg else 0),
-                 ToTensor(), *to_device]
+        image = [CanvasRGBImageDecoder(canvas_size, gpu_percent), ToTensor(), *to_device]
     else:
         image = [SimpleRGBImageDecoder(), ToTensor(), *to_device,
                  ToTorchImage(channels_last=True)]
@@ -138,6 +143,9 @@ def _pipelines(manifest: dict, field_names: list[str], canvas_size: int | None,
     }
     if is_photo(manifest):
         pipelines["extent"] = PipelineSpec("image", CanvasExtentDecoder(canvas_size),
+                                           [ToTensor(), *to_device])
+    if isinstance(image[0], CanvasRGBImageDecoder):  # where its packed blocks lie
+        pipelines["blocks"] = PipelineSpec("image", CanvasBlockDecoder(canvas_size, gpu_percent),
                                            [ToTensor(), *to_device])
     pipelines |= for_device
     # FFCV decodes every field it is not told to skip, in an order of its own.
@@ -192,8 +200,8 @@ class BetonLoader:
                 fields, reading = taken
                 raise_if_interrupted()
                 if self.packed_canvas:
-                    image, label, index, extent, *rest = fields
-                    fields = (unpack_canvases(image, extent, self.packed_canvas), label, index,
+                    image, label, index, extent, blocks, *rest = fields
+                    fields = (unpack_canvases(image, blocks, self.packed_canvas), label, index,
                               extent, *rest)
                 if self.jpeg is not None:
                     fields = self.jpeg.decoded(fields)
@@ -317,7 +325,7 @@ def _open(beton_dir: Path, split: str, canvas_size, device, decode: str, gpu_per
         indices = indices(count)
     jpeg = device_jpeg_decoder(decode, gpu_percent, canvas_size, device, path, manifest, count)
     pipelines = _pipelines(manifest, field_names, canvas_size, device, jpeg)
-    packed = is_photo(manifest) and not (jpeg and jpeg.every)  # FFCV decodes some photos
+    packed = "blocks" in pipelines  # FFCV decodes some photos
     # FFCV sets numba's thread count to num_workers, which numba refuses above its own
     # limit (the machine's cores): a recipe written for a GPU node still runs on a laptop.
     loader_args["num_workers"] = min(loader_args["num_workers"], numba.config.NUMBA_NUM_THREADS)

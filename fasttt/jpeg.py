@@ -1,11 +1,12 @@
 """Photo betons' JPEGs decoded on the run's device, a batch at a time (data.decode = "gpu").
 
-The loader then carries each photo's compressed bytes instead of its decoded canvas:
-FFCV's threads only copy them into fixed-width rows (`JpegBytesDecoder`; their lengths
-and sizes beside them, `JpegSizeDecoder`), and `DeviceJpegDecoder` decodes the batch with
-torchvision, nvJPEG on a GPU and libjpeg-turbo on the CPU (so a CPU run, and the tests,
-take the GPU's code path), then lays the photos out as fasttt/canvas.py does: top-left,
-shrunk to fit, a one-pixel replicated border, zeros elsewhere.
+The loader then carries the compressed bytes of the photos the device decodes instead of
+their pixels: FFCV's threads only copy them into fixed-width rows (`JpegBytesDecoder`;
+their lengths and sizes beside them, `JpegSizeDecoder`), and `DeviceJpegDecoder` decodes
+them with torchvision, nvJPEG on a GPU and libjpeg-turbo on the CPU (so a CPU run, and
+the tests, take the GPU's code path), then lays the photos out as fasttt/canvas.py does:
+top-left, shrunk to fit, a one-pixel replicated border (zeros elsewhere where the device
+decodes every photo of the batch, whatever FFCV's packing left there otherwise).
 
 No two of these decoders give the same pixels: FFCV decodes with libjpeg-turbo's fast
 DCT, torchvision's CPU decode with its accurate one, and nvJPEG upsamples chroma its own
@@ -14,8 +15,8 @@ teacher cache's manifest: a student never learns from a teacher that saw other p
 Which samples the device decodes is fasttt.canvas.decoded_on_device's rule: the JPEGs in
 data.gpu_decode_percent of each hundred indices. The rest, and raw samples (which have no
 JPEG to decode: --write-mode raw or proportion), keep FFCV's path in the same batch: FFCV
-then sends its packed photos as well, and the device's photos are placed on their
-canvases.
+then sends its own packed photos as well (none of the device's), and the device's photos
+are placed on their canvases.
 """
 
 from __future__ import annotations

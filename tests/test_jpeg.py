@@ -216,6 +216,10 @@ def test_a_split_by_index_decodes_each_sample_with_one_decoder_every_epoch(photo
     alone = {"device": batches(sequential_loader(photos / "jpg", decode="gpu", **settings)),
              "ffcv": batches(sequential_loader(photos / "jpg", **settings))}
     assert not split.jpeg.every and alone["device"][0].image.shape == (4, 3, 80, 80)
+    # FFCV sends only its own photos: samples 2 and 3 fill one packed row, all four two
+    ((packed, *_),), ((every, *_),) = (list(loader.loader) for loader in (
+        split, sequential_loader(photos / "jpg", **settings)))
+    assert len(packed) == 1 and len(every) == 2
     for got in (batches(split), batches(split)):
         (batch,) = got
         for row, sample in enumerate(batch.index.tolist()):
