@@ -55,12 +55,20 @@ def fit_extent(height, width, canvas_size):
     return max(1, height * canvas_size // longest), max(1, width * canvas_size // longest)
 
 
-def block_shape(extent_h, extent_w, canvas_size, on_device):
-    """(rows, columns) of a photo's block in a packed batch: its extent and the border, or
-    nothing for a photo the device decodes."""
+def gather_unit(canvas_size: int) -> int:
+    """The bytes `unpack_canvases` moves at a time: 8 where a canvas row is a whole number
+    of them (a side that is a multiple of 8), else 1."""
+    return 8 if canvas_size % 8 == 0 else 1
+
+
+def block_shape(extent_h, extent_w, canvas_size, unit, on_device):
+    """(rows, pitch in bytes) of a photo's block in a packed batch: its extent and the
+    border, each row padded to whole gather units (`gather_unit`), so that every row starts
+    on one; nothing for a photo the device decodes."""
     if on_device:
         return 0, 0
-    return min(extent_h + 1, canvas_size), min(extent_w + 1, canvas_size)
+    columns = min(extent_w + 1, canvas_size)
+    return min(extent_h + 1, canvas_size), (columns * 3 + unit - 1) // unit * unit
 
 
 def packed_row_bytes(canvas_size: int) -> int:
@@ -74,21 +82,22 @@ def unpack_canvases(packed: torch.Tensor, blocks: torch.Tensor,
     """(B, 3, S, S) uint8 canvases, channels_last, of a packed batch on its device.
 
     `packed` holds the blocks of `CanvasRGBImageDecoder` (its first rows: the bytes in
-    use), `blocks` their (rows, columns) (`CanvasBlockDecoder`). Canvas row y of a photo
-    is its block's row y (the last one, its border, past the block): S x 3 bytes from
-    where that row starts, gathered for every row at once from overlapping windows of the
-    packed bytes. Beyond a photo's border a row holds whatever follows its block:
-    undefined, as ever; so is all of a canvas whose photo the device decodes (no block).
+    use), `blocks` their (rows, pitch) (`CanvasBlockDecoder`). Canvas row y of a photo is
+    its block's row y (the last one, its border, past the block): S x 3 bytes from where
+    that row starts, gathered for every row at once, a gather unit at a time, from
+    overlapping windows of the packed bytes. Beyond a photo's border a row holds whatever
+    follows: undefined, as ever; so is all of a canvas whose photo the device decodes.
     """
-    size, batch = canvas_size, len(blocks)
-    rows, columns = blocks.to(torch.int64).unbind(1)
-    sizes = rows * columns * 3
+    size, batch, unit = canvas_size, len(blocks), gather_unit(canvas_size)
+    rows, pitch = blocks.to(torch.int64).unbind(1)
+    sizes = rows * pitch
     starts = torch.cumsum(sizes, 0) - sizes
     canvas_row = torch.arange(size, device=packed.device)
     last_row = (rows - 1).clamp(min=0)[:, None]
-    row_starts = starts[:, None] + torch.minimum(canvas_row[None], last_row) * columns[:, None] * 3
-    windows = packed.reshape(-1).unfold(0, size * 3, 1)
-    canvases = windows.index_select(0, row_starts.reshape(-1))
+    row_starts = starts[:, None] + torch.minimum(canvas_row[None], last_row) * pitch[:, None]
+    words = packed.reshape(-1) if unit == 1 else packed.reshape(-1).view(torch.int64)
+    windows = words.unfold(0, size * 3 // unit, 1)
+    canvases = windows.index_select(0, (row_starts // unit).reshape(-1)).view(torch.uint8)
     return canvases.view(batch, size, size, 3).permute(0, 3, 1, 2)
 
 
@@ -103,23 +112,24 @@ def dct_denominator(height, width, extent_h, extent_w):
     return 1
 
 
-def place_top_left(image, canvas):
-    """Copy a contiguous (h, w, 3) uint8 image to the canvas's top-left, plus a replicated edge.
+def place_top_left(image, block, pitch, canvas_size):
+    """Copy a contiguous (h, w, 3) uint8 image into a block of `pitch`-byte rows, plus a
+    replicated edge where the canvas has room.
 
     The row below and the column right of the image repeat its last row and column, so
     a bilinear sample anywhere inside the extent reads only defined pixels and behaves
-    like a resampler that clamps at the edge. Beyond that border the canvas is left as
-    it was: filling it would cost more memory traffic than the decode saves.
+    like a resampler that clamps at the edge. Beyond that border nothing is written:
+    filling it would cost more memory traffic than the decode saves.
     """
     height, width = image.shape[0], image.shape[1]
-    row, pitch = width * 3, canvas.shape[1] * 3
-    source, target = image.ctypes.data, canvas.ctypes.data
+    row = width * 3
+    source, target = image.ctypes.data, block.ctypes.data
     for r in range(height):
         _memcpy(target + r * pitch, source + r * row, row)
-        if width < canvas.shape[1]:
+        if width < canvas_size:
             _memcpy(target + r * pitch + row, source + r * row + row - 3, 3)
-    if height < canvas.shape[0]:
-        border = min(width + 1, canvas.shape[1]) * 3
+    if height < canvas_size:
+        border = min(width + 1, canvas_size) * 3
         _memcpy(target + height * pitch, target + (height - 1) * pitch, border)
 
 
@@ -156,7 +166,7 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
         place, block_of = Compiler.compile(place_top_left), Compiler.compile(block_shape)
         on_device, gpu_percent = Compiler.compile(decoded_on_device), self.gpu_percent
         size, decoded_bytes = self.canvas_size, self.decoded_bytes
-        row_bytes = packed_row_bytes(size)
+        row_bytes, unit = packed_row_bytes(size), gather_unit(size)
 
         def decode(batch_indices, storage, metadata, storage_state):
             packed, scratch = storage
@@ -167,9 +177,9 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
                 field = metadata[batch_indices[i]]
                 extent_h, extent_w = extent_of(np.uint32(field["height"]),
                                                np.uint32(field["width"]), size)
-                rows, columns = block_of(extent_h, extent_w, size, on_device(
+                rows, pitch = block_of(extent_h, extent_w, size, unit, on_device(
                     batch_indices[i], field["mode"], gpu_percent))
-                starts[i + 1] = starts[i] + np.int64(rows) * np.int64(columns) * 3
+                starts[i + 1] = starts[i] + np.int64(rows) * np.int64(pitch)
             per_thread = count >= get_num_threads()
             for i in each(count):
                 # A thread reuses one hot scratch row; FFCV's one row per sample keeps
@@ -181,7 +191,7 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
                 data = read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 extent_h, extent_w = extent_of(height, width, size)
-                rows, columns = block_of(extent_h, extent_w, size, False)
+                _, pitch = block_of(extent_h, extent_w, size, unit, False)
                 if field["mode"] == JPG:
                     d = denominator(height, width, extent_h, extent_w)
                     decode_jpeg(data, buffer, height, width, height, width, 0, 0, 1, d,
@@ -195,7 +205,7 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
                     shrunk = shrunk.reshape(extent_h, extent_w, 3)
                     area_resize(image, 0, height, 0, width, shrunk)
                     image = shrunk
-                place(image, blocks[starts[i]: starts[i + 1]].reshape(rows, columns, 3))
+                place(image, blocks[starts[i]: starts[i + 1]], pitch, size)
             in_use = starts[count] + size * 3  # unpack_canvases reads a canvas row past a start
             return packed[: (in_use + row_bytes - 1) // row_bytes]
 
@@ -204,7 +214,7 @@ class CanvasRGBImageDecoder(SimpleRGBImageDecoder):
 
 
 class CanvasBlockDecoder(SimpleRGBImageDecoder):
-    """The (rows, columns) of each photo's block in the packed batch of
+    """The (rows, pitch) of each photo's block in the packed batch of
     `CanvasRGBImageDecoder` of the same `gpu_percent`: what `unpack_canvases` reads."""
 
     def __init__(self, canvas_size: int, gpu_percent: int = 0):
@@ -219,15 +229,15 @@ class CanvasBlockDecoder(SimpleRGBImageDecoder):
     def generate_code(self):
         each, extent_of = Compiler.get_iterator(), Compiler.compile(fit_extent)
         block_of, on_device = Compiler.compile(block_shape), Compiler.compile(decoded_on_device)
-        size, gpu_percent = self.canvas_size, self.gpu_percent
+        size, gpu_percent, unit = self.canvas_size, self.gpu_percent, gather_unit(self.canvas_size)
 
         def blocks(batch_indices, destination, metadata, storage_state):
             for i in each(len(batch_indices)):
                 field = metadata[batch_indices[i]]
                 extent_h, extent_w = extent_of(field["height"], field["width"], size)
                 destination[i, 0], destination[i, 1] = block_of(
-                    extent_h, extent_w, size, on_device(batch_indices[i], field["mode"],
-                                                        gpu_percent))
+                    extent_h, extent_w, size, unit, on_device(batch_indices[i], field["mode"],
+                                                              gpu_percent))
             return destination[: len(batch_indices)]
 
         blocks.is_parallel = True

@@ -15,7 +15,7 @@ from PIL import Image
 from beton_builders.__main__ import main
 from beton_builders.digits import build_digits_dir
 from fasttt.betons import read_manifest
-from fasttt.canvas import dct_denominator, fit_extent, packed_row_bytes
+from fasttt.canvas import dct_denominator, fit_extent, gather_unit, packed_row_bytes
 from fasttt.data import (
     ensure_betons,
     generation_loaders,
@@ -124,23 +124,26 @@ def test_photos_sit_unresampled_on_the_canvas(photo_betons):
     assert np.array_equal(canvas[40, :60], original[39])  # replicated bottom edge
 
 
-def test_photos_travel_packed_and_land_on_their_canvases_bit_for_bit(photo_betons):
+@pytest.mark.parametrize("side", [70, 72])
+def test_photos_travel_packed_and_land_on_their_canvases_bit_for_bit(photo_betons, side):
     # FFCV copies each photo with its border, one after another (two canvases' bytes for
-    # these four on 70-pixel canvases), and each lands at its canvas's top-left: the last
-    # photo fills the canvas's width, so it has no right border.
+    # these four), and each lands at its canvas's top-left. On 70-pixel canvases the last
+    # photo fills the width, so it has no right border, and rows are gathered byte by
+    # byte; on 72 they are padded to 8 bytes and gathered 8 at a time.
+    assert gather_unit(side) == (1 if side == 70 else 8)
     loader = sequential_loader(photo_betons / "raw", split="train", batch_size=4,
-                               num_workers=2, canvas_size=70)
+                               num_workers=2, canvas_size=side)
     (packed, *_), = list(loader.loader)
-    assert packed.shape == (2, packed_row_bytes(70))
+    assert packed.shape == (2, packed_row_bytes(side))
     (batch,) = list(loader)
-    assert batch.image.shape == (4, 3, 70, 70)
+    assert batch.image.shape == (4, 3, side, side)
     assert batch.image.is_contiguous(memory_format=torch.channels_last)
     photos = ["train/cat/a.JPEG", "train/cat/b.JPEG", "train/dog/c.JPEG", "train/dog/d.JPEG"]
     for canvas, (height, width), photo in zip(batch.image, batch.extent.tolist(), photos,
                                               strict=True):
         canvas, original = canvas.permute(1, 2, 0).numpy(), source_pixels(
             photo_betons / "tree", photo)
-        bordered = np.pad(original, ((0, 1), (0, 1), (0, 0)), mode="edge")[:70, :70]
+        bordered = np.pad(original, ((0, 1), (0, 1), (0, 0)), mode="edge")[:side, :side]
         assert np.array_equal(canvas[:height + 1, :width + 1], bordered), photo
 
 
